@@ -1,0 +1,1 @@
+"""CLI, configuration, wiring of the layers, and (later) the service process."""

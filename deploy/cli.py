@@ -1,0 +1,315 @@
+"""The `streamcl` command line. Every flag has a STREAMCL_* environment twin."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from deploy.config import ReplayConfig, read_config_file, validated
+from ingest.errors import StreamclError
+
+ENV_PREFIX = "STREAMCL"
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """Eager `--config`: the file's values become defaults that flags and env vars override."""
+    if value is None:
+        return
+    try:
+        settings = read_config_file(value)
+    except StreamclError as err:
+        raise click.BadParameter(str(err)) from err
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise click.BadParameter(f"unknown settings in {value}: {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers on the command line, or a list in a config file."""
+
+    name = "INTS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        try:
+            return tuple(int(str(item).strip()) for item in items if str(item).strip())
+        except ValueError:
+            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    help="YAML or TOML file holding any of these flags (flags override it).",
+)
+
+
+@click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_envvar=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Logging verbosity (logs go to stderr).",
+)
+def cli(log_level: str) -> None:
+    """streamcl: streaming continual learning.
+
+    Build benchmark streams from real data, then replay them through an online
+    learner that fights forgetting, and get accuracy/forgetting reports.
+    """
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+@cli.group()
+def stream() -> None:
+    """Build and inspect recorded stream files."""
+
+
+@stream.command("make")
+@config_option
+@click.option(
+    "--dataset",
+    type=click.Choice(["fashion-mnist", "digits"]),
+    default="fashion-mnist",
+    show_envvar=True,
+    help="Source data: Fashion-MNIST IDX files, or sklearn's digits.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Directory with the Fashion-MNIST IDX files (else $STREAMCL_DATA, then "
+    "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).",
+)
+@click.option(
+    "--scenario",
+    type=click.Choice(["class-incremental", "permuted"]),
+    default="class-incremental",
+    show_envvar=True,
+    help="class-incremental: disjoint classes per task; permuted: a fixed pixel "
+    "permutation per task (domain-incremental).",
+)
+@click.option(
+    "--tasks",
+    type=click.IntRange(min=1),
+    default=5,
+    show_envvar=True,
+    help="Number of tasks; class-incremental needs classes divisible by it.",
+)
+@click.option(
+    "--samples-per-task",
+    type=click.IntRange(min=1),
+    default=None,
+    show_envvar=True,
+    help="Keep at most this many training samples per task (default: all).",
+)
+@click.option(
+    "--noise",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_envvar=True,
+    help="Fraction of training labels to corrupt.",
+)
+@click.option(
+    "--noise-type",
+    type=click.Choice(["symmetric", "pairflip"]),
+    default="symmetric",
+    show_envvar=True,
+    help="symmetric: random other class; pairflip: c -> c+1.",
+)
+@click.option(
+    "--imbalance",
+    type=click.FloatRange(min=1),
+    default=1.0,
+    show_envvar=True,
+    help="Long tail: ratio of largest to smallest class count (1 = balanced).",
+)
+@click.option("--seed", type=int, default=0, show_envvar=True, help="Seed for every random choice.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    show_envvar=True,
+    help="Stream file to write; the held-out set goes beside it as OUT.eval.npz.",
+)
+def stream_make(**opts: Any) -> None:
+    """Build a continual-learning stream file from real data."""
+    from ingest.datasets import load
+    from ingest.scenarios import ScenarioConfig, build, write
+
+    scenario = ScenarioConfig(
+        scenario=opts["scenario"],
+        tasks=opts["tasks"],
+        noise=opts["noise"],
+        noise_type=opts["noise_type"],
+        imbalance=opts["imbalance"],
+        samples_per_task=opts["samples_per_task"],
+        seed=opts["seed"],
+    )
+    built = build(load(opts["dataset"], opts["data_dir"]), scenario)
+    sidecar = write(built, opts["out"])
+    click.echo(
+        f"wrote {built.meta['num_messages']} messages to {opts['out']} "
+        f"(held-out set: {sidecar}, {len(built.heldout.labels)} samples)"
+    )
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--stream",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    show_envvar=True,
+    help="Recorded stream file to replay.",
+)
+@click.option(
+    "--heldout",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Held-out set (default: STREAM.eval.npz beside the stream).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["naive", "er"]),
+    default="er",
+    show_envvar=True,
+    help="naive: fine-tune on arrivals only; er: experience replay from memory.",
+)
+@click.option(
+    "--model",
+    default="mlp",
+    show_envvar=True,
+    help="mlp, cnn, or your own 'package.module:function' returning an nn.Module.",
+)
+@click.option(
+    "--hidden",
+    type=IntList(),
+    default="256,256",
+    show_envvar=True,
+    help="MLP hidden layer widths, comma separated.",
+)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_envvar=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    show_envvar=True,
+    help="Learning rate.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=10,
+    show_envvar=True,
+    help="New samples per update.",
+)
+@click.option(
+    "--steps-per-batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_envvar=True,
+    help="Optimizer steps per incoming batch.",
+)
+@click.option(
+    "--memory",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_envvar=True,
+    help="Replay memory capacity in items.",
+)
+@click.option(
+    "--memory-policy",
+    type=click.Choice(["reservoir", "class-balanced"]),
+    default="class-balanced",
+    show_envvar=True,
+    help="Which exemplars the memory keeps when full.",
+)
+@click.option(
+    "--replay-size",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    help="Replay draws per step (default: the batch size).",
+)
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    default=None,
+    show_envvar=True,
+    help="Also evaluate every N learned samples (task boundaries always are).",
+)
+@click.option("--device", default="auto", show_envvar=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_envvar=True,
+    help="PyTorch CPU threads; 1 is fastest for small online models.",
+)
+@click.option("--seed", type=int, default=0, show_envvar=True, help="Seed for every random choice.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Write the JSON report here.",
+)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Write PNG plots (accuracy matrix, accuracy over time) to this directory.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    show_envvar=True,
+    help="Progress bar (default: only on a terminal).",
+)
+def replay(progress: bool | None, **opts: Any) -> None:
+    """Replay a recorded stream through the online learner and report the metrics."""
+    from deploy.replay import run_replay, summary_lines
+    from evaluation.report import write_plots
+
+    config = validated(ReplayConfig, opts)
+    report = run_replay(config, progress=progress)
+    for line in summary_lines(report):
+        click.echo(line)
+    if config.report:
+        config.report.parent.mkdir(parents=True, exist_ok=True)
+        config.report.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"report: {config.report}")
+    if config.plots:
+        for path in write_plots(report, config.plots):
+            click.echo(f"plot: {path}")
+
+
+def main() -> None:
+    """Console entry point: streamcl errors become a one-line message and exit code 2."""
+    try:
+        cli(standalone_mode=True)
+    except StreamclError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Validated settings for the learner and for `replay`, and loading them from files.
+
+A config file (YAML or TOML) may hold any command-line flag, spelled with hyphens or
+underscores; flags and their environment variables override it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ingest.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+StrategyName = Literal["naive", "er"]
+
+
+class LearnerConfig(BaseModel):
+    """Everything that shapes the online learner; stored in reports and checkpoints."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: StrategyName = "er"
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(10, ge=1)
+    steps_per_batch: int = Field(1, ge=1)
+    memory: int = Field(1000, ge=1, description="replay memory capacity in items")
+    memory_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
+    replay_size: int | None = Field(None, ge=0, description="replay draws per step; None = batch")
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or value.startswith("cuda:"):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @property
+    def replay_draws(self) -> int:
+        return self.batch_size if self.replay_size is None else self.replay_size
+
+
+class ReplayConfig(LearnerConfig):
+    """`streamcl replay`: the learner plus where the stream is and what to write."""
+
+    stream: Path
+    heldout: Path | None = None
+    report: Path | None = None
+    plots: Path | None = None
+    eval_every: int | None = Field(None, ge=1, description="also evaluate every N samples")
+    prequential_window: int = Field(1000, ge=1)
+
+
+def validated(model: type[BaseModel], values: dict[str, Any]) -> Any:
+    """Build `model` from `values`, turning pydantic's error into a `ConfigError`."""
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from err
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML file of settings; keys may use hyphens or underscores."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(
+            f"config file {path} is not valid {path.suffix or 'YAML'}: {err}"
+        ) from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}

@@ -1,0 +1,1 @@
+"""Continual-learning metrics, probe evaluation and reports; takes a predict callable."""

@@ -1,0 +1,87 @@
+"""Turn trackers into the JSON report's metric section, and draw its plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.probes import ProbeResult
+from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+
+
+def metric_section(
+    matrix: AccuracyMatrix,
+    prequential: PrequentialAccuracy,
+    final_probe: ProbeResult | None,
+    group_kind: str,
+    curve: list[dict[str, float]],
+) -> dict[str, Any]:
+    """The continual-learning metrics of a run, JSON-ready (NaN becomes null)."""
+    summary = matrix.get()
+    return {
+        "final_average_accuracy": summary.average_accuracy,
+        "average_forgetting": summary.average_forgetting,
+        "backward_transfer": summary.backward_transfer,
+        "group_kind": group_kind,
+        "accuracy_matrix": _jsonable(matrix.matrix),
+        "evaluation_points": list(matrix.points),
+        "per_group_forgetting": _jsonable(
+            matrix.matrix[:-1].max(axis=0) - matrix.matrix[-1]
+            if len(matrix.rows) > 1
+            else np.zeros(matrix.num_groups)
+        ),
+        "per_class_accuracy": _jsonable(final_probe.per_class) if final_probe else [],
+        "prequential_accuracy": prequential.get(),
+        "accuracy_curve": curve,
+    }
+
+
+def _jsonable(values: np.ndarray) -> list[Any]:
+    return (
+        [None if isinstance(v, float) and np.isnan(v) else v for v in values.tolist()]
+        if values.ndim == 1
+        else [_jsonable(row) for row in values]
+    )
+
+
+def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write the accuracy-matrix heat map and the accuracy-over-time curve as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    matrix = np.array(report["accuracy_matrix"], dtype=float)
+    if matrix.size:
+        fig, ax = plt.subplots(figsize=(1 + 0.7 * matrix.shape[1], 1 + 0.5 * matrix.shape[0]))
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for (i, g), value in np.ndenumerate(matrix):
+            ax.text(g, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+        ax.set_xlabel(f"{report['group_kind']} (held-out probe)")
+        ax.set_ylabel("evaluation point")
+        ax.set_title("accuracy matrix R[i][g]")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        written.append(out_dir / "accuracy_matrix.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    curve = report["accuracy_curve"]
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        seen = [p["samples_seen"] for p in curve]
+        ax.plot(seen, [p["average_accuracy"] for p in curve], marker="o", label="average accuracy")
+        ax.plot(seen, [p["prequential_window"] for p in curve], label="prequential (window)")
+        ax.set_xlabel("samples seen")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(out_dir / "average_accuracy.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written

@@ -1,0 +1,1 @@
+"""Wire format, validation, recorded streams and dataset-to-stream builders."""

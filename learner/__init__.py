@@ -1,0 +1,1 @@
+"""Models, the online update loop and the strategies against forgetting."""
