@@ -49,6 +49,7 @@ config_option = click.option(
     callback=_load_config_file,
     is_eager=True,
     expose_value=False,
+    show_envvar=True,
     help="YAML or TOML file holding any of these flags (flags override it).",
 )
 

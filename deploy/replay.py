@@ -170,7 +170,8 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
         "samples_per_second": run.samples_learned / learn_seconds if learn_seconds else 0.0,
         "evaluation_seconds": run.evaluation_seconds,
         "wall_seconds": wall,
-        "config": config.model_dump(mode="json"),
+        # Enough to reproduce the run; where its outputs went is not part of it.
+        "config": config.model_dump(mode="json", exclude={"report", "plots"}),
         "environment": {
             "device": str(learner.device),
             "threads": threads,

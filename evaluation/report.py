@@ -27,11 +27,7 @@ def metric_section(
         "group_kind": group_kind,
         "accuracy_matrix": _jsonable(matrix.matrix),
         "evaluation_points": list(matrix.points),
-        "per_group_forgetting": _jsonable(
-            matrix.matrix[:-1].max(axis=0) - matrix.matrix[-1]
-            if len(matrix.rows) > 1
-            else np.zeros(matrix.num_groups)
-        ),
+        "per_group_forgetting": _jsonable(matrix.group_forgetting()),
         "per_class_accuracy": _jsonable(final_probe.per_class) if final_probe else [],
         "prequential_accuracy": prequential.get(),
         "accuracy_curve": curve,

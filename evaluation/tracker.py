@@ -53,6 +53,14 @@ class AccuracyMatrix:
     def matrix(self) -> np.ndarray:
         return np.array(self.rows).reshape(len(self.rows), self.num_groups)
 
+    def group_forgetting(self) -> np.ndarray:
+        """Forgetting `[G]` at the last point; NaN for groups unseen or still being learned."""
+        if not self.rows:
+            return np.full(self.num_groups, np.nan)
+        last = len(self.rows) - 1
+        finished = self.seen & ~self._newest
+        return np.where(finished, metrics.forgetting(self.matrix, last), np.nan)
+
     def get(self) -> PointSummary:
         if not self.rows:
             return PointSummary(0, 0.0, 0.0, 0.0)

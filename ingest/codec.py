@@ -50,6 +50,8 @@ _DTYPE_CODES: Final = {"uint8": 1, "float32": 2}
 _CODE_DTYPES: Final = {v: k for k, v in _DTYPE_CODES.items()}
 _SHAPES: Final = tuple(struct.Struct(f"<{n}I") for n in range(5))
 _HAS_TASK: Final = 0x01
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 _MAX_TASK: Final = 0xFFFF
 
 
@@ -152,18 +154,14 @@ def _decode_json(
     missing = [key for key in ("features", "label") if key not in doc]
     if missing:
         return "missing_field", f"missing {', '.join(missing)}"
-    ints = {
-        key: doc.get(key, default)
-        for key, default in (
-            ("label", None),
-            ("task", NO_TASK),
-            ("sample_id", 0),
-            ("event_time_ms", 0),
-        )
-    }
-    for key, value in ints.items():
+    ints: dict[str, int] = {}
+    for key, default in (("label", 0), ("task", NO_TASK), ("sample_id", 0), ("event_time_ms", 0)):
+        value = doc.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool):
             return "bad_json", f"{key} must be an integer, got {type(value).__name__}"
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            return "bad_json", f"{key} must fit in 64 bits, got {value}"
+        ints[key] = value
     task = ints["task"]
     if task != NO_TASK and not 0 <= task <= _MAX_TASK:
         return "bad_task", f"task must be in [0, {_MAX_TASK}], got {task}"

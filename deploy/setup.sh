@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install what streamcl needs into ./.venv: Debian's Fashion-MNIST package
+# (when apt is usable), the CPU build of PyTorch, and the project itself.
+# Idempotent: a second run only checks. Usage: bash deploy/setup.sh [EXTRAS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EXTRAS="${1:-cpu}"
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="${STREAMCL_TORCH_VERSION:-2.13.0}"
+APT_PACKAGES=(dataset-fashion-mnist)
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null; then
+    echo "setup: apt-get install ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: no apt-get; install ${missing[*]} yourself (or use --dataset digits)" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# Pin torch first: an unpinned 'torch' would pull a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: pip install torch==$TORCH_VERSION"
+  "${PIP[@]}" "torch==$TORCH_VERSION"
+fi
+echo "setup: pip install -e .[$EXTRAS]"
+"${PIP[@]}" -e ".[$EXTRAS]"

@@ -1,0 +1,49 @@
+"""Acceptance on Split Fashion-MNIST (5 tasks x 2 classes, single pass, batch 10, MLP).
+
+Needs Debian's dataset-fashion-mnist (the README's test command installs it). Without
+it these tests skip, unless STREAMCL_REQUIRE_DATA=1 (set in CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from deploy.config import ReplayConfig
+from deploy.replay import run_replay, without_timings
+from ingest.datasets import find_fashion_mnist, load
+from ingest.errors import DataError
+from ingest.scenarios import ScenarioConfig, build, write
+
+
+@pytest.fixture(scope="module")
+def split_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        find_fashion_mnist()
+    except DataError as err:
+        if os.environ.get("STREAMCL_REQUIRE_DATA") == "1":
+            raise
+        pytest.skip(f"Fashion-MNIST not installed: {err}")
+    path = tmp_path_factory.mktemp("fmnist") / "split-fmnist.scs"
+    write(build(load("fashion-mnist"), ScenarioConfig(tasks=5, seed=0)), path)
+    return path
+
+
+def test_er_with_class_balanced_memory_reaches_078(split_fmnist: Path) -> None:
+    config = ReplayConfig(
+        stream=split_fmnist, strategy="er", memory=1000, memory_policy="class-balanced", seed=0
+    )
+    first = run_replay(config, progress=False)
+    assert first["samples_learned"] == 60_000
+    assert first["final_average_accuracy"] >= 0.78
+    second = run_replay(config, progress=False)
+    assert without_timings(first) == without_timings(second)
+
+
+def test_naive_fine_tuning_forgets_and_the_metrics_see_it(split_fmnist: Path) -> None:
+    report = run_replay(ReplayConfig(stream=split_fmnist, strategy="naive", seed=0), progress=False)
+    assert report["final_average_accuracy"] <= 0.25
+    assert report["average_forgetting"] >= 0.8
+    assert report["backward_transfer"] <= -0.8
