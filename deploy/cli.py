@@ -287,7 +287,8 @@ def stream_make(**opts: Any) -> None:
 )
 def replay(progress: bool | None, **opts: Any) -> None:
     """Replay a recorded stream through the online learner and report the metrics."""
-    from deploy.replay import run_replay, summary_lines
+    from deploy.replay import run_replay
+    from deploy.session import summary_lines
     from evaluation.report import write_plots
 
     config = validated(ReplayConfig, opts)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +61,24 @@ class AccuracyMatrix:
         finished = self.seen & ~self._newest
         return np.where(finished, metrics.forgetting(self.matrix, last), np.nan)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [row.tolist() for row in self.rows],
+            "points": list(self.points),
+            "seen": self.seen.tolist(),
+            "learned_at": self.learned_at.tolist(),
+            "trained_since_last": self._trained_since_last.tolist(),
+            "newest": self._newest.tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = [np.array(row, dtype=np.float64) for row in state["rows"]]
+        self.points = [int(p) for p in state["points"]]
+        self.seen = np.array(state["seen"], dtype=bool)
+        self.learned_at = np.array(state["learned_at"], dtype=np.int64)
+        self._trained_since_last = np.array(state["trained_since_last"], dtype=bool)
+        self._newest = np.array(state["newest"], dtype=bool)
+
     def get(self) -> PointSummary:
         if not self.rows:
             return PointSummary(0, 0.0, 0.0, 0.0)
@@ -75,23 +93,30 @@ class AccuracyMatrix:
 
 
 class PrequentialAccuracy:
-    """Test-then-train accuracy: cumulative and over the last `window` samples."""
+    """Test-then-train accuracy: cumulative and over the last `window` samples.
+
+    The window is a ring buffer of hits, so an update costs O(batch), not O(window).
+    """
 
     def __init__(self, window: int = 1000):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
-        self._recent: deque[bool] = deque(maxlen=window)
+        self._ring = np.zeros(window, dtype=bool)
+        self._next = 0
+        self._filled = 0
         self._recent_correct = 0
         self.correct = 0
         self.total = 0
 
     def update(self, correct: np.ndarray) -> None:
-        for hit in correct.tolist():
-            if len(self._recent) == self.window:
-                self._recent_correct -= self._recent[0]
-            self._recent.append(bool(hit))
-            self._recent_correct += bool(hit)
+        """Add the hits `[B]` (bool) of one test-then-train batch."""
+        hits = correct[-self.window :]
+        slots = (self._next + np.arange(len(hits))) % self.window
+        self._recent_correct += int(hits.sum()) - int(self._ring[slots].sum())
+        self._ring[slots] = hits
+        self._next = (self._next + len(hits)) % self.window
+        self._filled = min(self.window, self._filled + len(hits))
         self.correct += int(correct.sum())
         self.total += len(correct)
 
@@ -99,5 +124,21 @@ class PrequentialAccuracy:
         """Cumulative accuracy so far (0.0 before any sample)."""
         return self.correct / self.total if self.total else 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ring": self._ring.tolist(),
+            "next": self._next,
+            "filled": self._filled,
+            "recent_correct": self._recent_correct,
+            "correct": self.correct,
+            "total": self.total,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._ring = np.array(state["ring"], dtype=bool)
+        self._next, self._filled = int(state["next"]), int(state["filled"])
+        self._recent_correct = int(state["recent_correct"])
+        self.correct, self.total = int(state["correct"]), int(state["total"])
+
     def get_windowed(self) -> float:
-        return self._recent_correct / len(self._recent) if self._recent else 0.0
+        return self._recent_correct / self._filled if self._filled else 0.0

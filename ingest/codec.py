@@ -147,7 +147,7 @@ def _decode_json(
 ) -> Sample | tuple[RejectReason, str]:
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError covers decode errors and huge ints
         return "bad_json", f"not valid JSON: {err}"[:200]
     if not isinstance(doc, dict):
         return "bad_json", f"expected a JSON object, got {type(doc).__name__}"
@@ -167,7 +167,7 @@ def _decode_json(
         return "bad_task", f"task must be in [0, {_MAX_TASK}], got {task}"
     try:
         features = np.asarray(doc["features"], dtype=np.float64)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         return "bad_json", f"features must be a numeric array: {err}"[:200]
     if features.size != spec.feature_size:
         return "wrong_shape", f"expected {spec.feature_shape}, got shape {features.shape}"
@@ -177,9 +177,11 @@ def _decode_json(
             return "non_finite", "features contain NaN or infinity"
         if np.any((features < 0) | (features > 255) | (features != np.round(features))):
             return "wrong_dtype", "uint8 features must be integers in [0, 255]"
+    with np.errstate(over="ignore"):  # out-of-range float32 becomes inf: non_finite below
+        typed = features.astype(spec.dtype)
     return _checked(
         spec,
-        features.astype(spec.dtype),
+        typed,
         ints["label"],
         task,
         ints["sample_id"],
@@ -207,4 +209,5 @@ def _checked(
 def _all_finite(features: np.ndarray) -> bool:
     # sum() is one pass; a NaN or inf anywhere makes it non-finite (overflow of finite
     # float32 values to inf is impossible in float64 accumulation at these sizes).
-    return math.isfinite(float(features.sum(dtype=np.float64)))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is NaN: still caught
+        return math.isfinite(float(features.sum(dtype=np.float64)))

@@ -20,9 +20,9 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, NamedTuple
 
-from ingest.errors import DataError
+from ingest.errors import ConfigError, DataError
 from ingest.schema import StreamSpec
 
 FILE_MAGIC: Final = b"SCSTREAM"
@@ -32,9 +32,11 @@ _FRAME = struct.Struct("<4sIIqq")
 _COORDS = struct.Struct("<qq")
 
 
-@dataclass(frozen=True)
-class Frame:
-    """One recorded message: its payload bytes exactly as they were on the wire."""
+class Frame(NamedTuple):
+    """One recorded message: its payload bytes exactly as they were on the wire.
+
+    A NamedTuple, not a dataclass: one is built per message on the hot path.
+    """
 
     offset: int
     timestamp_ms: int
@@ -114,7 +116,7 @@ class StreamReader:
         try:
             self.header: dict[str, Any] = json.loads(self._file.read(header_len))
             self.spec = StreamSpec.from_dict(self.header["spec"])
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, ConfigError) as err:
             self._file.close()
             raise DataError(f"{self.path}: unreadable stream header: {err}") from err
         self._data_start = len(FILE_MAGIC) + _LEN.size + header_len

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -63,9 +63,11 @@ class StreamSpec:
             ) from err
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where a message came from: a Kafka coordinate or a recorded-stream offset."""
+class Origin(NamedTuple):
+    """Where a message came from: a Kafka coordinate or a recorded-stream offset.
+
+    A NamedTuple, not a dataclass: one is built per message on the hot path.
+    """
 
     topic: str
     partition: int

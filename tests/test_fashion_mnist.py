@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from deploy.config import ReplayConfig
-from deploy.replay import run_replay, without_timings
+from deploy.replay import run_replay
+from deploy.session import without_timings
 from ingest.datasets import find_fashion_mnist, load
 from ingest.errors import DataError
 from ingest.scenarios import ScenarioConfig, build, write

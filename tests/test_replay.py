@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import cli
-from deploy.replay import without_timings
+from deploy.session import without_timings
 from ingest.codec import encode, encode_json
 from ingest.recorded import Frame, StreamReader, StreamWriter
 from ingest.schema import Sample

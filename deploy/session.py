@@ -1,0 +1,206 @@
+"""A learning session: batching, task-boundary evaluation and the accounting of every message.
+
+Shared by `replay` (recorded streams) and `serve` (Kafka), so both learn and measure
+the same way: every message ends up learned, quarantined or rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation.probes import ProbeResult, evaluate
+from evaluation.report import metric_section
+from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+from ingest.heldout import HeldOut
+from ingest.schema import NO_TASK, Batch, Sample
+from learner.loop import OnlineLearner
+
+log = logging.getLogger(__name__)
+TIMING_KEYS = ("samples_per_second", "evaluation_seconds", "wall_seconds")
+
+
+class LearningSession:
+    """Feed samples in arrival order; learn in batches; evaluate at boundaries and every N."""
+
+    def __init__(
+        self,
+        learner: OnlineLearner,
+        heldout: HeldOut | None,
+        batch_size: int,
+        eval_every: int | None = None,
+        prequential_window: int = 1000,
+        on_learned: Callable[[Batch], None] | None = None,
+    ):
+        self.learner = learner
+        self.heldout = heldout
+        self.batch_size = batch_size
+        self.eval_every = eval_every
+        self.on_learned = on_learned
+        num_groups = int(heldout.groups.max()) + 1 if heldout is not None else 0
+        self.matrix = AccuracyMatrix(num_groups)
+        self.prequential = PrequentialAccuracy(prequential_window)
+        self.rejected: Counter[str] = Counter()
+        self.samples_seen = 0
+        self.samples_learned = 0
+        self.curve: list[dict[str, float]] = []
+        self.final_probe: ProbeResult | None = None
+        self.evaluation_seconds = 0.0
+        self._pending: list[Sample] = []
+        self._current_task = NO_TASK
+        self._next_eval = eval_every or 0
+        self._evaluated_at = -1
+
+    @property
+    def samples_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    def offer(self, sample: Sample) -> None:
+        """Queue one valid sample; learn when a batch is full, evaluate at task boundaries."""
+        self.samples_seen += 1
+        if sample.task != self._current_task and sample.task != NO_TASK:
+            if self._current_task != NO_TASK:
+                self.flush()
+                self.evaluate()
+            self._current_task = sample.task
+        self._pending.append(sample)
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def reject(self, reason: str) -> None:
+        self.samples_seen += 1
+        self.rejected[reason] += 1
+
+    def flush(self) -> None:
+        """Learn whatever is pending (a partial batch at a boundary or before a checkpoint)."""
+        if not self._pending:
+            return
+        batch = Batch.from_samples(self._pending)
+        self._pending = []
+        result = self.learner.learn(batch)
+        self.prequential.update(result.predictions == batch.labels)
+        self.samples_learned += len(batch)
+        if self.heldout is not None:
+            groups = batch.tasks if self.heldout.group_kind == "task" else batch.labels
+            self.matrix.observe(groups[groups >= 0])
+        if self.on_learned is not None:
+            self.on_learned(batch)
+        if self._next_eval and self.samples_learned >= self._next_eval:
+            self.evaluate()
+            while self._next_eval <= self.samples_learned:
+                self._next_eval += self.eval_every or 0
+
+    def evaluate(self) -> None:
+        """Score every group's probe now: one row of the accuracy matrix."""
+        if self.heldout is None or self._evaluated_at == self.samples_learned:
+            return
+        h = self.heldout
+        started = time.perf_counter()
+        self.final_probe = evaluate(
+            self.learner.predict,
+            h.features,
+            h.labels,
+            h.groups,
+            self.matrix.num_groups,
+            self.learner.spec.num_classes,
+        )
+        summary = self.matrix.update(self.final_probe.per_group, self.samples_learned)
+        self._evaluated_at = self.samples_learned
+        self.evaluation_seconds += time.perf_counter() - started
+        self.curve.append(
+            {
+                "samples_seen": self.samples_learned,
+                "average_accuracy": summary.average_accuracy,
+                "average_forgetting": summary.average_forgetting,
+                "prequential_window": self.prequential.get_windowed(),
+            }
+        )
+        log.info(
+            "evaluated samples=%d average_accuracy=%.4f forgetting=%.4f",
+            self.samples_learned,
+            summary.average_accuracy,
+            summary.average_forgetting,
+        )
+
+    def report(self, corrupt_frames: int = 0) -> dict[str, Any]:
+        """Metrics and the accounting of every message (timings are added by the caller)."""
+        kind = self.heldout.group_kind if self.heldout is not None else "none"
+        reasons = dict(self.rejected)
+        if corrupt_frames:
+            reasons["corrupt_frame"] = corrupt_frames
+        return {
+            **metric_section(self.matrix, self.prequential, self.final_probe, kind, self.curve),
+            "samples_seen": self.samples_seen,
+            "samples_learned": self.samples_learned,
+            "samples_rejected": self.samples_rejected,
+            "samples_quarantined": 0,
+            "corrupt_frames": corrupt_frames,
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "updates": self.learner.updates,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and trackers, so a restored service keeps counting where it left off."""
+        return {
+            "samples_seen": self.samples_seen,
+            "samples_learned": self.samples_learned,
+            "rejected": dict(self.rejected),
+            "current_task": self._current_task,
+            "next_eval": self._next_eval,
+            "prequential": self.prequential.state_dict(),
+            "matrix": self.matrix.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._pending:
+            raise RuntimeError("load_state_dict on a session with pending samples")
+        self.samples_seen = int(state["samples_seen"])
+        self.samples_learned = int(state["samples_learned"])
+        self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})
+        self._current_task = int(state["current_task"])
+        self._next_eval = int(state["next_eval"])
+        self.prequential.load_state_dict(state["prequential"])
+        self.matrix.load_state_dict(state["matrix"])
+
+
+def without_timings(report: dict[str, Any]) -> dict[str, Any]:
+    """The report minus the keys that vary between identical runs."""
+    return {k: v for k, v in report.items() if k not in TIMING_KEYS}
+
+
+def environment(learner: OnlineLearner) -> dict[str, Any]:
+    import platform
+
+    return {
+        "device": str(learner.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A short human-readable summary for the terminal."""
+    lines = [
+        f"final average accuracy  {report['final_average_accuracy']:.4f}",
+        f"average forgetting      {report['average_forgetting']:.4f}",
+        f"backward transfer       {report['backward_transfer']:+.4f}",
+        f"prequential accuracy    {report['prequential_accuracy']:.4f}",
+        f"samples seen/learned    {report['samples_seen']} / {report['samples_learned']}",
+        f"rejected                {report['samples_rejected']} "
+        f"{report['rejected_by_reason'] or ''}".rstrip(),
+        f"quarantined             {report['samples_quarantined']}",
+        f"throughput              {report['samples_per_second']:.0f} samples/s "
+        f"({report['environment']['threads']} thread(s), {report['environment']['device']})",
+    ]
+    matrix = np.array(report["accuracy_matrix"], dtype=float)
+    if matrix.size:
+        lines.append("accuracy matrix (rows: evaluation points, columns: groups)")
+        lines += ["  " + " ".join(f"{v:.3f}" for v in row) for row in matrix]
+    return lines

@@ -1,0 +1,139 @@
+"""Checkpoints (full learner state + source offsets) and model snapshots for serving.
+
+Checkpoints are written atomically (temp file, fsync, rename, fsync of the directory)
+and loaded with `torch.load(weights_only=True)`: tensors and plain containers only,
+never arbitrary pickled objects. The last `keep` are kept; a checkpoint that fails to
+load is reported and the previous one is tried.
+
+Snapshots are weights only (safetensors) plus a small JSON of metadata, for serving
+systems that must not run our code to read a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ingest.errors import StreamclError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_SUFFIX = ".pt"
+
+
+class CheckpointError(StreamclError):
+    """No usable checkpoint could be written or read."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A loaded checkpoint and where it came from."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+class CheckpointStore:
+    """A directory of numbered checkpoints, newest last."""
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first (numbered by sequence, not by mtime)."""
+        found = []
+        for path in self.directory.glob(f"{CHECKPOINT_PREFIX}*{CHECKPOINT_SUFFIX}"):
+            sequence = _sequence(path)
+            if sequence is not None:
+                found.append((sequence, path))
+        return [path for _, path in sorted(found)]
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """Write the next checkpoint atomically, then drop all but the newest `keep`."""
+        existing = self.paths()
+        sequence = 1 + (_sequence(existing[-1]) or 0 if existing else 0)
+        path = self.directory / f"{CHECKPOINT_PREFIX}{sequence:09d}{CHECKPOINT_SUFFIX}"
+        _atomic_write(path, lambda f: torch.save(state, f))
+        for old in self.paths()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> Restored | None:
+        """The newest checkpoint that loads; None when there is none at all."""
+        paths = self.paths()
+        for path in reversed(paths):
+            try:
+                return Restored(path, torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as err:
+                log.error("checkpoint unreadable, trying the previous path=%s error=%s", path, err)
+        if paths:
+            raise CheckpointError(f"none of {len(paths)} checkpoints in {self.directory} loads")
+        return None
+
+
+def write_snapshot(
+    directory: str | Path, model: nn.Module, version: int, meta: dict[str, Any], keep: int = 3
+) -> Path:
+    """Write `directory/v<version>/{model.safetensors,meta.json}` atomically; keep the last few."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"v{version:09d}"
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(staging / "model.safetensors"))
+        (staging / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
+        for name in ("model.safetensors", "meta.json"):
+            _fsync_path(staging / name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_path(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    versions = sorted(p for p in directory.glob("v*") if p.is_dir())
+    for old in versions[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _sequence(path: Path) -> int | None:
+    number = path.name[len(CHECKPOINT_PREFIX) : -len(CHECKPOINT_SUFFIX)]
+    return int(number) if number.isdigit() else None
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
