@@ -76,29 +76,33 @@ class ClassBalancedSelector:
     def slots(self, store: ExemplarStore, labels: np.ndarray) -> list[int]:
         draws = torch.rand((len(labels), 2), generator=self._gen, dtype=torch.float64).tolist()
         out = []
-        size = sum(len(m) for m in self.members)
+        members, seen = self.members, self.seen_per_class
+        counts = [len(m) for m in members]
+        size = sum(counts)
         for label, (u_slot, u_keep) in zip(labels.tolist(), draws, strict=True):
-            self.seen_per_class[label] += 1
-            own = self.members[label]
+            seen[label] += 1
             if size < store.capacity:
                 slot = size
                 size += 1
             else:
-                largest = max(map(len, self.members))
-                if len(own) < largest:
-                    victims = [m for m in self.members if len(m) == largest]
+                largest = max(counts)
+                if counts[label] < largest:
+                    victims = [c for c, n in enumerate(counts) if n == largest]
                     victim = victims[int(u_keep * len(victims))]
-                elif u_keep * self.seen_per_class[label] < len(own):
-                    victim = own
+                elif u_keep * seen[label] < counts[label]:
+                    victim = label
                 else:
                     out.append(SKIP)
                     continue
                 # Swap-remove: O(1), and deterministic given the list order.
-                k = int(u_slot * len(victim))
-                slot = victim[k]
-                victim[k] = victim[-1]
-                victim.pop()
-            own.append(slot)
+                pool = members[victim]
+                k = int(u_slot * len(pool))
+                slot = pool[k]
+                pool[k] = pool[-1]
+                pool.pop()
+                counts[victim] -= 1
+            members[label].append(slot)
+            counts[label] += 1
             out.append(slot)
         return out
 
