@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from deploy.config import ReplayConfig, read_config_file, validated
+from deploy.kafka_cli import demo, publish, record, serve
 from ingest.errors import StreamclError
 
 ENV_PREFIX = "STREAMCL"
@@ -73,6 +74,9 @@ def cli(log_level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if log_level.upper() != "DEBUG":
+        # kafka-python warns about its own event-loop timing; only useful when debugging.
+        logging.getLogger("kafka").setLevel(logging.ERROR)
 
 
 @cli.group()
@@ -302,6 +306,12 @@ def replay(progress: bool | None, **opts: Any) -> None:
     if config.plots:
         for path in write_plots(report, config.plots):
             click.echo(f"plot: {path}")
+
+
+cli.add_command(serve)
+cli.add_command(publish)
+cli.add_command(record)
+cli.add_command(demo)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from ingest.errors import ConfigError
 
@@ -95,3 +95,81 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+class KafkaConfig(BaseModel):
+    """Where the service reads from; security settings pass straight to kafka-python."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "streamcl.samples"
+    group_id: str = "streamcl"
+    dead_letter_topic: str | None = Field(None, description="default: <topic>.dlq")
+    client_id: str = "streamcl"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+    consumer: dict[str, Any] = Field(default_factory=dict, description="extra consumer settings")
+    producer: dict[str, Any] = Field(default_factory=dict, description="extra producer settings")
+    poll_timeout_ms: int = Field(200, ge=1)
+    max_records: int = Field(500, ge=1)
+
+
+class StreamSpecConfig(BaseModel):
+    """The contract every message must meet (shape, dtype, number of classes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    feature_shape: tuple[int, ...] = (28, 28)
+    dtype: Literal["uint8", "float32"] = "uint8"
+    num_classes: int = Field(10, ge=2)
+
+
+class CheckpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: Path = Path("runs/checkpoints")
+    every_updates: int = Field(500, ge=1)
+    every_seconds: float = Field(60.0, gt=0)
+    keep: int = Field(3, ge=1)
+
+
+class SnapshotConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: Path | None = Path("runs/snapshots")
+    every_updates: int = Field(2000, ge=1)
+    keep: int = Field(3, ge=1)
+
+
+class HttpConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+    stall_seconds: float = Field(60.0, gt=0, description="/healthz fails after this long idle")
+
+
+class ServiceConfig(BaseModel):
+    """`streamcl serve`: a learner fed from Kafka, checkpointed against its offsets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    spec: StreamSpecConfig = Field(default_factory=StreamSpecConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    heldout: Path | None = Field(None, description="held-out set to evaluate at boundaries")
+    report: Path | None = Field(None, description="write a JSON report here on exit")
+    audit_log: Path | None = Field(None, description="append learned offset ranges (JSON lines)")
+    until_idle: float | None = Field(None, gt=0, description="exit after this many idle seconds")
+    eval_every: int | None = Field(None, ge=1)
+    prequential_window: int = Field(1000, ge=1)

@@ -19,7 +19,7 @@ from evaluation.probes import ProbeResult, evaluate
 from evaluation.report import metric_section
 from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
 from ingest.heldout import HeldOut
-from ingest.schema import NO_TASK, Batch, Sample
+from ingest.schema import NO_TASK, Batch, Origin, Sample
 from learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ class LearningSession:
         self._current_task = NO_TASK
         self._next_eval = eval_every or 0
         self._evaluated_at = -1
+
+    @property
+    def pending(self) -> int:
+        """Valid samples waiting for their batch to fill."""
+        return len(self._pending)
 
     @property
     def samples_rejected(self) -> int:
@@ -140,14 +145,20 @@ class LearningSession:
             "samples_learned": self.samples_learned,
             "samples_rejected": self.samples_rejected,
             "samples_quarantined": 0,
+            "samples_pending": self.pending,
             "corrupt_frames": corrupt_frames,
             "rejected_by_reason": dict(sorted(reasons.items())),
             "updates": self.learner.updates,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and trackers, so a restored service keeps counting where it left off."""
+        """Counters, trackers and the pending partial batch.
+
+        Pending samples are saved rather than learned early, so checkpoints never change
+        batch composition: a service run equals a replay of the same stream.
+        """
         return {
+            "pending": _samples_state(self._pending),
             "samples_seen": self.samples_seen,
             "samples_learned": self.samples_learned,
             "rejected": dict(self.rejected),
@@ -155,11 +166,19 @@ class LearningSession:
             "next_eval": self._next_eval,
             "prequential": self.prequential.state_dict(),
             "matrix": self.matrix.state_dict(),
+            "curve": [dict(point) for point in self.curve],
+            "evaluated_at": self._evaluated_at,
+            "final_probe": None
+            if self.final_probe is None
+            else {
+                "per_group": self.final_probe.per_group.tolist(),
+                "per_class": self.final_probe.per_class.tolist(),
+                "overall": self.final_probe.overall,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._pending:
-            raise RuntimeError("load_state_dict on a session with pending samples")
+        self._pending = _samples_from_state(state["pending"])
         self.samples_seen = int(state["samples_seen"])
         self.samples_learned = int(state["samples_learned"])
         self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})
@@ -167,6 +186,51 @@ class LearningSession:
         self._next_eval = int(state["next_eval"])
         self.prequential.load_state_dict(state["prequential"])
         self.matrix.load_state_dict(state["matrix"])
+        self.curve = [{k: float(v) for k, v in point.items()} for point in state["curve"]]
+        self._evaluated_at = int(state["evaluated_at"])
+        probe = state["final_probe"]
+        self.final_probe = (
+            None
+            if probe is None
+            else ProbeResult(
+                np.array(probe["per_group"], dtype=np.float64),
+                np.array(probe["per_class"], dtype=np.float64),
+                float(probe["overall"]),
+            )
+        )
+
+
+def _samples_state(samples: list[Sample]) -> dict[str, Any]:
+    if not samples:
+        return {"count": 0}
+    batch = Batch.from_samples(samples)
+    return {
+        "count": len(batch),
+        "features": torch.from_numpy(batch.features.copy()),
+        "labels": torch.from_numpy(batch.labels),
+        "tasks": torch.from_numpy(batch.tasks),
+        "sample_ids": torch.from_numpy(batch.sample_ids),
+        "event_times_ms": torch.from_numpy(batch.event_times_ms),
+        "origins": [[o.topic, o.partition, o.offset] if o else None for o in batch.origins],
+    }
+
+
+def _samples_from_state(state: dict[str, Any]) -> list[Sample]:
+    if not state["count"]:
+        return []
+    columns = [state[k].numpy() for k in ("labels", "tasks", "sample_ids", "event_times_ms")]
+    features = state["features"].numpy()
+    return [
+        Sample(
+            features[i],
+            int(columns[0][i]),
+            int(columns[1][i]),
+            int(columns[2][i]),
+            int(columns[3][i]),
+            Origin(*origin) if origin else None,
+        )
+        for i, origin in enumerate(state["origins"])
+    ]
 
 
 def without_timings(report: dict[str, Any]) -> dict[str, Any]:

@@ -75,13 +75,17 @@ class CheckpointStore:
     def load_latest(self) -> Restored | None:
         """The newest checkpoint that loads; None when there is none at all."""
         paths = self.paths()
+        last_error: Exception | None = None
         for path in reversed(paths):
             try:
                 return Restored(path, torch.load(path, map_location="cpu", weights_only=True))
-            except Exception as err:
+            except Exception as err:  # any unreadable file means: try the previous one
                 log.error("checkpoint unreadable, trying the previous path=%s error=%s", path, err)
+                last_error = err
         if paths:
-            raise CheckpointError(f"none of {len(paths)} checkpoints in {self.directory} loads")
+            raise CheckpointError(
+                f"none of {len(paths)} checkpoints in {self.directory} loads"
+            ) from last_error
         return None
 
 
@@ -106,8 +110,12 @@ def write_snapshot(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    versions = sorted(p for p in directory.glob("v*") if p.is_dir())
-    for old in versions[:-keep]:
+    # Prune by write order, not version: after a restore to an older checkpoint the
+    # newest snapshot may carry a lower version than stale ones from the lost run.
+    written = sorted(
+        (p for p in directory.glob("v*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns
+    )
+    for old in written[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

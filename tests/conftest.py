@@ -10,6 +10,9 @@ import torch
 from ingest.datasets import load_digits
 from ingest.scenarios import ScenarioConfig, build, write
 
+# One embedded broker for the whole run (fixtures memory_broker, s3_broker).
+pytest_plugins = ["tests.brokers"]
+
 # Tests measure behaviour, not speed: one thread keeps them deterministic and polite
 # to whatever else shares the machine.
 torch.set_num_threads(1)

@@ -3,8 +3,9 @@
 # mypy and pytest. Usage: bash tests/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/setup.sh "cpu,dev"
-export STREAMCL_REQUIRE_DATA=1  # the data is installed above: a missing dataset is a failure
+bash deploy/setup.sh "cpu,broker,dev"
+# Installed above: a missing dataset or broker is a failure here, not a skip.
+export STREAMCL_REQUIRE_DATA=1 STREAMCL_REQUIRE_BROKER=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/lint-imports

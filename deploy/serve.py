@@ -1,0 +1,55 @@
+"""Run the service process: signals, HTTP endpoints, the learning loop, the final report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from deploy.config import ServiceConfig
+from deploy.http import ServiceHttp
+from deploy.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def run_service(config: ServiceConfig, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Serve until SIGTERM/SIGINT (or `stop`, or the topic going idle); returns the report.
+
+    On a signal the current poll's messages are learned, a final checkpoint is written
+    and its offsets committed before returning.
+    """
+    stop = stop or threading.Event()
+    previous = _install_signal_handlers(stop)
+    service = Service(config)
+    http = ServiceHttp(service, config.http.host, config.http.port, config.http.stall_seconds)
+    http.start()
+    try:
+        report = service.run(stop)
+    finally:
+        http.close()
+        service.close()
+        _restore_signal_handlers(previous)
+    if config.report is not None:
+        config.report.parent.mkdir(parents=True, exist_ok=True)
+        config.report.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.warning("signal %s: finishing the current batch, then checkpointing", signum)
+        stop.set()
+
+    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

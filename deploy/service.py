@@ -1,0 +1,325 @@
+"""`streamcl serve`: the long-running learner fed from Kafka.
+
+Order of durability (DESIGN.md, delivery semantics): learn -> dead letters flushed ->
+checkpoint written atomically (model, optimizer, memory, counters, offsets) -> offsets
+committed. A crash anywhere leaves a checkpoint whose offsets match its model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from pydantic import SecretStr
+
+from deploy.config import LearnerConfig, ServiceConfig
+from deploy.replay import load_heldout
+from deploy.session import LearningSession, environment
+from deploy.wiring import build_learner, configure_threads
+from ingest.kafka import (
+    DEAD_LETTER_SUFFIX,
+    Arrival,
+    DeadLetterSink,
+    KafkaSettings,
+    KafkaSource,
+    KafkaSourceError,
+    Offsets,
+)
+from ingest.schema import Batch, Rejected, StreamSpec
+from learner.checkpoint import CheckpointError, CheckpointStore, write_snapshot
+
+log = logging.getLogger(__name__)
+DEFAULT_THREADS = 1
+# Settings that change what a checkpoint's tensors mean; a mismatch is a start-up error.
+SHAPING_FIELDS = ("strategy", "model", "hidden", "optimizer", "memory", "memory_policy")
+
+
+def kafka_settings(config: ServiceConfig) -> KafkaSettings:
+    k = config.kafka
+    return KafkaSettings(
+        bootstrap_servers=k.bootstrap_servers,
+        client_id=k.client_id,
+        security_protocol=k.security_protocol,
+        sasl_mechanism=k.sasl_mechanism,
+        sasl_plain_username=k.sasl_plain_username,
+        sasl_plain_password=_secret(k.sasl_plain_password),
+        ssl_cafile=k.ssl_cafile,
+        ssl_certfile=k.ssl_certfile,
+        ssl_keyfile=k.ssl_keyfile,
+        ssl_password=_secret(k.ssl_password),
+        consumer=dict(k.consumer),
+        producer=dict(k.producer),
+    )
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+class Service:
+    """One learner, one consumer group member, one checkpoint directory."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        configure_threads(config.learner.threads or DEFAULT_THREADS)
+        self.spec = StreamSpec(
+            config.spec.feature_shape, config.spec.dtype, config.spec.num_classes
+        )
+        self.learner = build_learner(config.learner, self.spec)
+        self.session = LearningSession(
+            self.learner,
+            load_heldout(None, config.heldout) if config.heldout else None,
+            config.learner.batch_size,
+            config.eval_every,
+            config.prequential_window,
+            on_learned=self._learned,
+        )
+        self.checkpoints = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep)
+        settings = kafka_settings(config)
+        dead_letter_topic = (
+            config.kafka.dead_letter_topic or config.kafka.topic + DEAD_LETTER_SUFFIX
+        )
+        self.dead_letters = DeadLetterSink(settings, dead_letter_topic)
+        self.source = KafkaSource(
+            settings,
+            config.kafka.topic,
+            config.kafka.group_id,
+            self.spec,
+            on_revoke=self.checkpoint,
+        )
+        self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
+        self.last_progress = time.monotonic()
+        self.ready = False
+        self.latencies_ms: list[float] = []
+        self.checkpoint_seconds = 0.0
+        self.last_checkpoint_at = time.monotonic()
+        self._arrival_ms: dict[tuple[int, int], int] = {}
+        self._first_arrival: float | None = None
+        self._last_learned = 0.0
+        self._updates_at_checkpoint = 0
+        self._updates_at_snapshot = 0
+        self._audit: TextIO | None = None
+        if config.audit_log is not None:
+            config.audit_log.parent.mkdir(parents=True, exist_ok=True)
+            self._audit = open(config.audit_log, "a")  # noqa: SIM115 - closed in close()
+
+    def restore(self) -> Offsets:
+        """Load the newest usable checkpoint; returns the offsets it learned up to."""
+        restored = self.checkpoints.load_latest()
+        if restored is None:
+            log.info("no checkpoint in %s: starting fresh", self.config.checkpoint.dir)
+            return {}
+        state = restored.state
+        _check_compatible(json.loads(state["learner_config"]), self.config.learner, restored.path)
+        self.learner.load_state_dict(state["learner"])
+        self.session.load_state_dict(state["session"])
+        offsets = {(str(t), int(p)): int(o) for t, p, o in state["offsets"]}
+        self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
+        log.info(
+            "restored checkpoint path=%s updates=%d offsets=%s",
+            restored.path,
+            self.learner.updates,
+            offsets,
+        )
+        return offsets
+
+    def run(self, stop: threading.Event) -> dict[str, Any]:
+        """Consume until `stop` is set (or the topic stays idle); returns the final report."""
+        started = time.monotonic()
+        self.source.start(self.restore())
+        self.ready = True
+        idle_since = time.monotonic()
+        kafka = self.config.kafka
+        while not stop.is_set():
+            arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            now = time.monotonic()
+            self.last_progress = now
+            if not arrivals and self.session.pending:
+                # The stream paused: learn the partial batch now rather than letting it
+                # wait for traffic (a quiet topic must not hide samples from the model).
+                with self.model_lock:
+                    self.session.flush()
+            if arrivals:
+                idle_since = now
+                if self._first_arrival is None:
+                    self._first_arrival = now
+                self._handle(arrivals)
+            if self._checkpoint_due(now):
+                self.checkpoint()
+            if self._idle_enough(now - idle_since):
+                log.info("no messages for %.1f s and no lag: stopping", now - idle_since)
+                # The stream is over: learn the partial batch and score the final model.
+                with self.model_lock:
+                    self.session.flush()
+                    self.session.evaluate()
+                break
+        # On a signal, pending samples go into the checkpoint instead, for the next run.
+        self._final_checkpoint()
+        return self.report(time.monotonic() - started)
+
+    def _handle(self, arrivals: list[Arrival]) -> None:
+        """Learn or dead-letter each arrival; checkpoint as soon as one is due, mid-poll."""
+        for arrival in arrivals:
+            item = arrival.item
+            with self.model_lock:
+                if isinstance(item, Rejected):
+                    self.dead_letters.send(item)
+                    self.session.reject(item.reason)
+                else:
+                    if item.origin is not None:
+                        key = (item.origin.partition, item.origin.offset)
+                        self._arrival_ms[key] = arrival.timestamp_ms
+                    self.session.offer(item)
+                if item.origin is not None:
+                    self.source.mark_handled(item.origin)
+            if self._checkpoint_due(time.monotonic()):
+                self.checkpoint()
+
+    def _final_checkpoint(self, attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            if self.checkpoint():
+                return
+            time.sleep(min(2.0, 0.2 * 2**attempt))
+        raise CheckpointError("final checkpoint failed: dead letters could not be delivered")
+
+    def checkpoint(self) -> bool:
+        """Make dead letters durable, save the state (pending samples included), commit.
+
+        Returns False (and saves nothing) when dead letters could not be delivered:
+        committing past them would lose them, so the next checkpoint retries.
+        """
+        began = time.monotonic()
+        with self.model_lock:
+            try:
+                self.dead_letters.flush()
+            except KafkaSourceError as err:
+                log.error("checkpoint postponed: dead letters not delivered error=%s", err)
+                return False
+            offsets = dict(self.source.handled)
+            state = {
+                "learner": self.learner.state_dict(),
+                "session": self.session.state_dict(),
+                "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+                "learner_config": self.config.learner.model_dump_json(),
+            }
+            path = self.checkpoints.save(state)
+            self._updates_at_checkpoint = self.learner.updates
+            if self._snapshot_due():
+                self._snapshot(offsets)
+        self.source.commit(offsets)
+        self.last_checkpoint_at = time.monotonic()
+        self.checkpoint_seconds = self.last_checkpoint_at - began
+        log.info(
+            "checkpoint path=%s updates=%d offsets=%s seconds=%.3f",
+            path,
+            self.learner.updates,
+            offsets,
+            self.checkpoint_seconds,
+        )
+        return True
+
+    def predict_proba(self, features: np.ndarray) -> tuple[np.ndarray, int]:
+        """Class probabilities `[N, C]` from the live model and its version (updates)."""
+        with self.model_lock:
+            return self.learner.predict_proba(features), self.learner.updates
+
+    def report(self, wall_seconds: float) -> dict[str, Any]:
+        latencies = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        streaming = self._last_learned - (self._first_arrival or self._last_learned)
+        streaming -= self.session.evaluation_seconds
+        return {
+            **self.session.report(),
+            # From the first message to the last update, probe evaluation excluded.
+            "samples_per_second": self.session.samples_learned / streaming
+            if streaming > 0
+            else 0.0,
+            "evaluation_seconds": self.session.evaluation_seconds,
+            "committed_offsets": {f"{t}/{p}": o for (t, p), o in self.source.handled.items()},
+            "arrival_to_update_ms": {
+                "p50": float(np.percentile(latencies, 50)),
+                "p99": float(np.percentile(latencies, 99)),
+            },
+            "wall_seconds": wall_seconds,
+            "config": self.config.model_dump(mode="json"),
+            "environment": environment(self.learner),
+        }
+
+    def close(self) -> None:
+        self.source.close()
+        self.dead_letters.close()
+        if self._audit is not None:
+            self._audit.close()
+
+    def _learned(self, batch: Batch) -> None:
+        self._last_learned = time.monotonic()
+        now_ms = time.time() * 1000
+        for origin in batch.origins:
+            if origin is not None:
+                arrived = self._arrival_ms.pop((origin.partition, origin.offset), None)
+                if arrived is not None and len(self.latencies_ms) < 1_000_000:
+                    self.latencies_ms.append(now_ms - arrived)
+        if self._audit is not None:
+            pairs = [[o.partition, o.offset] for o in batch.origins if o is not None]
+            self._audit.write(
+                json.dumps({"updates": self.learner.updates, "learned": pairs}) + "\n"
+            )
+            self._audit.flush()
+
+    def _checkpoint_due(self, now: float) -> bool:
+        c = self.config.checkpoint
+        moved = self.learner.updates - self._updates_at_checkpoint
+        return moved >= c.every_updates or (
+            moved > 0 and now - self.last_checkpoint_at >= c.every_seconds
+        )
+
+    def _snapshot_due(self) -> bool:
+        s = self.config.snapshot
+        return (
+            s.dir is not None
+            and self.learner.updates - self._updates_at_snapshot >= s.every_updates
+        )
+
+    def _snapshot(self, offsets: Offsets) -> None:
+        directory = self.config.snapshot.dir
+        if directory is None:
+            return
+        meta = {
+            "samples_learned": self.session.samples_learned,
+            "offsets": {f"{t}/{p}": o for (t, p), o in offsets.items()},
+            "metrics": {
+                "prequential_accuracy": self.session.prequential.get(),
+                "average_accuracy": self.session.matrix.get().average_accuracy,
+            },
+            "spec": self.spec.to_dict(),
+            "model": self.config.learner.model,
+        }
+        write_snapshot(
+            directory, self.learner.model, self.learner.updates, meta, self.config.snapshot.keep
+        )
+        self._updates_at_snapshot = self.learner.updates
+
+    def _idle_enough(self, idle_seconds: float) -> bool:
+        limit = self.config.until_idle
+        if limit is None or idle_seconds < limit:
+            return False
+        lag = self.source.lag()
+        return (
+            bool(self.source.assignment()) and sum(lag.values()) == 0
+        ) or idle_seconds >= 3 * limit
+
+
+def _check_compatible(saved: dict[str, Any], current: LearnerConfig, path: Path) -> None:
+    now = current.model_dump(mode="json")
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in SHAPING_FIELDS if saved.get(k) != now[k]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different learner ({'; '.join(changed)}); "
+            f"use another checkpoint.dir or the original settings"
+        )

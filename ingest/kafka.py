@@ -1,0 +1,353 @@
+"""Kafka source and sinks (kafka-python): the production path into and out of streamcl.
+
+Delivery contract (DESIGN.md): offsets are never auto-committed. The caller commits
+only offsets that a durable checkpoint already holds; on (re)assignment the source
+seeks each partition to the checkpoint's offset, so after a crash the model state
+matches a prefix of each partition: nothing skipped, re-learning bounded by one
+checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from ingest.codec import decode
+from ingest.errors import StreamclError
+from ingest.schema import Origin, Rejected, Sample, StreamSpec
+
+log = logging.getLogger(__name__)
+
+Offsets = dict[tuple[str, int], int]
+"""(topic, partition) -> next offset to consume."""
+
+DEAD_LETTER_SUFFIX = ".dlq"
+MAX_DEAD_LETTER_PAYLOAD = 900 * 1024
+"""Payloads above this go to the dead-letter topic truncated (with their original size
+in a header), so a broker's message-size limit can never stall the service."""
+
+
+class KafkaSourceError(StreamclError):
+    """The Kafka client could not be created or used."""
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Client settings shared by consumers and producers, passed through to kafka-python.
+
+    `consumer` / `producer` hold any further kafka-python settings (fetch sizes,
+    timeouts, acks, ...), applied last.
+    """
+
+    bootstrap_servers: str
+    client_id: str = "streamcl"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    consumer: dict[str, Any] = field(default_factory=dict)
+    producer: dict[str, Any] = field(default_factory=dict)
+
+    def common(self) -> dict[str, Any]:
+        keys = (
+            "bootstrap_servers",
+            "client_id",
+            "security_protocol",
+            "sasl_mechanism",
+            "sasl_plain_username",
+            "sasl_plain_password",
+            "ssl_cafile",
+            "ssl_certfile",
+            "ssl_keyfile",
+            "ssl_password",
+        )
+        values = {k: getattr(self, k) for k in keys}
+        values["bootstrap_servers"] = [s.strip() for s in self.bootstrap_servers.split(",")]
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A decoded message plus when Kafka stamped it (ms since epoch)."""
+
+    item: Sample | Rejected
+    timestamp_ms: int
+
+
+class KafkaSource:
+    """Consume a topic in a consumer group; decode and validate every message.
+
+    on_revoke: called before partitions are taken away, so the caller can
+    checkpoint and commit what it has learned from them.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: str,
+        group_id: str,
+        spec: StreamSpec,
+        on_revoke: Callable[[], object] | None = None,
+    ):
+        self.topic = topic
+        self.spec = spec
+        # Next offset per partition whose message the caller has fully handled (learned,
+        # pending in its state, or dead-lettered): what a checkpoint may claim.
+        self.handled: Offsets = {}
+        self._resume: Offsets = {}
+        self._on_revoke = on_revoke
+        config = {
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            **settings.common(),
+            **settings.consumer,
+        }
+        try:
+            self._consumer = KafkaConsumer(**config)
+        except KafkaError as err:
+            raise KafkaSourceError(
+                f"cannot connect consumer to {settings.bootstrap_servers}: {err}"
+            ) from err
+
+    def start(self, resume: Offsets) -> None:
+        """Subscribe; partitions we hold a checkpoint for are sought to its offsets."""
+        self._resume = dict(resume)
+        self.handled = dict(resume)
+        self._consumer.subscribe([self.topic], listener=_Listener(self))
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[Arrival]:
+        """Fetch, decode and validate up to `max_records` messages, in partition order."""
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        arrivals = []
+        for tp, records in batches.items():
+            for record in records:
+                origin = Origin(tp.topic, tp.partition, record.offset)
+                item = decode(record.value or b"", self.spec, origin)
+                arrivals.append(Arrival(item, record.timestamp))
+        return arrivals
+
+    def mark_handled(self, origin: Origin) -> None:
+        """Record that the message at `origin` is accounted for; checkpoints may include it."""
+        self.handled[(origin.topic, origin.partition)] = origin.offset + 1
+
+    def commit(self, offsets: Offsets) -> bool:
+        """Commit offsets (already durable in a checkpoint); False if the broker refused."""
+        assigned = self._consumer.assignment()
+        to_commit = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            for (topic, partition), offset in offsets.items()
+            if TopicPartition(topic, partition) in assigned
+        }
+        if not to_commit:
+            return True
+        try:
+            self._consumer.commit(to_commit)
+        except KafkaError as err:
+            # The checkpoint holds these offsets: a later commit, or the seek on restart,
+            # still resumes correctly.
+            log.warning("offset commit failed, will retry at the next checkpoint error=%s", err)
+            return False
+        return True
+
+    def committed(self) -> Offsets:
+        out = {}
+        for tp in self._consumer.assignment():
+            offset = self._consumer.committed(tp)
+            if offset is not None:
+                out[(tp.topic, tp.partition)] = offset
+        return out
+
+    def lag(self) -> dict[int, int]:
+        """Per-partition lag = highwater - position (not end_offsets(): see DESIGN.md)."""
+        out = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = self._consumer.position(tp)
+            out[tp.partition] = max(0, highwater - position)
+        return out
+
+    def assignment(self) -> list[int]:
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
+    def close(self) -> None:
+        """Leave the group; the caller has already checkpointed and committed."""
+        self._on_revoke = None  # closing revokes everything: nothing left to save
+        self._consumer.close(autocommit=False)
+
+    def _assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            offset = self._resume.get((tp.topic, tp.partition))
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+                log.info("resuming partition=%d offset=%d from checkpoint", tp.partition, offset)
+
+    def _revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        if self._on_revoke is not None and list(partitions):
+            self._on_revoke()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource):
+        self._source = source
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._source._assigned(assigned)
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._source._revoked(revoked)
+
+
+class DeadLetterSink:
+    """Send rejected messages, unchanged, to a dead-letter topic with the reason in headers.
+
+    `flush` blocks until every sent message is acknowledged and raises if any failed:
+    callers flush before committing offsets, so a rejected message is never lost.
+    """
+
+    def __init__(self, settings: KafkaSettings, topic: str):
+        self.topic = topic
+        self._pending: list[Any] = []
+        config = {
+            "acks": "all",
+            "max_request_size": 1024 * 1024,
+            **settings.common(),
+            **settings.producer,
+        }
+        try:
+            self._producer = KafkaProducer(**config)
+        except KafkaError as err:
+            raise KafkaSourceError(
+                f"cannot connect dead-letter producer to {settings.bootstrap_servers}: {err}"
+            ) from err
+
+    def send(self, rejected: Rejected) -> None:
+        payload = rejected.payload
+        headers = [
+            ("streamcl-reason", rejected.reason.encode()),
+            ("streamcl-detail", rejected.detail.encode()[:1024]),
+        ]
+        if rejected.origin is not None:
+            headers += [
+                ("source-topic", rejected.origin.topic.encode()),
+                ("source-partition", str(rejected.origin.partition).encode()),
+                ("source-offset", str(rejected.origin.offset).encode()),
+            ]
+        if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
+            headers.append(("streamcl-original-size", str(len(payload)).encode()))
+            payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
+        self._pending.append(self._producer.send(self.topic, value=payload, headers=headers))
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for every sent message; raises `KafkaSourceError` if one failed."""
+        if not self._pending:
+            return
+        self._producer.flush(timeout=timeout_s)
+        failed = [f for f in self._pending if not f.succeeded()]
+        if failed:
+            # Keep them pending: the caller retries flush and must not commit meanwhile.
+            err = failed[0].exception if failed[0].is_done else "not acknowledged"
+            raise KafkaSourceError(
+                f"{len(failed)} dead letters not delivered to {self.topic}: {err}"
+            )
+        self._pending = []
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+
+
+class Publisher:
+    """Produce raw payloads (already encoded) to a topic: `streamcl publish`."""
+
+    def __init__(self, settings: KafkaSettings):
+        config = {
+            "linger_ms": 5,
+            "batch_size": 256 * 1024,
+            **settings.common(),
+            **settings.producer,
+        }
+        try:
+            self._producer = KafkaProducer(**config)
+        except KafkaError as err:
+            raise KafkaSourceError(
+                f"cannot connect producer to {settings.bootstrap_servers}: {err}"
+            ) from err
+
+    def send(self, topic: str, payload: bytes, timestamp_ms: int | None = None) -> None:
+        self._producer.send(topic, value=payload, timestamp_ms=timestamp_ms)
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)
+
+
+@dataclass(frozen=True)
+class RecordedMessage:
+    partition: int
+    offset: int
+    timestamp_ms: int
+    payload: bytes
+
+
+def read_topic(
+    settings: KafkaSettings,
+    topic: str,
+    max_messages: int | None = None,
+    until_idle_s: float | None = None,
+    poll_timeout_ms: int = 200,
+) -> Iterable[RecordedMessage]:
+    """Read a topic from the beginning of every partition, without a consumer group.
+
+    Stops after `max_messages`, or once nothing arrived for `until_idle_s` seconds.
+    """
+    consumer = KafkaConsumer(enable_auto_commit=False, **settings.common(), **settings.consumer)
+    try:
+        partitions = _wait_for_partitions(consumer, topic, timeout_s=10.0)
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        count, last_arrival = 0, time.monotonic()
+        while max_messages is None or count < max_messages:
+            batches = consumer.poll(timeout_ms=poll_timeout_ms)
+            if not batches:
+                if until_idle_s is not None and time.monotonic() - last_arrival >= until_idle_s:
+                    return
+                continue
+            last_arrival = time.monotonic()
+            for tp, records in batches.items():
+                for record in records:
+                    yield RecordedMessage(
+                        tp.partition, record.offset, record.timestamp, record.value or b""
+                    )
+                    count += 1
+                    if max_messages is not None and count >= max_messages:
+                        return
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _wait_for_partitions(
+    consumer: KafkaConsumer, topic: str, timeout_s: float
+) -> list[TopicPartition]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return [TopicPartition(topic, p) for p in sorted(partitions)]
+        if time.monotonic() > deadline:
+            raise KafkaSourceError(f"topic {topic!r} has no partitions (does it exist?)")
+        time.sleep(0.2)

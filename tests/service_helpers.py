@@ -1,0 +1,90 @@
+"""Helpers for tests that run the service against a real broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from deploy.broker import EmbeddedBroker, free_port
+from deploy.config import ServiceConfig
+from deploy.serve import run_service
+from tests.brokers import FAST_GROUP
+
+
+def service_config(
+    broker: EmbeddedBroker, topic: str, workdir: Path, **extra: Any
+) -> ServiceConfig:
+    """A service on `topic` with short group timeouts and everything under `workdir`."""
+    raw: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": broker.bootstrap_servers,
+            "topic": topic,
+            "group_id": f"g-{topic}",
+            "consumer": dict(FAST_GROUP),
+            "poll_timeout_ms": 100,
+        },
+        "spec": {"feature_shape": [8, 8], "dtype": "uint8", "num_classes": 10},
+        "learner": {"strategy": "er", "memory": 200, "device": "cpu"},
+        "checkpoint": {"dir": str(workdir / "checkpoints"), "every_updates": 20},
+        "snapshot": {"dir": str(workdir / "snapshots"), "every_updates": 50},
+        "http": {"port": free_port()},
+        "audit_log": str(workdir / "audit.jsonl"),
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return ServiceConfig.model_validate(raw)
+
+
+def learned_offsets(audit_log: Path) -> Counter[tuple[int, int]]:
+    """How many times each (partition, offset) was learned, from the audit log."""
+    counts: Counter[tuple[int, int]] = Counter()
+    if not audit_log.exists():
+        return counts
+    for line in audit_log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by kill -9
+        counts.update((p, o) for p, o in entry["learned"])
+    return counts
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class ServiceThread:
+    """Run `run_service` in a thread; `stop()` returns its report."""
+
+    def __init__(self, config: ServiceConfig):
+        self.stop_event = threading.Event()
+        self.report: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
+        self.thread.start()
+
+    def _run(self, config: ServiceConfig) -> None:
+        try:
+            self.report = run_service(config, self.stop_event)
+        except BaseException as err:  # surfaced by stop()
+            self.error = err
+
+    def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        self.stop_event.set()
+        self.thread.join(timeout_s)
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None, "service thread did not finish"
+        return self.report
