@@ -251,3 +251,18 @@ def test_broker_restart_loses_nothing(
     assert set(counts) == {(0, o) for o in range(len(payloads))}
     assert report["samples_learned"] == len(payloads)
     assert report["committed_offsets"] == {f"{topic}/0": len(payloads)}
+
+
+def test_the_example_service_config_is_valid_and_documents_every_setting() -> None:
+    from deploy.config import ServiceConfig, read_config_file
+
+    example = Path(__file__).parent.parent / "deploy" / "service.example.yaml"
+    config = ServiceConfig.model_validate(read_config_file(example))
+    assert config.kafka.security_protocol == "PLAINTEXT"
+    documented = read_config_file(example)
+    for section, model in ServiceConfig.model_fields.items():
+        assert section in documented, f"section {section} missing from the example"
+        annotation = model.annotation
+        if hasattr(annotation, "model_fields"):
+            missing = set(annotation.model_fields) - set(documented[section])
+            assert not missing, f"{section}: {sorted(missing)} not in the example"

@@ -1,0 +1,179 @@
+"""End-to-end `serve` throughput from a local broker vs raw kafka-python consume+decode,
+and arrival-to-update latency at a fixed publish rate. One run, one machine.
+
+    python benchmarks/kafka_service.py [--stream PATH] [--rate 2000]
+
+Writes benchmarks/results/kafka_service.json. Uses the embedded Tansu broker
+(memory storage) on 127.0.0.1; the learner runs ER-1000 on 1 thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+from kafka import KafkaConsumer, TopicPartition
+
+from deploy.broker import EmbeddedBroker, free_port
+from deploy.config import ServiceConfig
+from deploy.serve import run_service
+from deploy.transfer import publish_stream
+from ingest.codec import decode
+from ingest.datasets import load
+from ingest.kafka import KafkaSettings
+from ingest.recorded import StreamReader
+from ingest.scenarios import ScenarioConfig, build, write
+
+RESULTS = Path(__file__).parent / "results" / "kafka_service.json"
+FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
+
+
+def raw_consume_rate(broker: EmbeddedBroker, topic: str, stream: Path, total: int) -> float:
+    """kafka-python alone: fetch every message of the topic and decode it (messages/s)."""
+    with StreamReader(stream) as reader:
+        spec = reader.spec
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=10 * 1024 * 1024,
+        fetch_max_wait_ms=100,
+    )
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    count, started = 0, time.perf_counter()
+    while count < total:
+        for records in consumer.poll(timeout_ms=500, max_records=500).values():
+            for record in records:
+                decode(record.value, spec)
+                count += 1
+    rate = count / (time.perf_counter() - started)
+    consumer.close()
+    return rate
+
+
+def paced_run(
+    broker: EmbeddedBroker,
+    config: ServiceConfig,
+    stream: Path,
+    settings: KafkaSettings,
+    rate: float,
+) -> dict[str, Any]:
+    """Publish at `rate` only once the service is ready, so joining is not measured."""
+    reports: list[dict[str, Any]] = []
+    service = threading.Thread(target=lambda: reports.append(run_service(config)), daemon=True)
+    service.start()
+    ready = f"http://127.0.0.1:{config.http.port}/readyz"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(ready, timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.1)
+    publish_stream(stream, settings, config.kafka.topic, rate=rate, progress=False)
+    service.join()
+    return reports[0]
+
+
+def serve_config(
+    broker: EmbeddedBroker, topic: str, workdir: Path, spec: dict[str, Any], heldout: Path
+) -> ServiceConfig:
+    return ServiceConfig.model_validate(
+        {
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topic": topic,
+                "group_id": f"bench-{topic}",
+                "consumer": FAST_GROUP,
+            },
+            "spec": spec,
+            "learner": {"strategy": "er", "memory": 1000, "threads": 1},
+            "checkpoint": {"dir": str(workdir / f"ckpt-{topic}")},
+            "snapshot": {"dir": None},
+            "http": {"port": free_port()},
+            "heldout": str(heldout),
+            "until_idle": 3.0,
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stream", type=Path, help="stream file (default: build Split FMNIST)")
+    parser.add_argument("--rate", type=float, default=2000.0, help="publish rate for latency")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        workdir = Path(tmp)
+        stream = args.stream or workdir / "split-fmnist.scs"
+        if args.stream is None:
+            write(build(load("fashion-mnist"), ScenarioConfig(tasks=5, seed=0)), stream)
+        with StreamReader(stream) as reader:
+            spec, total = reader.spec.to_dict(), reader.header["num_messages"]
+        heldout = Path(str(stream) + ".eval.npz")
+        settings = KafkaSettings(broker.bootstrap_servers)
+
+        broker.create_topic("throughput")
+        publish_stream(stream, settings, "throughput", progress=False)
+        raw = raw_consume_rate(broker, "throughput", stream, total)
+        served = run_service(serve_config(broker, "throughput", workdir, spec, heldout))
+        throughput = {
+            "serve_samples_per_second": round(served["samples_per_second"], 1),
+            "raw_consume_decode_per_second": round(raw, 1),
+            "ratio": round(served["samples_per_second"] / raw, 3),
+            "samples": served["samples_learned"],
+            "final_average_accuracy": round(served["final_average_accuracy"], 4),
+        }
+        print(json.dumps(throughput))
+
+        broker.create_topic("latency")
+        publisher = threading.Thread(
+            target=publish_stream,
+            args=(stream, settings, "latency"),
+            kwargs={"rate": args.rate, "progress": False},
+            daemon=True,
+        )
+        publisher.start()
+        paced = run_service(serve_config(broker, "latency", workdir, spec, heldout))
+        publisher.join()
+        latency = {
+            "publish_rate_per_second": args.rate,
+            "arrival_to_update_ms_p50": round(paced["arrival_to_update_ms"]["p50"], 2),
+            "arrival_to_update_ms_p99": round(paced["arrival_to_update_ms"]["p99"], 2),
+            "samples": paced["samples_learned"],
+        }
+        print(json.dumps(latency))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "serve on Split Fashion-MNIST (60k) from the embedded broker, ER-1000",
+                "command": "python benchmarks/kafka_service.py --rate " + str(args.rate),
+                "threads": 1,
+                "throughput": throughput,
+                "latency": latency,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
