@@ -284,12 +284,27 @@ def stream_make(**opts: Any) -> None:
     help="Write PNG plots (accuracy matrix, accuracy over time) to this directory.",
 )
 @click.option(
+    "--metrics-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Write the final metrics here in Prometheus' text format (node-exporter textfile).",
+)
+@click.option(
+    "--pushgateway",
+    default=None,
+    show_envvar=True,
+    help="Push the final metrics to this Pushgateway URL (job streamcl_replay).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     show_envvar=True,
     help="Progress bar (default: only on a terminal).",
 )
-def replay(progress: bool | None, **opts: Any) -> None:
+def replay(
+    progress: bool | None, metrics_out: str | None, pushgateway: str | None, **opts: Any
+) -> None:
     """Replay a recorded stream through the online learner and report the metrics."""
     from deploy.replay import run_replay
     from deploy.session import summary_lines
@@ -306,6 +321,27 @@ def replay(progress: bool | None, **opts: Any) -> None:
     if config.plots:
         for path in write_plots(report, config.plots):
             click.echo(f"plot: {path}")
+    if metrics_out or pushgateway:
+        export_metrics(report, metrics_out, pushgateway)
+
+
+def export_metrics(report: dict[str, Any], path: str | None, gateway: str | None) -> None:
+    """Publish a replay's final metrics for batch evaluations (text file and/or push)."""
+    from prometheus_client import CollectorRegistry, push_to_gateway, write_to_textfile
+
+    from deploy.metrics import ServiceMetrics, record_report
+
+    registry = CollectorRegistry()
+    record_report(ServiceMetrics(registry), report)
+    if path:
+        write_to_textfile(path, registry)
+        click.echo(f"metrics: {path}")
+    if gateway:
+        try:
+            push_to_gateway(gateway, job="streamcl_replay", registry=registry, timeout=10)
+        except OSError as err:
+            raise click.ClickException(f"cannot push metrics to {gateway}: {err}") from err
+        click.echo(f"metrics pushed to {gateway}")
 
 
 cli.add_command(serve)

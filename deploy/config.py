@@ -156,6 +156,15 @@ class HttpConfig(BaseModel):
     stall_seconds: float = Field(60.0, gt=0, description="/healthz fails after this long idle")
 
 
+class ProbeConfig(BaseModel):
+    """A held-out probe diverted from the stream, used when no `heldout` file is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fraction: float = Field(0.01, ge=0, lt=1, description="share held out; 0 disables")
+    per_class: int = Field(200, ge=1)
+
+
 class ServiceConfig(BaseModel):
     """`streamcl serve`: a learner fed from Kafka, checkpointed against its offsets."""
 
@@ -167,6 +176,7 @@ class ServiceConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     heldout: Path | None = Field(None, description="held-out set to evaluate at boundaries")
     report: Path | None = Field(None, description="write a JSON report here on exit")
     audit_log: Path | None = Field(None, description="append learned offset ranges (JSON lines)")

@@ -1,4 +1,4 @@
-"""HTTP endpoints of the service: /healthz, /readyz, /predict (stdlib server, own thread)."""
+"""HTTP endpoints of the service: /healthz, /readyz, /metrics, /predict (stdlib server)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from deploy.service import Service
@@ -53,6 +54,13 @@ class _Handler(BaseHTTPRequestHandler):
                 200 if ok else 503,
                 {"status": "ok" if ok else "stalled", "seconds_since_progress": round(stalled, 3)},
             )
+        elif self.path == "/metrics":
+            body = generate_latest(self.service.metrics.registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif self.path == "/readyz":
             partitions = self.service.source.assignment() if self.service.ready else []
             ready = self.service.ready and bool(partitions)

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from deploy.config import LearnerConfig, ServiceConfig
+from deploy.metrics import ServiceMetrics
 from deploy.replay import load_heldout
 from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
+from evaluation.reservoir import ProbeReservoir
 from ingest.kafka import (
     DEAD_LETTER_SUFFIX,
     Arrival,
@@ -32,6 +36,7 @@ from ingest.kafka import (
 )
 from ingest.schema import Batch, Rejected, StreamSpec
 from learner.checkpoint import CheckpointError, CheckpointStore, write_snapshot
+from learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
@@ -64,8 +69,9 @@ def _secret(value: SecretStr | None) -> str | None:
 class Service:
     """One learner, one consumer group member, one checkpoint directory."""
 
-    def __init__(self, config: ServiceConfig):
+    def __init__(self, config: ServiceConfig, registry: CollectorRegistry | None = None):
         self.config = config
+        self.metrics = ServiceMetrics(registry or CollectorRegistry())
         configure_threads(config.learner.threads or DEFAULT_THREADS)
         self.spec = StreamSpec(
             config.spec.feature_shape, config.spec.dtype, config.spec.num_classes
@@ -78,7 +84,15 @@ class Service:
             config.eval_every,
             config.prequential_window,
             on_learned=self._learned,
+            probe=self._probe(config),
+            on_evaluated=self._evaluated,
         )
+        self.memory = replay_buffer(self.learner.strategies)
+        if self.memory is not None:
+            self.metrics.memory_capacity.set(self.memory.capacity)
+        if self.learner.device.type == "cuda":
+            device = self.learner.device
+            self.metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))
         self.checkpoints = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep)
         settings = kafka_settings(config)
         dead_letter_topic = (
@@ -107,6 +121,18 @@ class Service:
         if config.audit_log is not None:
             config.audit_log.parent.mkdir(parents=True, exist_ok=True)
             self._audit = open(config.audit_log, "a")  # noqa: SIM115 - closed in close()
+
+    def _probe(self, config: ServiceConfig) -> ProbeReservoir | None:
+        if config.heldout is not None or config.probe.fraction == 0:
+            return None
+        return ProbeReservoir(
+            config.probe.fraction,
+            config.probe.per_class,
+            self.spec.num_classes,
+            self.spec.feature_shape,
+            self.spec.dtype,
+            seed=config.learner.seed + 3,
+        )
 
     def restore(self) -> Offsets:
         """Load the newest usable checkpoint; returns the offsets it learned up to."""
@@ -139,6 +165,9 @@ class Service:
             arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
             now = time.monotonic()
             self.last_progress = now
+            self.metrics.last_poll.set(time.time())
+            for partition, lag in self.source.lag().items():
+                self.metrics.lag.labels(str(partition)).set(lag)
             if not arrivals and self.session.pending:
                 # The stream paused: learn the partial batch now rather than letting it
                 # wait for traffic (a quiet topic must not hide samples from the model).
@@ -170,11 +199,14 @@ class Service:
                 if isinstance(item, Rejected):
                     self.dead_letters.send(item)
                     self.session.reject(item.reason)
+                    self.metrics.samples.labels("rejected").inc()
+                    self.metrics.rejected.labels(item.reason).inc()
                 else:
                     if item.origin is not None:
                         key = (item.origin.partition, item.origin.offset)
                         self._arrival_ms[key] = arrival.timestamp_ms
-                    self.session.offer(item)
+                    if not self.session.offer(item):
+                        self.metrics.samples.labels("held_out").inc()
                 if item.origin is not None:
                     self.source.mark_handled(item.origin)
             if self._checkpoint_due(time.monotonic()):
@@ -199,6 +231,7 @@ class Service:
                 self.dead_letters.flush()
             except KafkaSourceError as err:
                 log.error("checkpoint postponed: dead letters not delivered error=%s", err)
+                self.metrics.checkpoint_failures.inc()
                 return False
             offsets = dict(self.source.handled)
             state = {
@@ -214,6 +247,7 @@ class Service:
         self.source.commit(offsets)
         self.last_checkpoint_at = time.monotonic()
         self.checkpoint_seconds = self.last_checkpoint_at - began
+        self.metrics.checkpointed(self.checkpoint_seconds)
         log.info(
             "checkpoint path=%s updates=%d offsets=%s seconds=%.3f",
             path,
@@ -255,20 +289,46 @@ class Service:
         if self._audit is not None:
             self._audit.close()
 
-    def _learned(self, batch: Batch) -> None:
+    def _learned(self, batch: Batch, update_seconds: float) -> None:
         self._last_learned = time.monotonic()
+        m = self.metrics
+        m.samples.labels("learned").inc(len(batch))
+        m.updates.inc(self.learner.steps_per_batch)
+        m.update_seconds.observe(update_seconds)
+        m.model_version.set(self.learner.updates)
+        m.prequential.set(self.session.prequential.get_windowed())
+        if self.memory is not None:
+            m.memory_items.set(len(self.memory))
+            m.memory_bytes.set(self.memory.nbytes)
         now_ms = time.time() * 1000
         for origin in batch.origins:
             if origin is not None:
                 arrived = self._arrival_ms.pop((origin.partition, origin.offset), None)
-                if arrived is not None and len(self.latencies_ms) < 1_000_000:
-                    self.latencies_ms.append(now_ms - arrived)
+                if arrived is not None:
+                    m.arrival_to_update.observe(max(0.0, now_ms - arrived) / 1000)
+                    if len(self.latencies_ms) < 1_000_000:
+                        self.latencies_ms.append(now_ms - arrived)
         if self._audit is not None:
             pairs = [[o.partition, o.offset] for o in batch.origins if o is not None]
             self._audit.write(
                 json.dumps({"updates": self.learner.updates, "learned": pairs}) + "\n"
             )
             self._audit.flush()
+
+    def _evaluated(self, session: LearningSession) -> None:
+        summary = session.matrix.get()
+        m = self.metrics
+        m.evaluations.inc()
+        m.average_accuracy.set(summary.average_accuracy)
+        m.average_forgetting.set(summary.average_forgetting)
+        m.backward_transfer.set(summary.backward_transfer)
+        forgetting = session.matrix.group_forgetting()
+        m.set_groups(
+            [float(v) for v in session.matrix.rows[-1]],
+            [None if np.isnan(v) else float(v) for v in forgetting],
+        )
+        if session.probe is not None:
+            m.probe_items.set(len(session.probe))
 
     def _checkpoint_due(self, now: float) -> bool:
         c = self.config.checkpoint

@@ -17,6 +17,7 @@ import torch
 
 from evaluation.probes import ProbeResult, evaluate
 from evaluation.report import metric_section
+from evaluation.reservoir import ProbeReservoir
 from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
 from ingest.heldout import HeldOut
 from ingest.schema import NO_TASK, Batch, Origin, Sample
@@ -36,19 +37,29 @@ class LearningSession:
         batch_size: int,
         eval_every: int | None = None,
         prequential_window: int = 1000,
-        on_learned: Callable[[Batch], None] | None = None,
+        on_learned: Callable[[Batch, float], None] | None = None,
+        probe: ProbeReservoir | None = None,
+        on_evaluated: Callable[[LearningSession], None] | None = None,
     ):
         self.learner = learner
         self.heldout = heldout
         self.batch_size = batch_size
         self.eval_every = eval_every
         self.on_learned = on_learned
-        num_groups = int(heldout.groups.max()) + 1 if heldout is not None else 0
+        self.on_evaluated = on_evaluated
+        self.probe = probe if heldout is None else None
+        # Groups: the held-out set's (tasks, usually); a diverted probe's are classes.
+        self.group_kind = heldout.group_kind if heldout is not None else "class"
+        if heldout is not None:
+            num_groups = int(heldout.groups.max()) + 1
+        else:
+            num_groups = learner.spec.num_classes if self.probe is not None else 0
         self.matrix = AccuracyMatrix(num_groups)
         self.prequential = PrequentialAccuracy(prequential_window)
         self.rejected: Counter[str] = Counter()
         self.samples_seen = 0
         self.samples_learned = 0
+        self.samples_held_out = 0
         self.curve: list[dict[str, float]] = []
         self.final_probe: ProbeResult | None = None
         self.evaluation_seconds = 0.0
@@ -66,9 +77,15 @@ class LearningSession:
     def samples_rejected(self) -> int:
         return sum(self.rejected.values())
 
-    def offer(self, sample: Sample) -> None:
-        """Queue one valid sample; learn when a batch is full, evaluate at task boundaries."""
+    def offer(self, sample: Sample) -> bool:
+        """Queue one valid sample; learn when a batch is full, evaluate at task boundaries.
+
+        Returns False when the sample was held out into the probe instead.
+        """
         self.samples_seen += 1
+        if self.probe is not None and self.probe.offer(sample.features, sample.label):
+            self.samples_held_out += 1
+            return False
         if sample.task != self._current_task and sample.task != NO_TASK:
             if self._current_task != NO_TASK:
                 self.flush()
@@ -77,6 +94,7 @@ class LearningSession:
         self._pending.append(sample)
         if len(self._pending) >= self.batch_size:
             self.flush()
+        return True
 
     def reject(self, reason: str) -> None:
         self.samples_seen += 1
@@ -88,14 +106,16 @@ class LearningSession:
             return
         batch = Batch.from_samples(self._pending)
         self._pending = []
+        started = time.perf_counter()
         result = self.learner.learn(batch)
+        seconds = time.perf_counter() - started
         self.prequential.update(result.predictions == batch.labels)
         self.samples_learned += len(batch)
-        if self.heldout is not None:
-            groups = batch.tasks if self.heldout.group_kind == "task" else batch.labels
+        if self.matrix.num_groups:
+            groups = batch.tasks if self.group_kind == "task" else batch.labels
             self.matrix.observe(groups[groups >= 0])
         if self.on_learned is not None:
-            self.on_learned(batch)
+            self.on_learned(batch, seconds)
         if self._next_eval and self.samples_learned >= self._next_eval:
             self.evaluate()
             while self._next_eval <= self.samples_learned:
@@ -103,15 +123,16 @@ class LearningSession:
 
     def evaluate(self) -> None:
         """Score every group's probe now: one row of the accuracy matrix."""
-        if self.heldout is None or self._evaluated_at == self.samples_learned:
+        probe = self._probe_set()
+        if probe is None or self._evaluated_at == self.samples_learned:
             return
-        h = self.heldout
+        features, labels, groups = probe
         started = time.perf_counter()
         self.final_probe = evaluate(
             self.learner.predict,
-            h.features,
-            h.labels,
-            h.groups,
+            features,
+            labels,
+            groups,
             self.matrix.num_groups,
             self.learner.spec.num_classes,
         )
@@ -126,6 +147,8 @@ class LearningSession:
                 "prequential_window": self.prequential.get_windowed(),
             }
         )
+        if self.on_evaluated is not None:
+            self.on_evaluated(self)
         log.info(
             "evaluated samples=%d average_accuracy=%.4f forgetting=%.4f",
             self.samples_learned,
@@ -133,9 +156,18 @@ class LearningSession:
             summary.average_forgetting,
         )
 
+    def _probe_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(features, labels, groups) to evaluate on now, or None without any probe."""
+        if self.heldout is not None:
+            return self.heldout.features, self.heldout.labels, self.heldout.groups
+        if self.probe is not None and len(self.probe):
+            features, labels = self.probe.arrays()
+            return features, labels, labels
+        return None
+
     def report(self, corrupt_frames: int = 0) -> dict[str, Any]:
         """Metrics and the accounting of every message (timings are added by the caller)."""
-        kind = self.heldout.group_kind if self.heldout is not None else "none"
+        kind = self.group_kind if self.matrix.num_groups else "none"
         reasons = dict(self.rejected)
         if corrupt_frames:
             reasons["corrupt_frame"] = corrupt_frames
@@ -145,6 +177,7 @@ class LearningSession:
             "samples_learned": self.samples_learned,
             "samples_rejected": self.samples_rejected,
             "samples_quarantined": 0,
+            "samples_held_out": self.samples_held_out,
             "samples_pending": self.pending,
             "corrupt_frames": corrupt_frames,
             "rejected_by_reason": dict(sorted(reasons.items())),
@@ -161,6 +194,8 @@ class LearningSession:
             "pending": _samples_state(self._pending),
             "samples_seen": self.samples_seen,
             "samples_learned": self.samples_learned,
+            "samples_held_out": self.samples_held_out,
+            "probe": self.probe.state_dict() if self.probe is not None else None,
             "rejected": dict(self.rejected),
             "current_task": self._current_task,
             "next_eval": self._next_eval,
@@ -181,6 +216,9 @@ class LearningSession:
         self._pending = _samples_from_state(state["pending"])
         self.samples_seen = int(state["samples_seen"])
         self.samples_learned = int(state["samples_learned"])
+        self.samples_held_out = int(state["samples_held_out"])
+        if self.probe is not None and state["probe"] is not None:
+            self.probe.load_state_dict(state["probe"])
         self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})
         self._current_task = int(state["current_task"])
         self._next_eval = int(state["next_eval"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what streamcl needs into ./.venv: Debian's Fashion-MNIST package
+# Install what streamcl needs into ./.venv: Debian's Fashion-MNIST and Prometheus packages
 # (when apt is usable), the CPU build of PyTorch, and the project itself.
 # Idempotent: a second run only checks. Usage: bash deploy/setup.sh [EXTRAS]
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 EXTRAS="${1:-cpu}"
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${STREAMCL_TORCH_VERSION:-2.13.0}"
-APT_PACKAGES=(dataset-fashion-mnist)
+APT_PACKAGES=(dataset-fashion-mnist prometheus)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 

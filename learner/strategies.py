@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -100,9 +99,9 @@ class ExperienceReplay:
         self._gen.set_state(state["generator"])
 
 
-def replay_class_counts(strategies: list[Strategy], num_classes: int) -> np.ndarray | None:
-    """Class histogram of the first replay memory among `strategies`, if any."""
+def replay_buffer(strategies: list[Strategy]) -> ReplayBuffer | None:
+    """The replay memory of the first replaying strategy, if any (for monitoring)."""
     for strategy in strategies:
         if isinstance(strategy, ExperienceReplay):
-            return strategy.buffer.class_counts(num_classes)
+            return strategy.buffer
     return None

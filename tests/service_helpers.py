@@ -33,6 +33,7 @@ def service_config(
         "checkpoint": {"dir": str(workdir / "checkpoints"), "every_updates": 20},
         "snapshot": {"dir": str(workdir / "snapshots"), "every_updates": 50},
         "http": {"port": free_port()},
+        "probe": {"fraction": 0},  # tests that want a diverted probe turn it on
         "audit_log": str(workdir / "audit.jsonl"),
     }
     for key, value in extra.items():

@@ -113,7 +113,12 @@ def test_task_boundaries_flush_the_partial_batch_and_evaluate(
     stream_samples: list[Sample], digits_heldout: HeldOut, task_sizes: list[int]
 ) -> None:
     learned: list[Batch] = []
-    session = LearningSession(learner(), digits_heldout, batch_size=10, on_learned=learned.append)
+    session = LearningSession(
+        learner(),
+        digits_heldout,
+        batch_size=10,
+        on_learned=lambda batch, _seconds: learned.append(batch),
+    )
     rows_at_boundary = []
     for i, sample in enumerate(stream_samples):
         if i and sample.task != stream_samples[i - 1].task:
@@ -210,7 +215,9 @@ def test_on_learned_receives_every_batch_with_origins_in_order(
     stream_samples: list[Sample],
 ) -> None:
     learned: list[Batch] = []
-    session = LearningSession(learner(), None, batch_size=10, on_learned=learned.append)
+    session = LearningSession(
+        learner(), None, batch_size=10, on_learned=lambda batch, _seconds: learned.append(batch)
+    )
     samples = stream_samples[:35]
     for sample in samples:
         session.offer(sample)
@@ -306,7 +313,7 @@ def test_pending_samples_survive_the_state_exactly(stream_samples: list[Sample])
     b.load_state_dict(a.state_dict())
     assert b.report()["samples_pending"] == 7
     learned: list[Batch] = []
-    b.on_learned = learned.append
+    b.on_learned = lambda batch, _seconds: learned.append(batch)
     b.flush()
     assert b.learner.updates == 1  # pending samples were not learned by state_dict()
     (batch,) = learned

@@ -1,0 +1,170 @@
+"""Prometheus metrics of the learner service, created on an injected registry.
+
+Names follow Prometheus conventions: `streamcl_<thing>_<unit>`, base units, `_total`
+for counters. Labels are bounded: outcome and reason come from fixed sets, partition
+and group from the topic's partitions and the stream's groups (capped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ingest.codec import REJECT_REASONS
+
+OUTCOMES = ("learned", "quarantined", "rejected", "held_out")
+MAX_GROUP_LABELS = 64
+"""Per-group series beyond this many groups are not exported (bounded cardinality)."""
+UPDATE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServiceMetrics:
+    """Every metric the service exports; methods are called by the service's loop."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        r = registry
+        self.samples = Counter(
+            "streamcl_samples", "Messages consumed, by outcome.", ["outcome"], registry=r
+        )
+        self.rejected = Counter(
+            "streamcl_rejected_samples",
+            "Messages rejected to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.updates = Counter("streamcl_updates", "Optimizer steps taken.", registry=r)
+        self.update_seconds = Histogram(
+            "streamcl_update_duration_seconds",
+            "Wall time of one learning update (all its steps).",
+            buckets=UPDATE_BUCKETS,
+            registry=r,
+        )
+        self.arrival_to_update = Histogram(
+            "streamcl_arrival_to_update_seconds",
+            "Time from a message's Kafka timestamp to the update that learned it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "streamcl_consumer_lag_messages",
+            "Messages behind the partition's high-water mark.",
+            ["partition"],
+            registry=r,
+        )
+        self.average_accuracy = Gauge(
+            "streamcl_average_accuracy_ratio",
+            "Mean probe accuracy over groups seen so far.",
+            registry=r,
+        )
+        self.average_forgetting = Gauge(
+            "streamcl_average_forgetting_ratio", "Mean forgetting over finished groups.", registry=r
+        )
+        self.backward_transfer = Gauge(
+            "streamcl_backward_transfer_ratio",
+            "Backward transfer (negative: forgetting).",
+            registry=r,
+        )
+        self.prequential = Gauge(
+            "streamcl_prequential_accuracy_ratio",
+            "Test-then-train accuracy over the recent window.",
+            registry=r,
+        )
+        self.group_accuracy = Gauge(
+            "streamcl_group_accuracy_ratio",
+            "Probe accuracy per group (task or class).",
+            ["group"],
+            registry=r,
+        )
+        self.group_forgetting = Gauge(
+            "streamcl_group_forgetting_ratio",
+            "Forgetting per finished group.",
+            ["group"],
+            registry=r,
+        )
+        self.evaluations = Counter("streamcl_evaluations", "Probe evaluations run.", registry=r)
+        self.memory_items = Gauge(
+            "streamcl_memory_items", "Exemplars in replay memory.", registry=r
+        )
+        self.memory_capacity = Gauge(
+            "streamcl_memory_capacity_items", "Replay memory capacity.", registry=r
+        )
+        self.memory_bytes = Gauge(
+            "streamcl_memory_bytes", "Bytes held by replay memory.", registry=r
+        )
+        self.probe_items = Gauge(
+            "streamcl_probe_items", "Held-out probe samples diverted from the stream.", registry=r
+        )
+        self.drift_events = Counter(
+            "streamcl_drift_events", "Task boundaries or drifts detected.", registry=r
+        )
+        self.checkpoints = Counter("streamcl_checkpoints", "Checkpoints written.", registry=r)
+        self.checkpoint_failures = Counter(
+            "streamcl_checkpoint_failures", "Checkpoints postponed or failed.", registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "streamcl_checkpoint_duration_seconds",
+            "Time to write a checkpoint and commit.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.last_checkpoint = Gauge(
+            "streamcl_last_checkpoint_timestamp_seconds",
+            "Unix time of the last successful checkpoint.",
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "streamcl_model_version", "Updates behind the live model.", registry=r
+        )
+        self.last_poll = Gauge(
+            "streamcl_last_poll_timestamp_seconds",
+            "Unix time the loop last polled Kafka.",
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.samples.labels(outcome)
+        for reason in (*REJECT_REASONS, "corrupt_frame"):
+            self.rejected.labels(reason)
+
+    def track_device_memory(self, read_bytes: Callable[[], float]) -> None:
+        """Export accelerator memory in use (only called when the learner is on a GPU)."""
+        gauge = Gauge(
+            "streamcl_device_memory_bytes", "Accelerator memory allocated.", registry=self.registry
+        )
+        gauge.set_function(read_bytes)
+
+    def checkpointed(self, seconds: float) -> None:
+        self.checkpoints.inc()
+        self.checkpoint_seconds.observe(seconds)
+        self.last_checkpoint.set(time.time())
+
+    def set_groups(self, accuracy: list[float], forgetting: list[float | None]) -> None:
+        for group, accuracy_value in enumerate(accuracy[:MAX_GROUP_LABELS]):
+            self.group_accuracy.labels(str(group)).set(accuracy_value)
+        for group, forgetting_value in enumerate(forgetting[:MAX_GROUP_LABELS]):
+            if forgetting_value is not None:
+                self.group_forgetting.labels(str(group)).set(forgetting_value)
+
+
+def record_report(metrics: ServiceMetrics, report: dict[str, Any]) -> None:
+    """Load a finished run's report into `metrics` (for `replay`'s batch evaluations)."""
+    metrics.samples.labels("learned").inc(report["samples_learned"])
+    metrics.samples.labels("quarantined").inc(report["samples_quarantined"])
+    metrics.samples.labels("held_out").inc(report.get("samples_held_out", 0))
+    for reason, count in report["rejected_by_reason"].items():
+        metrics.rejected.labels(reason).inc(count)
+        if reason != "corrupt_frame":
+            metrics.samples.labels("rejected").inc(count)
+    metrics.updates.inc(report["updates"])
+    metrics.model_version.set(report["updates"])
+    metrics.evaluations.inc(len(report["evaluation_points"]))
+    metrics.average_accuracy.set(report["final_average_accuracy"])
+    metrics.average_forgetting.set(report["average_forgetting"])
+    metrics.backward_transfer.set(report["backward_transfer"])
+    metrics.prequential.set(report["prequential_accuracy"])
+    if report["accuracy_matrix"]:
+        metrics.set_groups(report["accuracy_matrix"][-1], report["per_group_forgetting"])
