@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from ingest.codec import REJECT_REASONS
 
@@ -125,6 +125,8 @@ class ServiceMetrics:
             "Unix time the loop last polled Kafka.",
             registry=r,
         )
+        # process_* series (start time, memory, CPU) from the standard collectors.
+        ProcessCollector(registry=r)
         for outcome in OUTCOMES:
             self.samples.labels(outcome)
         for reason in (*REJECT_REASONS, "corrupt_frame"):

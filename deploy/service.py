@@ -114,6 +114,7 @@ class Service:
         self.last_checkpoint_at = time.monotonic()
         self._arrival_ms: dict[tuple[int, int], int] = {}
         self._first_arrival: float | None = None
+        self._lag_partitions: set[int] = set()
         self._last_learned = 0.0
         self._updates_at_checkpoint = 0
         self._updates_at_snapshot = 0
@@ -146,6 +147,10 @@ class Service:
         self.session.load_state_dict(state["session"])
         offsets = {(str(t), int(p)): int(o) for t, p, o in state["offsets"]}
         self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
+        self.metrics.model_version.set(self.learner.updates)
+        self.metrics.last_checkpoint.set(restored.path.stat().st_mtime)
+        if self.session.matrix.rows:
+            self._evaluated(self.session)
         log.info(
             "restored checkpoint path=%s updates=%d offsets=%s",
             restored.path,
@@ -166,8 +171,7 @@ class Service:
             now = time.monotonic()
             self.last_progress = now
             self.metrics.last_poll.set(time.time())
-            for partition, lag in self.source.lag().items():
-                self.metrics.lag.labels(str(partition)).set(lag)
+            self._export_lag()
             if not arrivals and self.session.pending:
                 # The stream paused: learn the partial batch now rather than letting it
                 # wait for traffic (a quiet topic must not hide samples from the model).
@@ -217,13 +221,17 @@ class Service:
             if self.checkpoint():
                 return
             time.sleep(min(2.0, 0.2 * 2**attempt))
-        raise CheckpointError("final checkpoint failed: dead letters could not be delivered")
+        raise CheckpointError(
+            f"final checkpoint failed {attempts} times (see the log): offsets not committed; "
+            "a restart resumes from the previous checkpoint"
+        )
 
     def checkpoint(self) -> bool:
         """Make dead letters durable, save the state (pending samples included), commit.
 
-        Returns False (and saves nothing) when dead letters could not be delivered:
-        committing past them would lose them, so the next checkpoint retries.
+        Returns False (and commits nothing) when dead letters could not be delivered or
+        the file could not be written: committing then could lose messages, so the next
+        checkpoint retries.
         """
         began = time.monotonic()
         with self.model_lock:
@@ -240,7 +248,12 @@ class Service:
                 "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
                 "learner_config": self.config.learner.model_dump_json(),
             }
-            path = self.checkpoints.save(state)
+            try:
+                path = self.checkpoints.save(state)
+            except OSError as err:  # disk full, volume gone: keep learning, retry later
+                log.error("checkpoint not written dir=%s error=%s", self.checkpoints.directory, err)
+                self.metrics.checkpoint_failures.inc()
+                return False
             self._updates_at_checkpoint = self.learner.updates
             if self._snapshot_due():
                 self._snapshot(offsets)
@@ -314,6 +327,14 @@ class Service:
                 json.dumps({"updates": self.learner.updates, "learned": pairs}) + "\n"
             )
             self._audit.flush()
+
+    def _export_lag(self) -> None:
+        lag = self.source.lag()
+        for partition in self._lag_partitions - lag.keys():
+            self.metrics.lag.remove(str(partition))  # revoked: its series must not linger
+        for partition, messages in lag.items():
+            self.metrics.lag.labels(str(partition)).set(messages)
+        self._lag_partitions = set(lag)
 
     def _evaluated(self, session: LearningSession) -> None:
         summary = session.matrix.get()

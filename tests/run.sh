@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh "cpu,broker,dev"
 # Installed above: a missing dataset or broker is a failure here, not a skip.
-export STREAMCL_REQUIRE_DATA=1 STREAMCL_REQUIRE_BROKER=1
+export STREAMCL_REQUIRE_DATA=1 STREAMCL_REQUIRE_BROKER=1 STREAMCL_REQUIRE_PROMETHEUS=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/lint-imports

@@ -1,0 +1,167 @@
+"""The real-Prometheus helper, and the dashboard and alerts evaluated by a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from deploy.metrics import ServiceMetrics
+from tests.prometheus import (
+    PrometheusError,
+    PrometheusServer,
+    finite_values,
+    free_port,
+    render_grafana_expr,
+    require_prometheus,
+)
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "streamcl-dashboard.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+
+
+@contextmanager
+def exporter(registry: CollectorRegistry) -> Iterator[str]:
+    """Serve `registry` on a free loopback port; yields the scrape target host:port."""
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def value_is(expected: float) -> Callable[[list[dict[str, Any]]], bool]:
+    def check(result: list[dict[str, Any]]) -> bool:
+        return len(result) == 1 and float(result[0]["value"][1]) == expected
+
+    check.__name__ = f"value == {expected}"
+    return check
+
+
+def test_query_sees_the_exporters_counter_as_it_changes() -> None:
+    require_prometheus()
+    registry = CollectorRegistry()
+    events = Counter("helper_events", "Events counted by the test.", registry=registry)
+    events.inc(3)
+    with exporter(registry) as target, PrometheusServer([target]) as prometheus:
+        # The first scrape comes ~1-5 s after start: poll, never sleep blindly.
+        result = prometheus.wait_for("helper_events_total", 10, value_is(3))
+        assert result[0]["metric"] == {
+            "__name__": "helper_events_total",
+            "instance": target,
+            "job": "streamcl",
+        }
+        assert prometheus.targets_up()
+        events.inc(2)
+        prometheus.wait_for("helper_events_total", 10, value_is(5))
+        with pytest.raises(PrometheusError, match=r"bad_data: .*parse error"):
+            prometheus.query("rate(helper_events_total[")
+
+
+def test_server_rejects_non_loopback_targets_and_relative_rule_files() -> None:
+    with pytest.raises(ValueError, match=re.escape("loopback, got 'example.com:80'")):
+        PrometheusServer(["example.com:80"])
+    with pytest.raises(ValueError, match=re.escape("absolute, got 'alerts.yml'")):
+        PrometheusServer(["127.0.0.1:9"], rule_files=["alerts.yml"])
+
+
+def populated_metrics(registry: CollectorRegistry) -> ServiceMetrics:
+    """Every ServiceMetrics series set once, as a learner that has run a while would."""
+    metrics = ServiceMetrics(registry)
+    metrics.track_device_memory(lambda: 2.0**20)
+    for partition, lag in (("0", 12), ("1", 30)):
+        metrics.lag.labels(partition).set(lag)
+    metrics.average_accuracy.set(0.8)
+    metrics.average_forgetting.set(0.15)
+    metrics.backward_transfer.set(-0.15)
+    metrics.prequential.set(0.9)
+    metrics.set_groups([0.7, 0.9], [0.2, None])
+    metrics.memory_items.set(800)
+    metrics.memory_capacity.set(1000)
+    metrics.memory_bytes.set(800 * 784)
+    metrics.probe_items.set(40)
+    metrics.checkpointed(0.05)
+    return metrics
+
+
+def feed(metrics: ServiceMetrics, stop: threading.Event) -> None:
+    """Keep counters and histograms moving so rates and quantiles are finite."""
+    while not stop.wait(0.1):
+        metrics.samples.labels("learned").inc(20)
+        for outcome in ("quarantined", "rejected", "held_out"):
+            metrics.samples.labels(outcome).inc()
+        metrics.rejected.labels("wrong_shape").inc()
+        metrics.updates.inc()
+        metrics.update_seconds.observe(0.004)
+        metrics.arrival_to_update.observe(0.2)
+        metrics.evaluations.inc()
+        metrics.drift_events.inc()
+        metrics.checkpointed(0.05)
+        metrics.checkpoint_failures.inc()
+        metrics.model_version.inc()
+        metrics.last_poll.set_to_current_time()
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [
+        (f"{panel['title']} / {target['refId']}", target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
+    exprs += [
+        (f"annotation {a['name']}", a["expr"])
+        for a in dashboard["annotations"]["list"]
+        if "expr" in a
+    ]
+    return exprs
+
+
+def test_every_dashboard_query_and_alert_rule_works_on_the_services_metrics() -> None:
+    require_prometheus()
+    registry = CollectorRegistry()
+    metrics = populated_metrics(registry)
+    stop = threading.Event()
+    feeder = threading.Thread(target=feed, args=(metrics, stop), daemon=True)
+    feeder.start()
+    try:
+        with (
+            exporter(registry) as target,
+            PrometheusServer([target], rule_files=[ALERTS]) as prometheus,
+        ):
+            for where, expr in dashboard_exprs():
+                try:
+                    prometheus.wait_for(render_grafana_expr(expr), 15, finite_values)
+                except (TimeoutError, PrometheusError) as err:
+                    pytest.fail(f"dashboard panel {where}: {err}")
+
+            def evaluated(_: object) -> bool:
+                rules = prometheus.rules()
+                return bool(rules) and all(r["health"] != "unknown" for r in rules)
+
+            prometheus.wait_for("vector(1)", 10, evaluated)
+            rules = prometheus.rules()
+            assert {r["name"] for r in rules} == {
+                "StreamclForgettingHigh",
+                "StreamclAccuracyDrop",
+                "StreamclLagGrowing",
+                "StreamclRejectionSurge",
+                "StreamclLearnerStalled",
+                "StreamclCheckpointsFailing",
+            }
+            broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
+            assert broken == {}
+    finally:
+        stop.set()
+        feeder.join(timeout=5)
