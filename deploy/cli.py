@@ -44,6 +44,25 @@ class IntList(click.ParamType):
             self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
 
 
+class Settings(click.ParamType):
+    """Nested settings: a mapping in a config file, or `key=value,key=value` on the line."""
+
+    name = "KEY=VALUE,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, dict):
+            return {str(k).replace("-", "_"): v for k, v in value.items()}
+        settings = {}
+        for item in str(value).split(","):
+            key, sep, setting = item.partition("=")
+            if not sep or not key.strip():
+                self.fail(
+                    f"expected key=value pairs separated by commas, got {value!r}", param, ctx
+                )
+            settings[key.strip().replace("-", "_")] = setting.strip()
+        return settings
+
+
 config_option = click.option(
     "--config",
     type=click.Path(exists=True, dir_okay=False),
@@ -192,10 +211,42 @@ def stream_make(**opts: Any) -> None:
 )
 @click.option(
     "--strategy",
-    type=click.Choice(["naive", "er"]),
     default="er",
     show_envvar=True,
-    help="naive: fine-tune on arrivals only; er: experience replay from memory.",
+    help="naive (fine-tune on arrivals only), or parts joined by '+': er (experience "
+    "replay), ewc (online EWC), packnet (parameter isolation; task ids at train and "
+    "test time), e.g. er+ewc.",
+)
+@click.option(
+    "--ewc",
+    type=Settings(),
+    default=None,
+    show_envvar=True,
+    help="Online EWC settings: lambda, decay, gamma, consolidate_every, anchor_lag "
+    "(e.g. lambda=100,decay=0.99).",
+)
+@click.option(
+    "--packnet",
+    type=Settings(),
+    default=None,
+    show_envvar=True,
+    help="PackNet settings: prune_fraction, multi_head (e.g. prune_fraction=0.75).",
+)
+@click.option(
+    "--detector",
+    type=Settings(),
+    default=None,
+    show_envvar=True,
+    help="Boundary detector: kind (none, page-hinkley, adwin), signal (error, loss), "
+    "new_classes, min_gap, threshold, delta, min_instances, alpha, confidence.",
+)
+@click.option(
+    "--task-ids/--no-task-ids",
+    "use_task_ids",
+    default=True,
+    show_envvar=True,
+    help="--no-task-ids hides the stream's task ids from the learner (task-free learning; "
+    "the held-out probes are still grouped by task).",
 )
 @click.option(
     "--model",
@@ -297,6 +348,27 @@ def stream_make(**opts: Any) -> None:
     help="Push the final metrics to this Pushgateway URL (job streamcl_replay).",
 )
 @click.option(
+    "--stop-after",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    help="Stop after this many messages and save the run to --checkpoint.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Where --stop-after saves the run (learner, session, stream position).",
+)
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Continue a run saved with --stop-after (same settings required).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     show_envvar=True,
@@ -314,6 +386,13 @@ def replay(
     report = run_replay(config, progress=progress)
     for line in summary_lines(report):
         click.echo(line)
+    click.echo(
+        f"scenario                {report['scenario']}, {report['task_boundaries']} task "
+        f"boundaries {report['task_boundaries_by_reason'] or ''}, "
+        f"{report['drift_event_count']} drift event(s)"
+    )
+    if "stopped_after" in report:
+        click.echo(f"stopped after {report['stopped_after']} messages: {report['checkpoint']}")
     if config.report:
         config.report.parent.mkdir(parents=True, exist_ok=True)
         config.report.write_text(json.dumps(report, indent=2) + "\n")

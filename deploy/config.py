@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ingest.errors import ConfigError
 
@@ -20,7 +28,49 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
-StrategyName = Literal["naive", "er"]
+STRATEGY_PARTS = ("naive", "er", "ewc", "packnet")
+"""What `strategy` may join with '+' (e.g. er+ewc); they compose in this order."""
+
+
+class EwcConfig(BaseModel):
+    """Online EWC: running Fisher `decay`, carry-over `gamma`, penalty strength `lambda`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    lambda_: float = Field(100.0, ge=0, alias="lambda", description="penalty strength")
+    decay: float = Field(0.99, ge=0, lt=1, description="running Fisher: EMA factor per update")
+    gamma: float = Field(1.0, ge=0, le=1, description="old consolidated Fisher kept per boundary")
+    consolidate_every: int | None = Field(
+        10_000, ge=1, description="samples between consolidations without task ids or detector"
+    )
+    anchor_lag: int = Field(
+        20, ge=0, description="updates: anchor on a snapshot this old (detectors fire late)"
+    )
+
+
+class PackNetConfig(BaseModel):
+    """Parameter isolation: share of a task's free weights released at its boundary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prune_fraction: float = Field(0.5, gt=0, lt=1)
+    multi_head: bool = Field(True, description="restrict logits to the classes of the task")
+
+
+class DetectorConfig(BaseModel):
+    """Boundary detection on the prequential error (or loss) and on unseen classes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["none", "page-hinkley", "adwin"] = "none"
+    signal: Literal["error", "loss"] = "error"
+    new_classes: bool = Field(True, description="a class never seen before is a boundary")
+    min_gap: int = Field(500, ge=0, description="events closer than this many samples merge")
+    threshold: float = Field(50.0, gt=0, description="page-hinkley: alarm level (lambda)")
+    delta: float = Field(0.02, ge=0, description="page-hinkley: tolerated change")
+    min_instances: int = Field(30, ge=1, description="page-hinkley: samples before any alarm")
+    alpha: float = Field(1.0, gt=0, le=1, description="page-hinkley: forgetting factor")
+    confidence: float = Field(0.002, gt=0, lt=1, description="adwin: significance delta")
 
 
 class LearnerConfig(BaseModel):
@@ -28,7 +78,7 @@ class LearnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategy: StrategyName = "er"
+    strategy: str = Field("er", description="naive, or parts of er, ewc, packnet joined by +")
     model: str = "mlp"
     hidden: tuple[int, ...] = (256, 256)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -42,6 +92,41 @@ class LearnerConfig(BaseModel):
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     seed: int = 0
+    use_task_ids: bool = Field(True, description="False hides the stream's task ids")
+    ewc: EwcConfig = Field(default_factory=EwcConfig)
+    packnet: PackNetConfig = Field(default_factory=PackNetConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        """Accept '+'-joined parts in any order; store them in composition order."""
+        parts = [part.strip() for part in value.lower().split("+")]
+        unknown = [part for part in parts if part not in STRATEGY_PARTS]
+        if unknown or not parts:
+            raise ValueError(
+                f"strategy must be naive or parts of er, ewc, packnet joined by '+' "
+                f"(e.g. er+ewc), got {value!r}"
+            )
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"strategy names a part twice: {value!r}")
+        if "naive" in parts and len(parts) > 1:
+            raise ValueError(f"naive combines with nothing, got {value!r}")
+        return "+".join(part for part in STRATEGY_PARTS if part in parts)
+
+    @model_validator(mode="after")
+    def _isolation_has_boundaries(self) -> LearnerConfig:
+        if "packnet" in self.parts and not self.use_task_ids and self.detector.kind == "none":
+            raise ValueError(
+                "packnet needs task ids or a boundary detector: use_task_ids is off and "
+                "detector.kind is none"
+            )
+        return self
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The strategy's parts in composition order, e.g. ('er', 'ewc')."""
+        return tuple(self.strategy.split("+"))
 
     @field_validator("device")
     @classmethod
@@ -64,6 +149,17 @@ class ReplayConfig(LearnerConfig):
     plots: Path | None = None
     eval_every: int | None = Field(None, ge=1, description="also evaluate every N samples")
     prequential_window: int = Field(1000, ge=1)
+    stop_after: int | None = Field(
+        None, ge=0, description="stop after this many messages and write `checkpoint`"
+    )
+    checkpoint: Path | None = Field(None, description="where `stop_after` saves the run")
+    resume: Path | None = Field(None, description="continue a run saved by `stop_after`")
+
+    @model_validator(mode="after")
+    def _stop_needs_checkpoint(self) -> ReplayConfig:
+        if (self.stop_after is None) != (self.checkpoint is None):
+            raise ValueError("stop_after and checkpoint go together")
+        return self
 
 
 def validated(model: type[BaseModel], values: dict[str, Any]) -> Any:

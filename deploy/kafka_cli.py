@@ -241,7 +241,12 @@ def record(
     show_envvar=True,
     help="Where the stream, checkpoints, snapshots and report go.",
 )
-@click.option("--strategy", type=click.Choice(["naive", "er"]), default="er", show_envvar=True)
+@click.option(
+    "--strategy",
+    default="er",
+    show_envvar=True,
+    help="naive, or er, ewc, packnet joined by '+' (e.g. er+ewc).",
+)
 @click.option(
     "--memory",
     type=click.IntRange(min=1),
@@ -285,7 +290,7 @@ def demo(
     from deploy.demo import run_demo
     from deploy.session import summary_lines
 
-    learner = LearnerConfig(strategy=strategy, memory=memory, seed=seed)  # type: ignore[arg-type]
+    learner = validated(LearnerConfig, {"strategy": strategy, "memory": memory, "seed": seed})
     report = run_demo(
         Path(workdir),
         learner,

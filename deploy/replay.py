@@ -1,11 +1,19 @@
-"""`streamcl replay`: run the learner over a recorded stream and report what it learned."""
+"""`streamcl replay`: run the learner over a recorded stream and report what it learned.
+
+A replay can stop after N messages and save itself (`stop_after`, `checkpoint`), and a
+later process can `resume` it: learner, session (pending partial batch included) and
+the stream position are restored, so the finished report equals an uninterrupted run's.
+The checkpoint holds tensors and plain containers only (`torch.load(weights_only=True)`).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from deploy.config import ReplayConfig
@@ -13,12 +21,17 @@ from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
 from ingest import heldout as heldout_io
 from ingest.codec import decode
+from ingest.errors import ConfigError
 from ingest.heldout import HeldOut
 from ingest.recorded import CorruptFrame, StreamReader
 from ingest.schema import Origin, Rejected
+from learner.checkpoint import CheckpointError, write_atomically
+from learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
+# Where outputs go and how a run was split: not part of what the run computes.
+RUN_ONLY_SETTINGS = {"report", "plots", "stop_after", "checkpoint", "resume"}
 
 
 def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, Any]:
@@ -41,10 +54,18 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
             desc="replay",
             disable=None if progress is None else not progress,
         )
-        corrupt = 0
+        corrupt = position = 0
+        if config.resume is not None:
+            position, corrupt = restore(config, learner, session)
+        resumed_at = position
         topic = str(config.stream)
         learn_started = time.perf_counter()
-        for item in bar:
+        for consumed, item in enumerate(bar):
+            if consumed < resumed_at:
+                continue
+            if consumed == config.stop_after:
+                break
+            position = consumed + 1
             if isinstance(item, CorruptFrame):
                 corrupt += 1
                 log.warning(
@@ -56,17 +77,23 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
                 session.reject(decoded.reason)
             else:
                 session.offer(decoded)
-        session.flush()
-        session.evaluate()
+        stopped = config.stop_after is not None and position == config.stop_after
+        if stopped and config.checkpoint is not None:
+            save(config, learner, session, position, corrupt)
+        else:
+            session.flush()
+            session.evaluate()
         # Probe evaluation is reported on its own; throughput counts the streaming work.
         learn_seconds = time.perf_counter() - learn_started - session.evaluation_seconds
     return {
         **session.report(corrupt_frames=corrupt),
+        **strategy_section(learner),
+        **({"stopped_after": position, "checkpoint": str(config.checkpoint)} if stopped else {}),
         "samples_per_second": session.samples_learned / learn_seconds if learn_seconds else 0.0,
         "evaluation_seconds": session.evaluation_seconds,
         "wall_seconds": time.perf_counter() - started,
         # Enough to reproduce the run; where its outputs went is not part of it.
-        "config": config.model_dump(mode="json", exclude={"report", "plots"}),
+        "config": config.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS),
         "environment": environment(learner),
     }
 
@@ -78,3 +105,67 @@ def load_heldout(stream: Any, explicit: Any = None) -> HeldOut | None:
         log.warning("no held-out set at %s: only prequential accuracy will be reported", path)
         return None
     return heldout_io.load(path)
+
+
+def strategy_section(learner: OnlineLearner) -> dict[str, Any]:
+    """How the learner saw tasks: evaluation scenario, detector events, task boundaries.
+
+    Every boundary (task-id change, detector event on a task-free batch, or periodic)
+    is a consolidation for the strategies; a detector event on a batch with task ids
+    is counted but is not a boundary.
+    """
+    events = learner.detector.events if learner.detector is not None else []
+    reasons: dict[str, int] = {}
+    for boundary in learner.boundaries:
+        reasons[boundary.reason] = reasons.get(boundary.reason, 0) + 1
+    return {
+        # Task-incremental: predictions are given each probe row's task id.
+        "scenario": "task-incremental" if learner.task_aware else "task-agnostic",
+        "drift_events": [event.sample for event in events],
+        "drift_event_count": len(events),
+        "drift_event_reasons": [event.reason for event in events],
+        "task_boundaries": len(learner.boundaries),
+        "task_boundaries_by_reason": dict(sorted(reasons.items())),
+    }
+
+
+def save(
+    config: ReplayConfig,
+    learner: OnlineLearner,
+    session: LearningSession,
+    position: int,
+    corrupt: int,
+) -> Path:
+    """Write the run's state (learner, session, stream position) atomically to `checkpoint`."""
+    path = Path(str(config.checkpoint))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "config": config.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS),
+        "position": position,
+        "corrupt_frames": corrupt,
+        "learner": learner.state_dict(),
+        "session": session.state_dict(),
+    }
+    write_atomically(path, lambda f: torch.save(state, f))
+    log.info("replay checkpoint written path=%s position=%d", path, position)
+    return path
+
+
+def restore(
+    config: ReplayConfig, learner: OnlineLearner, session: LearningSession
+) -> tuple[int, int]:
+    """Load `config.resume` into learner and session; returns (position, corrupt frames)."""
+    path = Path(str(config.resume))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, truncated or not a checkpoint at all
+        raise CheckpointError(f"cannot load replay checkpoint {path}: {err}") from err
+    expected = config.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS)
+    if state["config"] != expected:
+        changed = sorted(k for k in expected if state["config"].get(k) != expected[k])
+        raise ConfigError(
+            f"replay checkpoint {path} was written with other settings: {', '.join(changed)}"
+        )
+    learner.load_state_dict(state["learner"])
+    session.load_state_dict(state["session"])
+    return int(state["position"]), int(state["corrupt_frames"])

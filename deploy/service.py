@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from deploy.config import LearnerConfig, ServiceConfig
 from deploy.metrics import ServiceMetrics
-from deploy.replay import load_heldout
+from deploy.replay import load_heldout, strategy_section
 from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
 from evaluation.reservoir import ProbeReservoir
@@ -41,7 +41,18 @@ from learner.strategies import replay_buffer
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
 # Settings that change what a checkpoint's tensors mean; a mismatch is a start-up error.
-SHAPING_FIELDS = ("strategy", "model", "hidden", "optimizer", "memory", "memory_policy")
+SHAPING_FIELDS = (
+    "strategy",
+    "model",
+    "hidden",
+    "optimizer",
+    "memory",
+    "memory_policy",
+    "ewc",
+    "packnet",
+    "detector",
+    "use_task_ids",
+)
 
 
 def kafka_settings(config: ServiceConfig) -> KafkaSettings:
@@ -115,6 +126,7 @@ class Service:
         self._arrival_ms: dict[tuple[int, int], int] = {}
         self._first_arrival: float | None = None
         self._lag_partitions: set[int] = set()
+        self._drift_events_seen = 0
         self._last_learned = 0.0
         self._updates_at_checkpoint = 0
         self._updates_at_snapshot = 0
@@ -149,6 +161,8 @@ class Service:
         self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
         self.metrics.model_version.set(self.learner.updates)
         self.metrics.last_checkpoint.set(restored.path.stat().st_mtime)
+        if self.learner.detector is not None:
+            self._drift_events_seen = len(self.learner.detector.events)
         if self.session.matrix.rows:
             self._evaluated(self.session)
         log.info(
@@ -281,6 +295,7 @@ class Service:
         streaming -= self.session.evaluation_seconds
         return {
             **self.session.report(),
+            **strategy_section(self.learner),
             # From the first message to the last update, probe evaluation excluded.
             "samples_per_second": self.session.samples_learned / streaming
             if streaming > 0
@@ -305,6 +320,10 @@ class Service:
     def _learned(self, batch: Batch, update_seconds: float) -> None:
         self._last_learned = time.monotonic()
         m = self.metrics
+        detector = self.learner.detector
+        if detector is not None and len(detector.events) > self._drift_events_seen:
+            m.drift_events.inc(len(detector.events) - self._drift_events_seen)
+            self._drift_events_seen = len(detector.events)
         m.samples.labels("learned").inc(len(batch))
         m.updates.inc(self.learner.steps_per_batch)
         m.update_seconds.observe(update_seconds)

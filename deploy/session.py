@@ -127,9 +127,11 @@ class LearningSession:
         if probe is None or self._evaluated_at == self.samples_learned:
             return
         features, labels, groups = probe
+        # Task-aware strategies (PackNet) are told each probe row's task: task-incremental.
+        tasks = groups if self.learner.task_aware and self.group_kind == "task" else None
         started = time.perf_counter()
         self.final_probe = evaluate(
-            self.learner.predict,
+            lambda x: self.learner.predict(x, tasks),
             features,
             labels,
             groups,

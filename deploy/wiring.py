@@ -9,8 +9,11 @@ import torch
 from deploy.config import LearnerConfig
 from ingest.errors import ConfigError
 from ingest.schema import StreamSpec
+from learner.drift import BoundaryDetector
+from learner.ewc import OnlineEWC
 from learner.loop import OnlineLearner
 from learner.models import build_model
+from learner.packnet import PackNet
 from learner.strategies import ExperienceReplay, Naive, Strategy
 from memory.buffer import ReplayBuffer
 
@@ -51,21 +54,72 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     strategies = build_strategies(config, spec)
     learner = OnlineLearner(
-        model, optimizer, strategies, spec, device, steps_per_batch=config.steps_per_batch
+        model,
+        optimizer,
+        strategies,
+        spec,
+        device,
+        steps_per_batch=config.steps_per_batch,
+        detector=build_detector(config, spec),
+        consolidate_every=config.ewc.consolidate_every if "ewc" in config.parts else None,
+        use_task_ids=config.use_task_ids,
     )
     log.info("learner built strategy=%s model=%s device=%s", config.strategy, config.model, device)
     return learner
 
 
 def build_strategies(config: LearnerConfig, spec: StreamSpec) -> list[Strategy]:
-    if config.strategy == "naive":
-        return [Naive()]
-    buffer = ReplayBuffer(
-        config.memory,
-        spec.feature_shape,
-        spec.dtype,
-        policy=config.memory_policy,
-        num_classes=spec.num_classes,
-        seed=config.seed + 1,
+    """One strategy per part of `config.strategy`, in composition order (er, ewc, packnet)."""
+    strategies: list[Strategy] = []
+    for part in config.parts:
+        if part == "naive":
+            strategies.append(Naive())
+        elif part == "er":
+            buffer = ReplayBuffer(
+                config.memory,
+                spec.feature_shape,
+                spec.dtype,
+                policy=config.memory_policy,
+                num_classes=spec.num_classes,
+                seed=config.seed + 1,
+            )
+            strategies.append(ExperienceReplay(buffer, config.replay_draws, seed=config.seed + 2))
+        elif part == "ewc":
+            strategies.append(
+                OnlineEWC(
+                    config.ewc.lambda_,
+                    decay=config.ewc.decay,
+                    gamma=config.ewc.gamma,
+                    anchor_lag=config.ewc.anchor_lag,
+                )
+            )
+        elif part == "packnet":
+            strategies.append(
+                PackNet(
+                    spec.num_classes,
+                    prune_fraction=config.packnet.prune_fraction,
+                    multi_head=config.packnet.multi_head,
+                )
+            )
+        else:  # LearnerConfig validates the parts; this is a programming error
+            raise ConfigError(f"no strategy named {part!r}")
+    return strategies
+
+
+def build_detector(config: LearnerConfig, spec: StreamSpec) -> BoundaryDetector | None:
+    """The boundary detector `config.detector` describes, or None for kind none."""
+    settings = config.detector
+    if settings.kind == "none":
+        return None
+    return BoundaryDetector(
+        spec.num_classes,
+        kind=settings.kind,
+        signal=settings.signal,
+        new_classes=settings.new_classes,
+        min_gap=settings.min_gap,
+        threshold=settings.threshold,
+        delta=settings.delta,
+        min_instances=settings.min_instances,
+        alpha=settings.alpha,
+        confidence=settings.confidence,
     )
-    return [ExperienceReplay(buffer, config.replay_draws, seed=config.seed + 2)]

@@ -67,7 +67,7 @@ class CheckpointStore:
         existing = self.paths()
         sequence = 1 + (_sequence(existing[-1]) or 0 if existing else 0)
         path = self.directory / f"{CHECKPOINT_PREFIX}{sequence:09d}{CHECKPOINT_SUFFIX}"
-        _atomic_write(path, lambda f: torch.save(state, f))
+        write_atomically(path, lambda f: torch.save(state, f))
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -125,7 +125,8 @@ def _sequence(path: Path) -> int | None:
     return int(number) if number.isdigit() else None
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def write_atomically(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temp file beside `path`, fsync it, rename it over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ingest.errors import ConfigError
-from ingest.schema import Batch, StreamSpec
-from learner.strategies import Strategy, UpdateBatch
+from ingest.schema import NO_TASK, Batch, StreamSpec
+from learner.drift import BoundaryDetector
+from learner.strategies import Boundary, Strategy, UpdateBatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,15 @@ class InputAdapter:
 
 
 class OnlineLearner:
-    """Learn from batches as they arrive; `learn` / `predict` are the verb pair."""
+    """Learn from batches as they arrive; `learn` / `predict` are the verb pair.
+
+    Task boundaries, where strategies consolidate: a change of the stream's task id
+    (before the batch that brings it is learned); on batches without task ids, an event
+    of the `detector` (after the batch it fired on is learned), or, with no detector,
+    every `consolidate_every` samples. On a task-free stream the learner numbers the
+    segments between boundaries 0, 1, ... and uses them as the rows' task ids.
+    `use_task_ids=False` hides the stream's task ids from the learner (train and test).
+    """
 
     def __init__(
         self,
@@ -52,76 +66,227 @@ class OnlineLearner:
         spec: StreamSpec,
         device: torch.device,
         steps_per_batch: int = 1,
+        detector: BoundaryDetector | None = None,
+        consolidate_every: int | None = None,
+        use_task_ids: bool = True,
     ):
         if steps_per_batch < 1:
             raise ConfigError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
+        if consolidate_every is not None and consolidate_every < 1:
+            raise ConfigError(f"consolidate_every must be >= 1 sample, got {consolidate_every}")
         self.model = model.to(device)
         self.optimizer = optimizer
         self.strategies = strategies
         self.spec = spec
         self.device = device
         self.steps_per_batch = steps_per_batch
+        self.detector = detector
+        self.consolidate_every = consolidate_every
+        self.use_task_ids = use_task_ids
         self.to_inputs = InputAdapter(spec, device)
         self.updates = 0
+        self.samples = 0
+        self.task = NO_TASK
+        self.boundaries: list[Boundary] = []
+        self._since_boundary = 0
+
+    @property
+    def task_aware(self) -> bool:
+        """True when some strategy predicts with task ids (task-incremental evaluation)."""
+        return self.use_task_ids and any(s.task_aware for s in self.strategies)
 
     def learn(self, batch: Batch) -> LearnResult:
         """Run `steps_per_batch` updates on the batch (plus whatever strategies add)."""
         if not self.model.training:
             self.model.train()
+        if not self.use_task_ids:
+            batch = dataclasses.replace(batch, tasks=np.full(len(batch), NO_TASK, np.int64))
+        tasks = self._follow_tasks(batch.tasks)
         fresh = UpdateBatch(
             features=torch.from_numpy(batch.features),
             labels=torch.from_numpy(batch.labels),
-            tasks=torch.from_numpy(batch.tasks),
+            tasks=torch.from_numpy(tasks),
             num_new=len(batch),
         )
         predictions = torch.empty(0, dtype=torch.int64)
+        first_logits = torch.empty(0)
         for step in range(self.steps_per_batch):
             update = fresh
             for strategy in self.strategies:
                 update = strategy.prepare(update)
-            logits = self.model(self.to_inputs(update.features))
+            logits = self._forward(self.to_inputs(update.features), update.tasks)
             if step == 0:
                 # The first forward pass precedes any update on this batch: test-then-train.
-                predictions = logits[: update.num_new].detach().argmax(dim=1)
+                first_logits = logits[: update.num_new].detach()
+                predictions = first_logits.argmax(dim=1)
             labels = update.labels.to(self.device, non_blocking=True)
             loss = nn.functional.cross_entropy(logits, labels)
-            for strategy in self.strategies:
-                extra = strategy.penalty(self.model)
-                if extra is not None:
-                    loss = loss + extra
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for strategy in self.strategies:
+                strategy.after_backward(self.model)
+            extras = [e for e in (s.penalty(self.model) for s in self.strategies) if e is not None]
+            if extras:
+                extra = torch.stack(extras).sum()
+                extra.backward()
+                loss = loss.detach() + extra.detach()
+            for strategy in self.strategies:
+                strategy.before_step(self.model)
             self.optimizer.step()
+            for strategy in self.strategies:
+                strategy.after_step(self.model)
             self.updates += 1
         for strategy in self.strategies:
             strategy.after_update(batch)
+        first = self.samples
+        self.samples += len(batch)
+        self._detect(batch, first_logits, first)
         return LearnResult(predictions.cpu().numpy(), float(loss.detach()))
 
-    def predict(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """Labels `[N]` for features `[N, *shape]` in the stream dtype."""
-        return self._logits(features, batch_size).argmax(dim=1).numpy()
+    def _follow_tasks(self, stream_tasks: np.ndarray) -> np.ndarray:
+        """Consolidate on a task-id change; the rows' task ids `[B]` (NO_TASK -> segment)."""
+        known = stream_tasks[stream_tasks != NO_TASK]
+        if len(known) < len(stream_tasks) and self.detector is None:
+            aware = [type(s).__name__ for s in self.strategies if s.task_aware]
+            if aware:
+                hidden = " (use_task_ids is off)" if not self.use_task_ids else ""
+                raise ConfigError(
+                    f"{', '.join(aware)} needs task ids or a boundary detector: the batch at "
+                    f"sample {self.samples} has samples without a task id{hidden} and no "
+                    "detector is configured; send task ids or set detector.kind to "
+                    "page-hinkley or adwin"
+                )
+        if len(known):
+            first = int(known[0])
+            if self.task == NO_TASK:
+                self.task = first
+            elif first != self.task:
+                self._boundary("task", first, self.samples)
+        elif self.task == NO_TASK:
+            self.task = 0
+        return np.where(stream_tasks == NO_TASK, self.task, stream_tasks)
 
-    def predict_proba(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    def _detect(self, batch: Batch, logits: torch.Tensor, first: int) -> None:
+        """Feed the detector; on task-free batches its events (or the period) are boundaries.
+
+        `first` is the stream index of the batch's first sample; `self.samples` is past it.
+        """
+        tasks_known = bool((batch.tasks != NO_TASK).any())
+        self._since_boundary += len(batch)
+        if self.detector is not None:
+            labels = torch.from_numpy(batch.labels)
+            if self.detector.signal == "error":
+                values = (logits.argmax(dim=1).cpu() != labels).float()
+            else:
+                values = nn.functional.cross_entropy(logits.float().cpu(), labels, reduction="none")
+            events = self.detector.update(values.numpy(), batch.labels, first)
+            if events and not tasks_known:
+                self._boundary(events[0].reason, self.task + 1, events[0].sample)
+        elif (
+            not tasks_known
+            and self.consolidate_every is not None
+            and self._since_boundary >= self.consolidate_every
+        ):
+            self._boundary("periodic", self.task + 1, self.samples)
+        if tasks_known:
+            known = batch.tasks[batch.tasks != NO_TASK]
+            if int(known[-1]) != self.task:  # a batch straddling a task change
+                self._boundary("task", int(known[-1]), self.samples)
+
+    def _boundary(self, reason: str, next_task: int, sample: int) -> None:
+        boundary = Boundary(sample, reason, next_task)
+        for strategy in self.strategies:
+            strategy.consolidate(self.model, boundary)
+        self.boundaries.append(boundary)
+        log.info(
+            "task boundary sample=%d reason=%s task=%d next_task=%d",
+            sample,
+            reason,
+            self.task,
+            next_task,
+        )
+        self.task = next_task
+        self._since_boundary = 0
+
+    def _forward(self, inputs: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, C]`; rows grouped by task through the strategies' masks."""
+        if not any(s.task_aware for s in self.strategies):
+            return self.model(inputs)
+        groups = torch.unique(tasks).tolist()
+        if len(groups) == 1:
+            return self._forward_task(inputs, int(groups[0]))
+        logits = torch.empty(len(inputs), self.spec.num_classes, device=self.device)
+        for task in groups:
+            rows = (tasks == task).nonzero().squeeze(1).to(self.device)
+            logits = logits.index_put((rows,), self._forward_task(inputs[rows], int(task)))
+        return logits
+
+    def _forward_task(self, inputs: torch.Tensor, task: int) -> torch.Tensor:
+        weights: dict[str, torch.Tensor] = {}
+        classes: torch.Tensor | None = None
+        for strategy in self.strategies:
+            masks = strategy.masks(task)
+            if masks is None:
+                continue
+            for name, mask in masks.parameters.items():
+                weights[name] = weights[name] * mask if name in weights else mask
+            if masks.classes is not None:
+                classes = masks.classes if classes is None else classes & masks.classes
+        if weights:
+            named = dict(self.model.named_parameters())
+            masked = {name: named[name] * m.to(self.device) for name, m in weights.items()}
+            logits = functional_call(self.model, masked, (inputs,))
+        else:
+            logits = self.model(inputs)
+        if classes is not None:
+            hidden = ~classes.to(self.device)
+            logits = logits.masked_fill(hidden, torch.finfo(logits.dtype).min)
+        return logits
+
+    def predict(
+        self, features: np.ndarray, tasks: np.ndarray | None = None, batch_size: int = 4096
+    ) -> np.ndarray:
+        """Labels `[N]` for features `[N, *shape]` in the stream dtype.
+
+        tasks: `[N]` task ids for task-aware strategies (PackNet's masks, multi-head);
+        None (or `use_task_ids=False`) means the task being learned now.
+        """
+        return self._logits(features, tasks, batch_size).argmax(dim=1).numpy()
+
+    def predict_proba(
+        self, features: np.ndarray, tasks: np.ndarray | None = None, batch_size: int = 4096
+    ) -> np.ndarray:
         """Class probabilities `[N, C]`."""
-        return torch.softmax(self._logits(features, batch_size), dim=1).numpy()
+        return torch.softmax(self._logits(features, tasks, batch_size), dim=1).numpy()
 
     @torch.no_grad()
-    def _logits(self, features: np.ndarray, batch_size: int) -> torch.Tensor:
+    def _logits(
+        self, features: np.ndarray, tasks: np.ndarray | None, batch_size: int
+    ) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
+        if tasks is None or not self.use_task_ids:
+            tasks = np.full(len(features), self.task, dtype=np.int64)
         out = [torch.empty(0, self.spec.num_classes)]
         for start in range(0, len(features), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(features[start : start + batch_size]))
-            out.append(self.model(self.to_inputs(chunk)).float().cpu())
+            chunk_tasks = torch.from_numpy(np.asarray(tasks[start : start + batch_size], np.int64))
+            out.append(self._forward(self.to_inputs(chunk), chunk_tasks).float().cpu())
         self.model.train(was_training)
         return torch.cat(out)
 
     def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain containers only: loadable with `torch.load(weights_only=True)`."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "strategies": [s.state_dict() for s in self.strategies],
             "updates": self.updates,
+            "samples": self.samples,
+            "task": self.task,
+            "since_boundary": self._since_boundary,
+            "boundaries": [[b.sample, b.reason, b.next_task] for b in self.boundaries],
+            "detector": self.detector.state_dict() if self.detector is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -130,3 +295,11 @@ class OnlineLearner:
         for strategy, sub in zip(self.strategies, state["strategies"], strict=True):
             strategy.load_state_dict(sub)
         self.updates = int(state["updates"])
+        self.samples = int(state["samples"])
+        self.task = int(state["task"])
+        self._since_boundary = int(state["since_boundary"])
+        self.boundaries = [Boundary(int(s), str(r), int(t)) for s, r, t in state["boundaries"]]
+        if (self.detector is None) != (state["detector"] is None):
+            raise ConfigError("checkpoint and learner disagree on having a boundary detector")
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])

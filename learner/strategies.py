@@ -1,14 +1,27 @@
 """Strategies: small parts with hooks the online loop calls in one documented order.
 
 Per incoming batch the loop calls, for each of K steps:
-`prepare(update)` -> forward -> `penalty(model)` -> backward -> optimizer step;
-then once `after_update(batch)`. Strategies compose by running in list order.
+
+1. `prepare(update)`: add rows (replay draws); never mutates its input;
+2. forward, rows grouped by task, each group through `masks(task)` (weight masks
+   multiplied in, logits outside the allowed classes pushed to the dtype's minimum);
+3. backward of the cross-entropy, then `after_backward(model)`: `.grad` holds the task
+   loss's gradient (online EWC's running Fisher reads it: no extra pass over data);
+4. `penalty(model)`: extra loss terms, whose gradients are then added to `.grad`;
+5. `before_step(model)`: gradient masks (PackNet's frozen weights);
+6. optimizer step, then `after_step(model)`: projections (PackNet restores frozen weights);
+
+then once `after_update(batch)` with the arriving batch. At a task boundary (task-id
+change, detected drift, or every N samples on a stream with neither) the loop calls
+`consolidate(model, boundary)` before learning the next batch. Strategies compose by
+running in list order; `task_aware` ones need task ids (or detected boundaries) at
+train and test time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -31,29 +44,90 @@ class UpdateBatch:
     num_new: int
 
 
+@dataclass(frozen=True)
+class TaskMasks:
+    """What rows of one task may use in the forward pass.
+
+    parameters: parameter name -> 0/1 mask of its shape, multiplied into the weight;
+    classes: `[C]` bool, the logits such a row may predict (multi-head), or None for all.
+    """
+
+    parameters: dict[str, torch.Tensor] = field(default_factory=dict)
+    classes: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A task boundary, at stream index `sample` (the first sample of `next_task`, or for a
+    detected one where the detector fired). reason: task | periodic | drift | new-class.
+    """
+
+    sample: int
+    reason: str
+    next_task: int
+
+    @property
+    def detected(self) -> bool:
+        """True for a detector's boundary: it comes some samples after the change."""
+        return self.reason in ("drift", "new-class")
+
+
 class Strategy(Protocol):
+    task_aware: ClassVar[bool]
+
     def prepare(self, update: UpdateBatch) -> UpdateBatch: ...
+
+    def masks(self, task: int) -> TaskMasks | None: ...
+
+    def after_backward(self, model: nn.Module) -> None: ...
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
 
+    def before_step(self, model: nn.Module) -> None: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
     def after_update(self, batch: Batch) -> None: ...
+
+    def consolidate(self, model: nn.Module, boundary: Boundary) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Naive:
-    """Plain fine-tuning on arriving samples: the lower bound every strategy must beat."""
+class NoHooks:
+    """No-op hooks: a strategy defines only the ones it needs and inherits the rest."""
+
+    task_aware: ClassVar[bool] = False
 
     def prepare(self, update: UpdateBatch) -> UpdateBatch:
         return update
 
+    def masks(self, task: int) -> TaskMasks | None:
+        return None
+
+    def after_backward(self, model: nn.Module) -> None:
+        return None
+
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def before_step(self, model: nn.Module) -> None:
+        return None
+
+    def after_step(self, model: nn.Module) -> None:
         return None
 
     def after_update(self, batch: Batch) -> None:
         return None
+
+    def consolidate(self, model: nn.Module, boundary: Boundary) -> None:
+        return None
+
+
+class Naive(NoHooks):
+    """Plain fine-tuning on arriving samples: the lower bound every strategy must beat."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -62,7 +136,7 @@ class Naive:
         return None
 
 
-class ExperienceReplay:
+class ExperienceReplay(NoHooks):
     """Experience replay (Chaudhry et al. 2019, "On Tiny Episodic Memories"):
     each step trains on the new samples plus `replay_size` draws from memory.
     """
@@ -84,9 +158,6 @@ class ExperienceReplay:
             tasks=torch.cat([update.tasks, draw.tasks]),
             num_new=update.num_new,
         )
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        return None
 
     def after_update(self, batch: Batch) -> None:
         self.buffer.add(batch.features, batch.labels, batch.tasks)

@@ -1,0 +1,165 @@
+"""Online elastic weight consolidation for streams, from the gradients the loop computes anyway.
+
+EWC (Kirkpatrick et al. 2017) adds `lambda/2 * sum_i F_i (theta_i - theta*_i)^2`, with F
+the diagonal Fisher information at the anchor theta*. For a stream:
+
+- the Fisher is a running estimate, an exponential moving average of the squared
+  task-loss gradient of each update (EWC++, Chaudhry et al. 2018, "Riemannian Walk"):
+  `R <- decay * R + (1 - decay) * g^2`, bias-corrected by `1 - decay^steps` as in Adam.
+  It is read from `.grad` after the loop's backward pass: no extra pass over data. The
+  gradient is the mini-batch mean's, so F is smaller than a per-sample Fisher by about
+  the batch size; lambda absorbs that scale;
+- at a boundary the estimate is consolidated (online EWC, Schwarz et al. 2018,
+  "Progress & Compress"): `F <- gamma * F + R_corrected`, `theta* <- theta`. One penalty
+  term however many tasks have passed;
+- at a *detected* boundary theta and R come from a snapshot `anchor_lag` to
+  `2 * anchor_lag` updates old: a detector fires tens of samples after the change, and by
+  then the next task's first, largest gradients have entered R and moved theta. Exact
+  boundaries (task ids, the periodic one) use the current values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ingest.errors import ConfigError
+from learner.strategies import Boundary, NoHooks
+
+
+class OnlineEWC(NoHooks):
+    """Penalise moving the weights that mattered before the last boundary."""
+
+    def __init__(
+        self, lambda_: float = 100.0, decay: float = 0.99, gamma: float = 1.0, anchor_lag: int = 20
+    ):
+        if lambda_ < 0:
+            raise ConfigError(f"ewc lambda_ must be >= 0, got {lambda_}")
+        if not 0 <= decay < 1:
+            raise ConfigError(f"ewc decay must be in [0, 1), got {decay}")
+        if not 0 <= gamma <= 1:
+            raise ConfigError(f"ewc gamma must be in [0, 1], got {gamma}")
+        if anchor_lag < 0:
+            raise ConfigError(f"ewc anchor_lag must be >= 0 updates, got {anchor_lag}")
+        self.lambda_ = lambda_
+        self.decay = decay
+        self.gamma = gamma
+        self.anchor_lag = anchor_lag
+        self.steps = 0
+        self.consolidations = 0
+        self._running: dict[str, torch.Tensor] = {}
+        self._fisher: dict[str, torch.Tensor] = {}
+        self._anchor: dict[str, torch.Tensor] = {}
+        # Snapshots {"steps", "params", "running"}: `_lagged` is the older, used at a boundary.
+        self._recent: dict[str, Any] | None = None
+        self._lagged: dict[str, Any] | None = None
+        self._placed = True
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Fold this step's squared task-loss gradient into the running Fisher."""
+        self._place(model)
+        self.steps += 1
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.grad is None:
+                    continue
+                running = self._running.get(name)
+                if running is None:
+                    running = self._running[name] = torch.zeros_like(param)
+                running.mul_(self.decay).addcmul_(param.grad, param.grad, value=1 - self.decay)
+        if self.anchor_lag and self.steps % self.anchor_lag == 0:
+            self._lagged, self._recent = self._recent, self._snapshot(model)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """`lambda/2 * sum F (theta - theta*)^2`; None before the first consolidation."""
+        if not self._anchor or not self.lambda_:
+            return None
+        self._place(model)
+        terms = [
+            (self._fisher[name] * (param - self._anchor[name]).pow(2)).sum()
+            for name, param in model.named_parameters()
+            if name in self._anchor
+        ]
+        return 0.5 * self.lambda_ * torch.stack(terms).sum()
+
+    def consolidate(self, model: nn.Module, boundary: Boundary) -> None:
+        """Anchor at the weights; add the running Fisher to the consolidated one."""
+        self._place(model)
+        late = boundary.detected and self._lagged is not None
+        source = self._lagged if late and self._lagged is not None else self._snapshot(model)
+        steps = source["steps"]
+        correction = 1 - self.decay**steps if steps else 1.0
+        with torch.no_grad():
+            for name, param in source["params"].items():
+                running = source["running"].get(name)
+                estimate = running / correction if running is not None else torch.zeros_like(param)
+                previous = self._fisher.get(name)
+                self._fisher[name] = (
+                    estimate if previous is None else previous.mul(self.gamma).add_(estimate)
+                )
+                self._anchor[name] = param.clone()
+        self.consolidations += 1
+        # Later boundaries must not anchor before this one.
+        self._recent = self._lagged = None
+
+    def _snapshot(self, model: nn.Module) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "params": {
+                name: param.detach().clone()
+                for name, param in model.named_parameters()
+                if param.requires_grad
+            },
+            "running": {name: running.clone() for name, running in self._running.items()},
+        }
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """The consolidated diagonal Fisher, by parameter name (empty before a boundary)."""
+        return dict(self._fisher)
+
+    def _place(self, model: nn.Module) -> None:
+        """Move restored tensors (loaded on the CPU) to their parameters' device, once."""
+        if self._placed:
+            return
+        devices = {name: param.device for name, param in model.named_parameters()}
+        tables = [self._running, self._fisher, self._anchor]
+        for snapshot in (self._recent, self._lagged):
+            if snapshot is not None:
+                tables += [snapshot["params"], snapshot["running"]]
+        for table in tables:
+            for name, value in table.items():
+                table[name] = value.to(devices.get(name, value.device))
+        self._placed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "consolidations": self.consolidations,
+            "running": {k: v.clone() for k, v in self._running.items()},
+            "fisher": {k: v.clone() for k, v in self._fisher.items()},
+            "anchor": {k: v.clone() for k, v in self._anchor.items()},
+            "recent": _copy(self._recent),
+            "lagged": _copy(self._lagged),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.consolidations = int(state["consolidations"])
+        self._running = {k: v.clone() for k, v in state["running"].items()}
+        self._fisher = {k: v.clone() for k, v in state["fisher"].items()}
+        self._anchor = {k: v.clone() for k, v in state["anchor"].items()}
+        self._recent = _copy(state["recent"])
+        self._lagged = _copy(state["lagged"])
+        self._placed = False
+
+
+def _copy(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
+    if snapshot is None:
+        return None
+    return {
+        "steps": int(snapshot["steps"]),
+        "params": {k: v.clone() for k, v in snapshot["params"].items()},
+        "running": {k: v.clone() for k, v in snapshot["running"].items()},
+    }
