@@ -98,7 +98,7 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
     }
 
 
-def load_heldout(stream: Any, explicit: Any = None) -> HeldOut | None:
+def load_heldout(stream: Path, explicit: Path | None = None) -> HeldOut | None:
     """The explicit held-out file, else the sidecar beside the stream, else None (warned)."""
     path = explicit or heldout_io.sidecar_path(stream)
     if explicit is None and not path.exists():

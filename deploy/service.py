@@ -21,10 +21,11 @@ from pydantic import SecretStr
 
 from deploy.config import LearnerConfig, ServiceConfig
 from deploy.metrics import ServiceMetrics
-from deploy.replay import load_heldout, strategy_section
+from deploy.replay import strategy_section
 from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
 from evaluation.reservoir import ProbeReservoir
+from ingest import heldout as heldout_io
 from ingest.kafka import (
     DEAD_LETTER_SUFFIX,
     Arrival,
@@ -90,7 +91,7 @@ class Service:
         self.learner = build_learner(config.learner, self.spec)
         self.session = LearningSession(
             self.learner,
-            load_heldout(None, config.heldout) if config.heldout else None,
+            heldout_io.load(config.heldout) if config.heldout else None,
             config.learner.batch_size,
             config.eval_every,
             config.prequential_window,

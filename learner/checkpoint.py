@@ -65,7 +65,7 @@ class CheckpointStore:
     def save(self, state: dict[str, Any]) -> Path:
         """Write the next checkpoint atomically, then drop all but the newest `keep`."""
         existing = self.paths()
-        sequence = 1 + (_sequence(existing[-1]) or 0 if existing else 0)
+        sequence = (_sequence(existing[-1]) or 0) + 1 if existing else 1
         path = self.directory / f"{CHECKPOINT_PREFIX}{sequence:09d}{CHECKPOINT_SUFFIX}"
         write_atomically(path, lambda f: torch.save(state, f))
         for old in self.paths()[: -self.keep]:

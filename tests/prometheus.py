@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,7 +26,12 @@ from typing import Any
 import pytest
 import yaml
 
+from deploy.broker import free_port
+
 PROMETHEUS = Path("/usr/bin/prometheus")
+REPO = Path(__file__).parent.parent
+DASHBOARD = REPO / "deploy" / "grafana" / "streamcl-dashboard.json"
+ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # Grafana's built-in variables, replaced by the values a 1 s scrape interval supports.
 GRAFANA_VARIABLES = {
@@ -55,13 +59,6 @@ def require_prometheus() -> Path:
     pytest.skip(message)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def nonempty(result: Result) -> bool:
     return bool(result)
 
@@ -76,6 +73,29 @@ def render_grafana_expr(expr: str, instance: str = ".+") -> str:
     for name, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(name, value)
     return expr.replace("$instance", instance)
+
+
+def dashboard_exprs(dashboard: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and annotation query of the dashboard."""
+    if dashboard is None:
+        dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [
+        (f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"])
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+    ]
+    exprs += [
+        (f"annotation {a['name']!r}", a["expr"])
+        for a in dashboard["annotations"]["list"]
+        if "expr" in a
+    ]
+    return exprs
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    """Every rule of deploy/prometheus/alerts.yml."""
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
 
 
 class PrometheusServer:

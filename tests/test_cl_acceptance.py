@@ -12,7 +12,6 @@ STREAMCL_REQUIRE_DATA=1 (set in CI) makes that a failure.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +22,9 @@ import pytest
 from deploy.config import ReplayConfig, validated
 from deploy.replay import run_replay
 from deploy.session import without_timings
-from ingest.datasets import find_fashion_mnist, load
-from ingest.errors import DataError
+from ingest.datasets import load
 from ingest.scenarios import ScenarioConfig, build, write
+from tests.data import require_fashion_mnist
 
 SAMPLES_PER_TASK = 10_000
 CHANGES = [SAMPLES_PER_TASK * k for k in range(1, 5)]
@@ -33,12 +32,7 @@ CHANGES = [SAMPLES_PER_TASK * k for k in range(1, 5)]
 
 @pytest.fixture(scope="module")
 def fmnist_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    try:
-        find_fashion_mnist()
-    except DataError as err:
-        if os.environ.get("STREAMCL_REQUIRE_DATA") == "1":
-            raise
-        pytest.skip(f"Fashion-MNIST not installed: {err}")
+    require_fashion_mnist()
     data = load("fashion-mnist")
     out = tmp_path_factory.mktemp("fmnist-cl")
     streams = {"permuted": out / "permuted.scs", "split": out / "split.scs"}

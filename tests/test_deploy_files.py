@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from deploy.config import ServiceConfig
 from deploy.kafka_cli import service_config
 from deploy.metrics import ServiceMetrics
-from tests.prometheus import render_grafana_expr
+from tests.prometheus import DASHBOARD, alert_rules, dashboard_exprs, render_grafana_expr
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -35,7 +35,6 @@ COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
-DASHBOARD = DEPLOY / "grafana" / "streamcl-dashboard.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 CONFIG_PATH = "/etc/streamcl/service.yaml"
 ALERT_NAMES = {
@@ -448,26 +447,6 @@ def exported_names() -> set[str]:
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
-
-
-def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, PromQL) of every panel target and annotation query."""
-    exprs = [
-        (f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"])
-        for p in dashboard["panels"]
-        for t in p.get("targets", [])
-    ]
-    exprs += [
-        (f"annotation {a['name']!r}", a["expr"])
-        for a in dashboard["annotations"]["list"]
-        if "expr" in a
-    ]
-    return exprs
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    groups = load_yaml(PROMETHEUS_DIR / "alerts.yml")["groups"]
-    return [rule for group in groups for rule in group["rules"]]
 
 
 def test_every_metric_the_dashboard_and_alerts_use_is_exported(

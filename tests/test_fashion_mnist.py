@@ -6,7 +6,6 @@ it these tests skip, unless STREAMCL_REQUIRE_DATA=1 (set in CI) makes that a fai
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,19 +13,14 @@ import pytest
 from deploy.config import ReplayConfig
 from deploy.replay import run_replay
 from deploy.session import without_timings
-from ingest.datasets import find_fashion_mnist, load
-from ingest.errors import DataError
+from ingest.datasets import load
 from ingest.scenarios import ScenarioConfig, build, write
+from tests.data import require_fashion_mnist
 
 
 @pytest.fixture(scope="module")
 def split_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        find_fashion_mnist()
-    except DataError as err:
-        if os.environ.get("STREAMCL_REQUIRE_DATA") == "1":
-            raise
-        pytest.skip(f"Fashion-MNIST not installed: {err}")
+    require_fashion_mnist()
     path = tmp_path_factory.mktemp("fmnist") / "split-fmnist.scs"
     write(build(load("fashion-mnist"), ScenarioConfig(tasks=5, seed=0)), path)
     return path

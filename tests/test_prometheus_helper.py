@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from deploy.broker import free_port
 from deploy.metrics import ServiceMetrics
 from tests.prometheus import (
+    ALERTS,
     PrometheusError,
     PrometheusServer,
+    dashboard_exprs,
     finite_values,
-    free_port,
     render_grafana_expr,
     require_prometheus,
 )
-
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-DASHBOARD = DEPLOY / "grafana" / "streamcl-dashboard.json"
-ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 
 @contextmanager
@@ -111,21 +107,6 @@ def feed(metrics: ServiceMetrics, stop: threading.Event) -> None:
         metrics.checkpoint_failures.inc()
         metrics.model_version.inc()
         metrics.last_poll.set_to_current_time()
-
-
-def dashboard_exprs() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [
-        (f"{panel['title']} / {target['refId']}", target["expr"])
-        for panel in dashboard["panels"]
-        for target in panel.get("targets", [])
-    ]
-    exprs += [
-        (f"annotation {a['name']}", a["expr"])
-        for a in dashboard["annotations"]["list"]
-        if "expr" in a
-    ]
-    return exprs
 
 
 def test_every_dashboard_query_and_alert_rule_works_on_the_services_metrics() -> None:
