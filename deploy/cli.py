@@ -241,6 +241,30 @@ def stream_make(**opts: Any) -> None:
     "new_classes, min_gap, threshold, delta, min_instances, alpha, confidence.",
 )
 @click.option(
+    "--noise",
+    type=Settings(),
+    default=None,
+    show_envvar=True,
+    help="Label-noise filters (on by default): knn, knn_k, knn_window, small_loss, warmup, "
+    "loss_window, min_class_samples, min_separation (e.g. knn=false,small_loss=false).",
+)
+@click.option(
+    "--quarantine",
+    type=Settings(),
+    default=None,
+    show_envvar=True,
+    help="Quarantine of suspect samples: capacity, recheck_after, max_checks.",
+)
+@click.option(
+    "--loss",
+    type=Settings(),
+    default=None,
+    show_envvar=True,
+    help="Training loss: robust (ce, gce, sce), gce_q, sce_alpha, sce_beta, ace (ER-ACE), "
+    "logit_adjust_tau (0 off, 1 balanced softmax), reweight (none, effective-number), "
+    "reweight_beta.",
+)
+@click.option(
     "--task-ids/--no-task-ids",
     "use_task_ids",
     default=True,

@@ -73,6 +73,56 @@ class DetectorConfig(BaseModel):
     confidence: float = Field(0.002, gt=0, lt=1, description="adwin: significance delta")
 
 
+class NoiseConfig(BaseModel):
+    """Label-noise filters on arrivals (learner/filters.py); suspects go to quarantine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    knn: bool = Field(True, description="flag labels that are not their neighbours' plurality")
+    knn_k: int = Field(10, ge=1, description="neighbours per query")
+    knn_window: int = Field(1000, ge=1, description="recent arrivals searched besides memory")
+    small_loss: bool = Field(True, description="flag the high-loss mode of recent losses")
+    warmup: int = Field(1000, ge=0, description="small-loss: arrivals before it judges")
+    loss_window: int = Field(2000, ge=10, description="small-loss: recent losses it models")
+    min_class_samples: int = Field(
+        100, ge=0, description="small-loss: admitted samples of a label before it is judged"
+    )
+    min_separation: float = Field(
+        2.0, gt=0, description="small-loss: Ashman's D the two loss modes must reach"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.knn or self.small_loss
+
+
+class QuarantineConfig(BaseModel):
+    """Where suspects wait for re-examination by the model (learner/quarantine.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    capacity: int = Field(1000, ge=0, description="samples held; the oldest are judged beyond")
+    recheck_after: int = Field(1000, ge=0, description="arrivals before a re-examination")
+    max_checks: int = Field(2, ge=1, description="failed examinations before final rejection")
+
+
+class LossConfig(BaseModel):
+    """The training loss (learner/losses.py): robust loss, imbalance and recency corrections."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    robust: Literal["ce", "gce", "sce"] = "ce"
+    gce_q: float = Field(0.7, gt=0, le=1)
+    sce_alpha: float = Field(0.1, ge=0)
+    sce_beta: float = Field(1.0, ge=0)
+    ace: bool = Field(True, description="ER-ACE: new rows' loss over the batch's classes only")
+    logit_adjust_tau: float = Field(
+        1.0, ge=0, description="logit adjustment by running priors; 1 = balanced softmax, 0 off"
+    )
+    reweight: Literal["none", "effective-number"] = "none"
+    reweight_beta: float = Field(0.999, gt=0, lt=1)
+
+
 class LearnerConfig(BaseModel):
     """Everything that shapes the online learner; stored in reports and checkpoints."""
 
@@ -96,6 +146,9 @@ class LearnerConfig(BaseModel):
     ewc: EwcConfig = Field(default_factory=EwcConfig)
     packnet: PackNetConfig = Field(default_factory=PackNetConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
 
     @field_validator("strategy")
     @classmethod
@@ -202,6 +255,9 @@ class KafkaConfig(BaseModel):
     topic: str = "streamcl.samples"
     group_id: str = "streamcl"
     dead_letter_topic: str | None = Field(None, description="default: <topic>.dlq")
+    quarantine_topic: str | None = Field(
+        None, description="suspect-label samples, reason in headers; default: <topic>.quarantine"
+    )
     client_id: str = "streamcl"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None

@@ -7,6 +7,7 @@ summary, and stops everything it started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -27,11 +28,15 @@ log = logging.getLogger(__name__)
 DEMO_TOPIC = "streamcl.demo"
 
 
-def ensure_stream(workdir: Path, dataset: DatasetName, data_dir: str | None, seed: int) -> Path:
+def ensure_stream(
+    workdir: Path, dataset: DatasetName, data_dir: str | None, seed: int, label_noise: float = 0.0
+) -> Path:
     """Build the demo stream once; later demos reuse the file."""
-    stream = workdir / f"split-{dataset}-seed{seed}.scs"
+    noisy = f"-noise{label_noise:g}" if label_noise else ""
+    stream = workdir / f"split-{dataset}-seed{seed}{noisy}.scs"
     if not stream.exists() or not heldout_io.sidecar_path(stream).exists():
-        write(build(load(dataset, data_dir), ScenarioConfig(tasks=5, seed=seed)), stream)
+        scenario = ScenarioConfig(tasks=5, seed=seed, noise=label_noise)
+        write(build(load(dataset, data_dir), scenario), stream)
     return stream
 
 
@@ -44,15 +49,21 @@ def run_demo(
     http_port: int = 0,
     until_idle: float = 5.0,
     progress: bool | None = None,
+    label_noise: float = 0.0,
+    broker: EmbeddedBroker | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the service's report."""
+    """Run the demo; returns the service's report.
+
+    `broker`: an already running broker to use (and leave running), e.g. to read the
+    dead-letter and quarantine topics afterwards; by default one is started and stopped.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    stream = ensure_stream(workdir, dataset, data_dir, learner.seed)
+    stream = ensure_stream(workdir, dataset, data_dir, learner.seed, label_noise)
     with StreamReader(stream) as reader:
         spec = reader.spec
     checkpoints = workdir / "checkpoints"
     shutil.rmtree(checkpoints, ignore_errors=True)  # each demo learns from scratch
-    with EmbeddedBroker() as broker:
+    with contextlib.nullcontext(broker) if broker is not None else EmbeddedBroker() as broker:
         broker.create_topic(DEMO_TOPIC, partitions=1)
         settings = KafkaSettings(broker.bootstrap_servers)
         published: list[PublishResult] = []

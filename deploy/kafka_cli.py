@@ -268,6 +268,13 @@ def record(
     show_envvar=True,
     help="Port for /healthz, /readyz, /predict on 127.0.0.1 (0: any free port).",
 )
+@click.option(
+    "--label-noise",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_envvar=True,
+    help="Share of the demo stream's labels corrupted (symmetric), to see the filters work.",
+)
 @click.option("--seed", type=int, default=0, show_envvar=True)
 @click.option("--progress/--no-progress", default=None, show_envvar=True)
 def demo(
@@ -278,6 +285,7 @@ def demo(
     memory: int,
     rate: float | None,
     http_port: int,
+    label_noise: float,
     seed: int,
     progress: bool | None,
 ) -> None:
@@ -299,6 +307,7 @@ def demo(
         rate,
         http_port,
         progress=progress,
+        label_noise=label_noise,
     )
     click.echo(f"published {report['published']} messages; consumed through the embedded broker")
     for line in summary_lines(report):

@@ -16,6 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from ingest.codec import REJECT_REASONS
 
 OUTCOMES = ("learned", "quarantined", "rejected", "held_out")
+"""What became of a message when it arrived; a quarantined one is later re-admitted
+(learned) or rejected as noisy (QUARANTINE_DECISIONS), or is still in quarantine."""
+QUARANTINE_DECISIONS = ("readmitted", "rejected_noisy")
 MAX_GROUP_LABELS = 64
 """Per-group series beyond this many groups are not exported (bounded cardinality)."""
 UPDATE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -125,12 +128,27 @@ class ServiceMetrics:
             "Unix time the loop last polled Kafka.",
             registry=r,
         )
+        self.quarantine_decisions = Counter(
+            "streamcl_quarantine_decisions",
+            "Quarantined samples re-examined: re-admitted (learned) or rejected as noisy.",
+            ["decision"],
+            registry=r,
+        )
+        self.quarantine_items = Gauge(
+            "streamcl_quarantine_items",
+            "Suspect-label samples waiting in quarantine. Messages consumed = learned + "
+            "quarantined + rejected + held out (outcomes); quarantined = re-admitted + "
+            "rejected as noisy + still in quarantine.",
+            registry=r,
+        )
         # process_* series (start time, memory, CPU) from the standard collectors.
         ProcessCollector(registry=r)
         for outcome in OUTCOMES:
             self.samples.labels(outcome)
         for reason in (*REJECT_REASONS, "corrupt_frame"):
             self.rejected.labels(reason)
+        for decision in QUARANTINE_DECISIONS:
+            self.quarantine_decisions.labels(decision)
 
     def track_device_memory(self, read_bytes: Callable[[], float]) -> None:
         """Export accelerator memory in use (only called when the learner is on a GPU)."""
@@ -154,8 +172,11 @@ class ServiceMetrics:
 
 def record_report(metrics: ServiceMetrics, report: dict[str, Any]) -> None:
     """Load a finished run's report into `metrics` (for `replay`'s batch evaluations)."""
-    metrics.samples.labels("learned").inc(report["samples_learned"])
-    metrics.samples.labels("quarantined").inc(report["samples_quarantined"])
+    metrics.samples.labels("learned").inc(report["samples_admitted"])
+    metrics.samples.labels("quarantined").inc(report["samples_quarantined_total"])
+    metrics.quarantine_decisions.labels("readmitted").inc(report["samples_readmitted"])
+    metrics.quarantine_decisions.labels("rejected_noisy").inc(report["samples_rejected_noisy"])
+    metrics.quarantine_items.set(report["samples_quarantined"])
     metrics.samples.labels("held_out").inc(report.get("samples_held_out", 0))
     for reason, count in report["rejected_by_reason"].items():
         metrics.rejected.labels(reason).inc(count)

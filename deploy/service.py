@@ -26,8 +26,10 @@ from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
 from evaluation.reservoir import ProbeReservoir
 from ingest import heldout as heldout_io
+from ingest.codec import encode
 from ingest.kafka import (
     DEAD_LETTER_SUFFIX,
+    QUARANTINE_SUFFIX,
     Arrival,
     DeadLetterSink,
     KafkaSettings,
@@ -35,7 +37,7 @@ from ingest.kafka import (
     KafkaSourceError,
     Offsets,
 )
-from ingest.schema import Batch, Rejected, StreamSpec
+from ingest.schema import Batch, Rejected, Sample, StreamSpec
 from learner.checkpoint import CheckpointError, CheckpointStore, write_snapshot
 from learner.strategies import replay_buffer
 
@@ -53,6 +55,9 @@ SHAPING_FIELDS = (
     "packnet",
     "detector",
     "use_task_ids",
+    "noise",
+    "quarantine",
+    "loss",
 )
 
 
@@ -98,6 +103,7 @@ class Service:
             on_learned=self._learned,
             probe=self._probe(config),
             on_evaluated=self._evaluated,
+            on_quarantined=self._quarantined,
         )
         self.memory = replay_buffer(self.learner.strategies)
         if self.memory is not None:
@@ -111,6 +117,10 @@ class Service:
             config.kafka.dead_letter_topic or config.kafka.topic + DEAD_LETTER_SUFFIX
         )
         self.dead_letters = DeadLetterSink(settings, dead_letter_topic)
+        self.quarantine_sink = DeadLetterSink(
+            settings, config.kafka.quarantine_topic or config.kafka.topic + QUARANTINE_SUFFIX
+        )
+        self._filter_counts = dict(self.session.filtering.counts)
         self.source = KafkaSource(
             settings,
             config.kafka.topic,
@@ -158,6 +168,8 @@ class Service:
         _check_compatible(json.loads(state["learner_config"]), self.config.learner, restored.path)
         self.learner.load_state_dict(state["learner"])
         self.session.load_state_dict(state["session"])
+        self._filter_counts = dict(self.session.filtering.counts)
+        self.metrics.quarantine_items.set(self.session.in_quarantine)
         offsets = {(str(t), int(p)): int(o) for t, p, o in state["offsets"]}
         self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
         self.metrics.model_version.set(self.learner.updates)
@@ -252,6 +264,7 @@ class Service:
         with self.model_lock:
             try:
                 self.dead_letters.flush()
+                self.quarantine_sink.flush()
             except KafkaSourceError as err:
                 log.error("checkpoint postponed: dead letters not delivered error=%s", err)
                 self.metrics.checkpoint_failures.inc()
@@ -315,6 +328,7 @@ class Service:
     def close(self) -> None:
         self.source.close()
         self.dead_letters.close()
+        self.quarantine_sink.close()
         if self._audit is not None:
             self._audit.close()
 
@@ -325,7 +339,7 @@ class Service:
         if detector is not None and len(detector.events) > self._drift_events_seen:
             m.drift_events.inc(len(detector.events) - self._drift_events_seen)
             self._drift_events_seen = len(detector.events)
-        m.samples.labels("learned").inc(len(batch))
+        self._export_filtering()
         m.updates.inc(self.learner.steps_per_batch)
         m.update_seconds.observe(update_seconds)
         m.model_version.set(self.learner.updates)
@@ -347,6 +361,33 @@ class Service:
                 json.dumps({"updates": self.learner.updates, "learned": pairs}) + "\n"
             )
             self._audit.flush()
+
+    def _quarantined(self, batch: Batch, rows: np.ndarray, reasons: tuple[str, ...]) -> None:
+        """Copy suspect samples to the quarantine topic, the filter that flagged them in headers."""
+        for row, reason in zip(rows.tolist(), reasons, strict=True):
+            origin = batch.origins[row] if batch.origins else None
+            sample = Sample(
+                batch.features[row],
+                int(batch.labels[row]),
+                int(batch.tasks[row]),
+                int(batch.sample_ids[row]),
+                int(batch.event_times_ms[row]),
+            )
+            self.quarantine_sink.send(
+                Rejected(encode(sample), f"suspect_label_{reason}", f"filter={reason}", origin)
+            )
+
+    def _export_filtering(self) -> None:
+        """Outcome counters by the filter's decisions since the last export; quarantine size."""
+        m = self.metrics
+        counts = self.session.filtering.counts
+        delta = {k: counts[k] - self._filter_counts.get(k, 0) for k in counts}
+        self._filter_counts = dict(counts)
+        m.samples.labels("learned").inc(delta["admitted"])
+        m.samples.labels("quarantined").inc(delta["quarantined"])
+        m.quarantine_decisions.labels("readmitted").inc(delta["readmitted"])
+        m.quarantine_decisions.labels("rejected_noisy").inc(delta["rejected_noisy"])
+        m.quarantine_items.set(self.session.in_quarantine)
 
     def _export_lag(self) -> None:
         lag = self.source.lag()

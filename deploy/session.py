@@ -21,7 +21,8 @@ from evaluation.reservoir import ProbeReservoir
 from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
 from ingest.heldout import HeldOut
 from ingest.schema import NO_TASK, Batch, Origin, Sample
-from learner.loop import OnlineLearner
+from learner.loop import LearnResult, OnlineLearner
+from learner.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 TIMING_KEYS = ("samples_per_second", "evaluation_seconds", "wall_seconds")
@@ -40,6 +41,7 @@ class LearningSession:
         on_learned: Callable[[Batch, float], None] | None = None,
         probe: ProbeReservoir | None = None,
         on_evaluated: Callable[[LearningSession], None] | None = None,
+        on_quarantined: Callable[[Batch, np.ndarray, tuple[str, ...]], None] | None = None,
     ):
         self.learner = learner
         self.heldout = heldout
@@ -47,6 +49,8 @@ class LearningSession:
         self.eval_every = eval_every
         self.on_learned = on_learned
         self.on_evaluated = on_evaluated
+        self.on_quarantined = on_quarantined
+        self.filtering = FilterAccounting(heldout.train_corrupted if heldout is not None else None)
         self.probe = probe if heldout is None else None
         # Groups: the held-out set's (tasks, usually); a diverted probe's are classes.
         self.group_kind = heldout.group_kind if heldout is not None else "class"
@@ -75,7 +79,24 @@ class LearningSession:
 
     @property
     def samples_rejected(self) -> int:
+        """Rejected as invalid (decoding, validation); noisy rejections are counted apart."""
         return sum(self.rejected.values())
+
+    def accounting_holds(self) -> bool:
+        """seen = learned + in quarantine + rejected (noisy) + rejected (invalid)
+        + held out + pending: every message is in exactly one place."""
+        return self.samples_seen == (
+            self.samples_learned
+            + self.in_quarantine
+            + self.filtering.counts["rejected_noisy"]
+            + self.samples_rejected
+            + self.samples_held_out
+            + self.pending
+        )
+
+    @property
+    def in_quarantine(self) -> int:
+        return len(self.learner.quarantine) if self.learner.quarantine is not None else 0
 
     def offer(self, sample: Sample) -> bool:
         """Queue one valid sample; learn when a batch is full, evaluate at task boundaries.
@@ -110,7 +131,10 @@ class LearningSession:
         result = self.learner.learn(batch)
         seconds = time.perf_counter() - started
         self.prequential.update(result.predictions == batch.labels)
-        self.samples_learned += len(batch)
+        self.samples_learned += result.learned
+        self.filtering.update(batch, result)
+        if self.on_quarantined is not None and result.quarantine_reasons:
+            self.on_quarantined(batch, np.flatnonzero(~result.admitted), result.quarantine_reasons)
         if self.matrix.num_groups:
             groups = batch.tasks if self.group_kind == "task" else batch.labels
             self.matrix.observe(groups[groups >= 0])
@@ -178,9 +202,11 @@ class LearningSession:
             "samples_seen": self.samples_seen,
             "samples_learned": self.samples_learned,
             "samples_rejected": self.samples_rejected,
-            "samples_quarantined": 0,
+            "samples_quarantined": self.in_quarantine,
             "samples_held_out": self.samples_held_out,
             "samples_pending": self.pending,
+            **self.filtering.report(self.learner.quarantine, self.samples_seen),
+            "accounting_holds": self.accounting_holds(),
             "corrupt_frames": corrupt_frames,
             "rejected_by_reason": dict(sorted(reasons.items())),
             "updates": self.learner.updates,
@@ -197,6 +223,7 @@ class LearningSession:
             "samples_seen": self.samples_seen,
             "samples_learned": self.samples_learned,
             "samples_held_out": self.samples_held_out,
+            "filtering": self.filtering.state_dict(),
             "probe": self.probe.state_dict() if self.probe is not None else None,
             "rejected": dict(self.rejected),
             "current_task": self._current_task,
@@ -219,6 +246,7 @@ class LearningSession:
         self.samples_seen = int(state["samples_seen"])
         self.samples_learned = int(state["samples_learned"])
         self.samples_held_out = int(state["samples_held_out"])
+        self.filtering.load_state_dict(state["filtering"])
         if self.probe is not None and state["probe"] is not None:
             self.probe.load_state_dict(state["probe"])
         self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})
@@ -238,6 +266,86 @@ class LearningSession:
                 float(probe["overall"]),
             )
         )
+
+
+class FilterAccounting:
+    """Counters of the noise filter's decisions and, given ground-truth noise flags
+    `[stream length]` indexed by sample id, its precision and recall (never shown to
+    the learner)."""
+
+    KEYS = ("admitted", "quarantined", "readmitted", "rejected_noisy")
+
+    def __init__(self, corrupted: np.ndarray | None):
+        self.corrupted = corrupted
+        self.counts = dict.fromkeys(self.KEYS, 0)
+        self.corrupt = dict.fromkeys((*self.KEYS, "seen"), 0)
+
+    def _flags(self, sample_ids: np.ndarray) -> np.ndarray:
+        if self.corrupted is None:
+            return np.zeros(len(sample_ids), dtype=bool)
+        inside = (sample_ids >= 0) & (sample_ids < len(self.corrupted))
+        flags = np.zeros(len(sample_ids), dtype=bool)
+        flags[inside] = self.corrupted[sample_ids[inside]]
+        return flags
+
+    def update(self, batch: Batch, result: LearnResult) -> None:
+        flags = self._flags(batch.sample_ids)
+        groups = {
+            "seen": flags,
+            "admitted": flags[result.admitted],
+            "quarantined": flags[~result.admitted],
+            "readmitted": self._flags(
+                np.array([s.sample_id for s in result.readmitted], dtype=np.int64)
+            ),
+            "rejected_noisy": self._flags(
+                np.array([h.sample.sample_id for h in result.rejected], dtype=np.int64)
+            ),
+        }
+        for key, group in groups.items():
+            if key != "seen":
+                self.counts[key] += len(group)
+            self.corrupt[key] += int(group.sum())
+
+    def report(self, quarantine: Quarantine | None, seen: int) -> dict[str, Any]:
+        """Counters, and precision/recall when the stream has noise flags."""
+        out: dict[str, Any] = {
+            "samples_admitted": self.counts["admitted"],
+            "samples_quarantined_total": self.counts["quarantined"],
+            "samples_readmitted": self.counts["readmitted"],
+            "samples_rejected_noisy": self.counts["rejected_noisy"],
+        }
+        if self.corrupted is None:
+            return out
+        held = self._flags(quarantine.sample_ids()) if quarantine is not None else np.zeros(0, bool)
+        kept_out = self.counts["rejected_noisy"] + len(held)
+        kept_out_corrupt = self.corrupt["rejected_noisy"] + int(held.sum())
+        corrupt_seen = self.corrupt["seen"]
+        out["filter"] = {
+            "corrupted_seen": corrupt_seen,
+            "corrupted_learned": self.corrupt["admitted"] + self.corrupt["readmitted"],
+            "rejected_precision": _ratio(
+                self.corrupt["rejected_noisy"], self.counts["rejected_noisy"]
+            ),
+            "rejected_recall": _ratio(self.corrupt["rejected_noisy"], corrupt_seen),
+            "quarantined_precision": _ratio(
+                self.corrupt["quarantined"], self.counts["quarantined"]
+            ),
+            "quarantined_recall": _ratio(self.corrupt["quarantined"], corrupt_seen),
+            "kept_out_precision": _ratio(kept_out_corrupt, kept_out),
+            "kept_out_recall": _ratio(kept_out_corrupt, corrupt_seen),
+        }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "corrupt": dict(self.corrupt)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.corrupt = {k: int(v) for k, v in state["corrupt"].items()}
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
 
 
 def _samples_state(samples: list[Sample]) -> dict[str, Any]:
@@ -299,7 +407,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"samples seen/learned    {report['samples_seen']} / {report['samples_learned']}",
         f"rejected                {report['samples_rejected']} "
         f"{report['rejected_by_reason'] or ''}".rstrip(),
-        f"quarantined             {report['samples_quarantined']}",
+        f"quarantined now/ever    {report['samples_quarantined']} / "
+        f"{report['samples_quarantined_total']} (re-admitted {report['samples_readmitted']}, "
+        f"rejected as noisy {report['samples_rejected_noisy']})",
         f"throughput              {report['samples_per_second']:.0f} samples/s "
         f"({report['environment']['threads']} thread(s), {report['environment']['device']})",
     ]

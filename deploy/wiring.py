@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from deploy.config import LearnerConfig
@@ -11,10 +13,21 @@ from ingest.errors import ConfigError
 from ingest.schema import StreamSpec
 from learner.drift import BoundaryDetector
 from learner.ewc import OnlineEWC
+from learner.filters import (
+    BruteForceNeighbours,
+    Filter,
+    NeighbourAgreement,
+    NoiseFilter,
+    SmallLoss,
+    embed_inputs,
+    embedding_dim,
+)
 from learner.loop import OnlineLearner
+from learner.losses import TrainingLoss
 from learner.models import build_model
 from learner.packnet import PackNet
-from learner.strategies import ExperienceReplay, Naive, Strategy
+from learner.quarantine import Quarantine
+from learner.strategies import ExperienceReplay, Naive, Strategy, replay_buffer
 from memory.buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -63,6 +76,13 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         detector=build_detector(config, spec),
         consolidate_every=config.ewc.consolidate_every if "ewc" in config.parts else None,
         use_task_ids=config.use_task_ids,
+        loss=build_loss(config, spec),
+        noise_filter=build_noise_filter(config, spec, replay_buffer(strategies)),
+        quarantine=Quarantine(
+            config.quarantine.capacity,
+            config.quarantine.recheck_after,
+            config.quarantine.max_checks,
+        ),
     )
     log.info("learner built strategy=%s model=%s device=%s", config.strategy, config.model, device)
     return learner
@@ -123,3 +143,78 @@ def build_detector(config: LearnerConfig, spec: StreamSpec) -> BoundaryDetector 
         alpha=settings.alpha,
         confidence=settings.confidence,
     )
+
+
+def build_loss(config: LearnerConfig, spec: StreamSpec) -> TrainingLoss:
+    settings = config.loss
+    return TrainingLoss(
+        spec.num_classes,
+        robust=settings.robust,
+        gce_q=settings.gce_q,
+        sce_alpha=settings.sce_alpha,
+        sce_beta=settings.sce_beta,
+        ace=settings.ace,
+        logit_adjust_tau=settings.logit_adjust_tau,
+        reweight=settings.reweight,
+        reweight_beta=settings.reweight_beta,
+    )
+
+
+def build_noise_filter(
+    config: LearnerConfig, spec: StreamSpec, memory: ReplayBuffer | None
+) -> NoiseFilter | None:
+    """The enabled filters; the neighbour search covers the replay memory when there is one."""
+    settings = config.noise
+    if not settings.enabled:
+        return None
+    filters: list[Filter] = []
+    if settings.knn:
+        knn = NeighbourAgreement(
+            embedding_dim(spec.feature_size), settings.knn_k, settings.knn_window
+        )
+        knn.neighbours = BruteForceNeighbours(
+            knn.window, memory_embeddings(memory, spec) if memory is not None else None
+        )
+        filters.append(knn)
+    if settings.small_loss:
+        filters.append(
+            SmallLoss(
+                spec.num_classes,
+                warmup=settings.warmup,
+                window=settings.loss_window,
+                min_class_samples=settings.min_class_samples,
+                min_separation=settings.min_separation,
+            )
+        )
+    return NoiseFilter(filters)
+
+
+def memory_embeddings(
+    memory: ReplayBuffer, spec: StreamSpec
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """The memory's items as unit vectors `[M, D]` and labels `[M]`, scaled like the inputs.
+
+    Embeddings are cached per slot and recomputed only for the slots whose bytes changed
+    since the last query (a few per update).
+    """
+    scale = 1.0 / 255.0 if spec.dtype == "uint8" else 1.0
+    store = memory.store
+    seen = np.zeros_like(store.features)
+    cache = torch.zeros(store.capacity, embedding_dim(spec.feature_size))
+    valid = np.zeros(store.capacity, dtype=bool)
+
+    def items() -> tuple[torch.Tensor, torch.Tensor]:
+        size = store.size
+        current = store.features[:size]
+        changed = ~valid[:size] | (current != seen[:size]).reshape(size, spec.feature_size).any(
+            axis=1
+        )
+        rows = np.flatnonzero(changed)
+        if len(rows):
+            fresh = torch.from_numpy(current[rows]).flatten(1).float() * scale
+            cache[torch.from_numpy(rows)] = embed_inputs(fresh)
+            seen[rows] = current[rows]
+            valid[rows] = True
+        return cache[:size], torch.from_numpy(store.labels[:size])
+
+    return items

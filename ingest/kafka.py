@@ -29,6 +29,8 @@ Offsets = dict[tuple[str, int], int]
 """(topic, partition) -> next offset to consume."""
 
 DEAD_LETTER_SUFFIX = ".dlq"
+QUARANTINE_SUFFIX = ".quarantine"
+"""Suspect-label samples go to `<topic>.quarantine` (a `DeadLetterSink` with other reasons)."""
 MAX_DEAD_LETTER_PAYLOAD = 900 * 1024
 """Payloads above this go to the dead-letter topic truncated (with their original size
 in a header), so a broker's message-size limit can never stall the service."""

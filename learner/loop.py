@@ -13,8 +13,11 @@ from torch import nn
 from torch.func import functional_call
 
 from ingest.errors import ConfigError
-from ingest.schema import NO_TASK, Batch, StreamSpec
+from ingest.schema import NO_TASK, Batch, Sample, StreamSpec
 from learner.drift import BoundaryDetector
+from learner.filters import NoiseFilter, embed_inputs
+from learner.losses import TrainingLoss
+from learner.quarantine import Held, Quarantine
 from learner.strategies import Boundary, Strategy, UpdateBatch
 
 log = logging.getLogger(__name__)
@@ -22,10 +25,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LearnResult:
-    """predictions: `[B]` labels the model gave the batch *before* learning it (prequential)."""
+    """What one `learn` did with the batch and with the quarantine.
+
+    predictions: `[B]` labels the model gave the batch *before* learning it (prequential);
+    admitted: `[B]` bool, the rows learned now (the rest went to quarantine with
+    `quarantine_reasons`, one per row in order); readmitted: quarantined samples that
+    passed re-examination and were learned in this update; rejected: samples finally
+    rejected as noisy.
+    """
 
     predictions: np.ndarray
     loss: float
+    admitted: np.ndarray
+    quarantine_reasons: tuple[str, ...] = ()
+    readmitted: tuple[Sample, ...] = ()
+    rejected: tuple[Held, ...] = ()
+
+    @property
+    def learned(self) -> int:
+        return int(self.admitted.sum()) + len(self.readmitted)
 
 
 class InputAdapter:
@@ -69,6 +87,9 @@ class OnlineLearner:
         detector: BoundaryDetector | None = None,
         consolidate_every: int | None = None,
         use_task_ids: bool = True,
+        loss: TrainingLoss | None = None,
+        noise_filter: NoiseFilter | None = None,
+        quarantine: Quarantine | None = None,
     ):
         if steps_per_batch < 1:
             raise ConfigError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
@@ -83,6 +104,9 @@ class OnlineLearner:
         self.detector = detector
         self.consolidate_every = consolidate_every
         self.use_task_ids = use_task_ids
+        self.loss = loss or TrainingLoss(spec.num_classes, ace=False, logit_adjust_tau=0.0)
+        self.noise_filter = noise_filter
+        self.quarantine = quarantine if noise_filter is not None else None
         self.to_inputs = InputAdapter(spec, device)
         self.updates = 0
         self.samples = 0
@@ -96,31 +120,55 @@ class OnlineLearner:
         return self.use_task_ids and any(s.task_aware for s in self.strategies)
 
     def learn(self, batch: Batch) -> LearnResult:
-        """Run `steps_per_batch` updates on the batch (plus whatever strategies add)."""
+        """Run `steps_per_batch` updates on the batch (plus whatever strategies add).
+
+        With a noise filter, the first forward pass also judges the arriving rows:
+        suspects go to quarantine and take no part in the update or the memory; samples
+        re-admitted from quarantine are learned alongside the batch.
+        """
         if not self.model.training:
             self.model.train()
         if not self.use_task_ids:
             batch = dataclasses.replace(batch, tasks=np.full(len(batch), NO_TASK, np.int64))
         tasks = self._follow_tasks(batch.tasks)
+        readmitted, rejected = self._reexamine()
+        learnt = _with_samples(batch, readmitted)
+        n = len(batch)
         fresh = UpdateBatch(
-            features=torch.from_numpy(batch.features),
-            labels=torch.from_numpy(batch.labels),
-            tasks=torch.from_numpy(tasks),
-            num_new=len(batch),
+            features=torch.from_numpy(learnt.features),
+            labels=torch.from_numpy(learnt.labels),
+            tasks=torch.from_numpy(np.concatenate([tasks, self._own_tasks(learnt.tasks[n:])])),
+            num_new=len(learnt),
         )
+        reasons = [""] * n
         predictions = torch.empty(0, dtype=torch.int64)
         first_logits = torch.empty(0)
+        loss = torch.zeros(())
         for step in range(self.steps_per_batch):
             update = fresh
             for strategy in self.strategies:
                 update = strategy.prepare(update)
-            logits = self._forward(self.to_inputs(update.features), update.tasks)
+            inputs = self.to_inputs(update.features)
+            logits = self._forward(inputs, update.tasks)
+            labels = update.labels.to(self.device, non_blocking=True)
+            num_new = update.num_new
             if step == 0:
                 # The first forward pass precedes any update on this batch: test-then-train.
-                first_logits = logits[: update.num_new].detach()
+                first_logits = logits[:n].detach()
                 predictions = first_logits.argmax(dim=1)
-            labels = update.labels.to(self.device, non_blocking=True)
-            loss = nn.functional.cross_entropy(logits, labels)
+                if self.noise_filter is not None:
+                    reasons = judge(self.noise_filter, first_logits, inputs[:n], labels[:n])
+                    suspect = np.array([bool(r) for r in reasons])
+                    if suspect.any():
+                        keep = np.ones(len(labels), dtype=bool)
+                        keep[:n] = ~suspect
+                        rows = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
+                        logits, labels = logits[rows], labels[rows]
+                        num_new -= int(suspect.sum())
+                        fresh = _drop_new(fresh, suspect)  # later steps never see them
+            if not len(labels):
+                break  # every arrival is suspect and the memory is empty: nothing to learn
+            loss = self.loss(logits, labels, num_new)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for strategy in self.strategies:
@@ -136,12 +184,48 @@ class OnlineLearner:
             for strategy in self.strategies:
                 strategy.after_step(self.model)
             self.updates += 1
-        for strategy in self.strategies:
-            strategy.after_update(batch)
+        admitted = np.array([not r for r in reasons], dtype=bool)
+        suspects = np.flatnonzero(~admitted)
+        if len(suspects) and self.quarantine is not None:
+            self.quarantine.add(batch, suspects, [reasons[i] for i in suspects], self.samples)
+        kept = _keep_rows(learnt, np.concatenate([admitted, np.ones(len(readmitted), bool)]))
+        if len(kept):
+            self.loss.priors.update(torch.from_numpy(kept.labels))
+            for strategy in self.strategies:
+                strategy.after_update(kept)
         first = self.samples
-        self.samples += len(batch)
+        self.samples += n
         self._detect(batch, first_logits, first)
-        return LearnResult(predictions.cpu().numpy(), float(loss.detach()))
+        return LearnResult(
+            predictions.cpu().numpy(),
+            float(loss.detach()),
+            admitted,
+            tuple(reasons[i] for i in suspects),
+            tuple(readmitted),
+            tuple(rejected),
+        )
+
+    def _reexamine(self) -> tuple[list[Sample], list[Held]]:
+        """Quarantined samples due now: those the model predicts as labelled are re-admitted."""
+        if self.quarantine is None:
+            return [], []
+        examined = self.quarantine.due(self.samples)
+        if not examined:
+            return [], []
+        features = np.stack([h.sample.features for h in examined])
+        tasks = self._own_tasks(np.array([h.sample.task for h in examined], dtype=np.int64))
+        labels = np.array([h.sample.label for h in examined], dtype=np.int64)
+        was_training = self.model.training
+        passed = self.predict(features, tasks) == labels
+        self.model.train(was_training)
+        verdict = self.quarantine.settle(examined, passed, self.samples)
+        return verdict.readmitted, verdict.rejected
+
+    def _own_tasks(self, tasks: np.ndarray) -> np.ndarray:
+        """Task ids of held samples `[n]`: their own, or the current one if they carry none."""
+        if not self.use_task_ids:
+            return np.full(len(tasks), self.task, dtype=np.int64)
+        return np.where(tasks == NO_TASK, self.task, tasks)
 
     def _follow_tasks(self, stream_tasks: np.ndarray) -> np.ndarray:
         """Consolidate on a task-id change; the rows' task ids `[B]` (NO_TASK -> segment)."""
@@ -287,6 +371,9 @@ class OnlineLearner:
             "since_boundary": self._since_boundary,
             "boundaries": [[b.sample, b.reason, b.next_task] for b in self.boundaries],
             "detector": self.detector.state_dict() if self.detector is not None else None,
+            "loss": self.loss.state_dict(),
+            "noise_filter": self.noise_filter.state_dict() if self.noise_filter else None,
+            "quarantine": self.quarantine.state_dict() if self.quarantine else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -303,3 +390,63 @@ class OnlineLearner:
             raise ConfigError("checkpoint and learner disagree on having a boundary detector")
         if self.detector is not None:
             self.detector.load_state_dict(state["detector"])
+        self.loss.load_state_dict(state["loss"])
+        if (self.noise_filter is None) != (state["noise_filter"] is None):
+            raise ConfigError("checkpoint and learner disagree on having a noise filter")
+        if self.noise_filter is not None:
+            self.noise_filter.load_state_dict(state["noise_filter"])
+        if self.quarantine is not None:
+            self.quarantine.load_state_dict(state["quarantine"])
+
+
+def judge(
+    noise_filter: NoiseFilter, logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+) -> list[str]:
+    """Per arriving row `[B]`: '' to learn it, else the filter that flagged it; then let the
+    filters observe the rows (loss windows, neighbour window)."""
+    losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    embeddings = embed_inputs(inputs)
+    reasons = noise_filter.judge(losses, embeddings, labels)
+    noise_filter.observe(losses, embeddings, labels, np.array([not r for r in reasons]))
+    return reasons
+
+
+def _with_samples(batch: Batch, samples: list[Sample]) -> Batch:
+    """The batch followed by `samples` (re-admitted from quarantine)."""
+    if not samples:
+        return batch
+    extra = Batch.from_samples(samples)
+    return Batch(
+        np.concatenate([batch.features, extra.features]),
+        np.concatenate([batch.labels, extra.labels]),
+        np.concatenate([batch.tasks, extra.tasks]),
+        np.concatenate([batch.sample_ids, extra.sample_ids]),
+        np.concatenate([batch.event_times_ms, extra.event_times_ms]),
+        (batch.origins + extra.origins) if batch.origins else (),
+    )
+
+
+def _keep_rows(batch: Batch, keep: np.ndarray) -> Batch:
+    if keep.all():
+        return batch
+    rows = np.flatnonzero(keep)
+    return Batch(
+        batch.features[rows],
+        batch.labels[rows],
+        batch.tasks[rows],
+        batch.sample_ids[rows],
+        batch.event_times_ms[rows],
+        tuple(batch.origins[i] for i in rows) if batch.origins else (),
+    )
+
+
+def _drop_new(update: UpdateBatch, suspect: np.ndarray) -> UpdateBatch:
+    """`update` without its first `len(suspect)` rows that are suspect."""
+    keep = torch.ones(len(update.labels), dtype=torch.bool)
+    keep[: len(suspect)] = torch.from_numpy(~suspect)
+    return UpdateBatch(
+        update.features[keep],
+        update.labels[keep],
+        update.tasks[keep],
+        update.num_new - int(suspect.sum()),
+    )

@@ -1,0 +1,342 @@
+"""Label-noise filters: small-loss selection and neighbour label agreement, composable.
+
+Each filter looks at the arriving rows before the model learns them and says, per row,
+`PASS`, `FLAG` (suspect) or `ABSTAIN` (no basis to judge yet); a `NoiseFilter` runs the
+enabled ones and a row is suspect when any filter flags it, with that filter's name as
+the reason. The learner never sees ground-truth noise flags.
+
+Why these designs (measured on Split Fashion-MNIST, /work/shared/FINDINGS.md):
+- Small loss keeps one *global* loss model, not one per class: early in a task a label
+  that names a class the model has not learned has no clean reference of its own, and
+  per-class thresholds then judge it against noise only. Labels with too few admitted
+  samples make the filter abstain instead, and the neighbour filter covers them.
+  The threshold is adaptive: a two-component Gaussian mixture over recent log-losses
+  (the high-loss component is the noise), trusted only when the two components are
+  well separated (Ashman's D), so a clean stream, whose losses are not bimodal, is not
+  filtered at all.
+- Neighbour agreement searches the memory *plus a window of recent arrivals*: the
+  memory alone holds no sample of a brand-new class, so every clean sample of it would
+  disagree. A row is suspect when its label is not the most frequent among its
+  neighbours' labels, which holds for symmetric, pair-flip and class-dependent noise as
+  long as the true label stays the plurality.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ingest.errors import ConfigError
+
+PASS, FLAG, ABSTAIN = 0, 1, -1
+NeighbourLabels = Callable[[torch.Tensor, int], torch.Tensor]
+"""`(queries [B, D], k) -> labels [B, k]` of each query's k nearest stored items (-1 pads
+when fewer are stored). A FAISS index over the memory can stand in for the brute force."""
+
+
+class Filter(Protocol):
+    name: str
+
+    def judge(
+        self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> np.ndarray:
+        """`[B]` of PASS / FLAG / ABSTAIN for rows with losses, embeddings `[B, D]`, labels."""
+        ...
+
+    def observe(
+        self,
+        losses: torch.Tensor,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        admitted: np.ndarray,
+    ) -> None:
+        """Learn from the arrivals just judged (all of them; `admitted` `[B]` bool)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+EMBED_DIM = 196
+"""Inputs longer than this are average-pooled down to it for neighbour search (a 28x28
+image to 196 values): kNN over the pooled vector is as telling and 4x cheaper."""
+
+
+def embed_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    """`[B, *shape]` scaled inputs -> `[B, D]` unit vectors (cosine similarity by dot product).
+
+    Raw inputs, not the model's features: stored embeddings then never go stale.
+    """
+    flat = inputs.detach().flatten(1).float()
+    if flat.shape[1] > EMBED_DIM:
+        flat = nn.functional.adaptive_avg_pool1d(flat.unsqueeze(1), EMBED_DIM).squeeze(1)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def embedding_dim(feature_size: int) -> int:
+    return min(feature_size, EMBED_DIM)
+
+
+class RecentWindow:
+    """The last `size` arrivals' embeddings `[size, D]` and labels, whatever their verdict."""
+
+    def __init__(self, size: int, dim: int):
+        if size < 1:
+            raise ConfigError(f"neighbour window must be >= 1 sample, got {size}")
+        self.embeddings = torch.zeros(size, dim)
+        self.labels = torch.full((size,), -1, dtype=torch.int64)
+        self.next = 0
+        self.count = 0
+
+    def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        rows = (self.next + torch.arange(len(labels))) % len(self.labels)
+        self.embeddings[rows] = embeddings.cpu()
+        self.labels[rows] = labels.cpu()
+        self.next = int((self.next + len(labels)) % len(self.labels))
+        self.count = min(self.count + len(labels), len(self.labels))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "embeddings": self.embeddings.clone(),
+            "labels": self.labels.clone(),
+            "next": self.next,
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.embeddings = state["embeddings"].clone()
+        self.labels = state["labels"].clone()
+        self.next, self.count = int(state["next"]), int(state["count"])
+
+
+class BruteForceNeighbours:
+    """Exact cosine kNN over the memory (via `memory_items`) plus the recent window.
+
+    `memory_items()` returns the memory's embeddings `[M, D]` and labels `[M]`.
+    """
+
+    def __init__(
+        self,
+        window: RecentWindow,
+        memory_items: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        self.window = window
+        self.memory_items = memory_items
+
+    def __call__(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        # Scores per source, then one top-k: concatenating the keys would copy them all.
+        queries = queries.cpu()
+        count = self.window.count
+        scores = [queries @ self.window.embeddings[:count].T]
+        values = [self.window.labels[:count]]
+        if self.memory_items is not None:
+            embeddings, labels = self.memory_items()
+            scores.append(queries @ embeddings.T)
+            values.append(labels)
+        score, value = torch.cat(scores, dim=1), torch.cat(values)
+        out = torch.full((len(queries), k), -1, dtype=torch.int64)
+        n = min(k, len(value))
+        if n:
+            out[:, :n] = value[score.topk(n, dim=1).indices]
+        return out
+
+
+class NeighbourAgreement:
+    """Flag a row whose label is not the plurality among its `k` nearest neighbours' labels.
+
+    Abstains while fewer than `k` neighbours exist. `neighbours` defaults to the brute
+    force over the recent window (and the memory, when the learner wires it in).
+    """
+
+    name = "knn"
+
+    def __init__(
+        self,
+        dim: int,
+        k: int = 10,
+        window: int = 1000,
+        neighbours: NeighbourLabels | None = None,
+    ):
+        if k < 1:
+            raise ConfigError(f"knn k must be >= 1, got {k}")
+        self.k = k
+        self.window = RecentWindow(window, dim)
+        self.neighbours: NeighbourLabels = neighbours or BruteForceNeighbours(self.window)
+
+    def judge(
+        self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> np.ndarray:
+        found = self.neighbours(embeddings, self.k)
+        valid = found >= 0
+        counts = torch.zeros(len(labels), int(max(labels.max(), found.max())) + 1)
+        counts.scatter_add_(1, found.clamp_min(0), valid.float())
+        own = counts.gather(1, labels.cpu().unsqueeze(1)).squeeze(1)
+        verdict = np.where((own < counts.max(dim=1).values).numpy(), FLAG, PASS)
+        return np.where(valid.sum(dim=1).numpy() < self.k, ABSTAIN, verdict)
+
+    def observe(
+        self,
+        losses: torch.Tensor,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        admitted: np.ndarray,
+    ) -> None:
+        self.window.add(embeddings, labels)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.window.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window.load_state_dict(state["window"])
+
+
+class SmallLoss:
+    """Flag rows in the high-loss component of a global two-component mixture of log-losses.
+
+    Abstains for the first `warmup` arrivals (the model is still random), for labels with
+    fewer than `min_class_samples` admitted arrivals (no clean reference yet), and while
+    the mixture's components overlap (Ashman's D below `min_separation`: not bimodal).
+    The mixture is refitted on the last `window` losses every `refit_every` arrivals.
+    """
+
+    name = "small-loss"
+
+    def __init__(
+        self,
+        num_classes: int,
+        warmup: int = 1000,
+        window: int = 2000,
+        refit_every: int = 500,
+        min_class_samples: int = 100,
+        min_separation: float = 2.0,
+    ):
+        if warmup < 0 or window < 10 or refit_every < 1 or min_class_samples < 0:
+            raise ConfigError(
+                "small-loss needs warmup >= 0, window >= 10, refit_every >= 1, "
+                f"min_class_samples >= 0; got {warmup}, {window}, {refit_every}, "
+                f"{min_class_samples}"
+            )
+        self.warmup = warmup
+        self.min_class_samples = min_class_samples
+        self.min_separation = min_separation
+        self.refit_every = refit_every
+        self.losses = np.zeros(window)
+        self.count = 0
+        self.admitted_per_class = np.zeros(num_classes, dtype=np.int64)
+        self.threshold = math.inf  # log-loss above which a row is flagged
+        self._since_fit = 0
+
+    def judge(
+        self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> np.ndarray:
+        values = np.log(losses.detach().cpu().double().numpy() + 1e-8)
+        verdict = np.where(values > self.threshold, FLAG, PASS)
+        immature = self.admitted_per_class[labels.cpu().numpy()] < self.min_class_samples
+        if self.count < self.warmup:
+            immature[:] = True
+        return np.where(immature, ABSTAIN, verdict)
+
+    def observe(
+        self,
+        losses: torch.Tensor,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        admitted: np.ndarray,
+    ) -> None:
+        values = np.log(losses.detach().cpu().double().numpy() + 1e-8)
+        rows = (self.count + np.arange(len(values))) % len(self.losses)
+        self.losses[rows] = values
+        self.count += len(values)
+        np.add.at(self.admitted_per_class, labels.cpu().numpy()[admitted], 1)
+        self._since_fit += len(values)
+        if self._since_fit >= self.refit_every and self.count >= min(self.warmup, len(self.losses)):
+            self._since_fit = 0
+            self.threshold = mixture_threshold(
+                self.losses[: min(self.count, len(self.losses))], self.min_separation
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "losses": torch.from_numpy(self.losses.copy()),
+            "count": self.count,
+            "admitted_per_class": torch.from_numpy(self.admitted_per_class.copy()),
+            "threshold": self.threshold,
+            "since_fit": self._since_fit,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = state["losses"].numpy().copy()
+        self.count = int(state["count"])
+        self.admitted_per_class = state["admitted_per_class"].numpy().copy()
+        self.threshold = float(state["threshold"])
+        self._since_fit = int(state["since_fit"])
+
+
+def mixture_threshold(values: np.ndarray, min_separation: float, iterations: int = 15) -> float:
+    """Fit a 1-D two-Gaussian mixture by EM; the value where the high component takes over.
+
+    Returns inf (flag nothing) when the components are not separated by Ashman's
+    D = sqrt(2) |mu1 - mu2| / sqrt(s1^2 + s2^2) >= `min_separation`.
+    """
+    lo, hi = np.quantile(values, [0.25, 0.75])
+    mu = np.array([lo, hi])
+    var = np.full(2, values.var() / 4 + 1e-6)
+    weight = np.array([0.5, 0.5])
+    for _ in range(iterations):
+        dens = weight * np.exp(-((values[:, None] - mu) ** 2) / (2 * var)) / np.sqrt(var)
+        resp = dens / dens.sum(axis=1, keepdims=True).clip(1e-300)
+        total = resp.sum(axis=0).clip(1e-12)
+        weight = total / len(values)
+        mu = (resp * values[:, None]).sum(axis=0) / total
+        var = (resp * (values[:, None] - mu) ** 2).sum(axis=0) / total + 1e-6
+    low, high = int(np.argmin(mu)), int(np.argmax(mu))
+    separation = math.sqrt(2) * abs(mu[high] - mu[low]) / math.sqrt(var[low] + var[high])
+    if low == high or separation < min_separation:
+        return math.inf
+    grid = np.linspace(mu[low], mu[high], 200)
+    dens = weight[:, None] * np.exp(-((grid - mu[:, None]) ** 2) / (2 * var[:, None]))
+    dens /= np.sqrt(var)[:, None]
+    above = np.flatnonzero(dens[high] > dens[low])
+    return float(grid[above[0]]) if len(above) else math.inf
+
+
+class NoiseFilter:
+    """Run the enabled filters; a row is suspect when any of them flags it."""
+
+    def __init__(self, filters: list[Filter]):
+        self.filters = filters
+
+    def judge(
+        self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> list[str]:
+        """Per row `[B]`: '' when admitted, else the name of the first filter that flagged it."""
+        reasons = [""] * len(labels)
+        for f in self.filters:
+            verdict = f.judge(losses, embeddings, labels)
+            for i in np.flatnonzero(verdict == FLAG):
+                if not reasons[i]:
+                    reasons[i] = f.name
+        return reasons
+
+    def observe(
+        self,
+        losses: torch.Tensor,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        admitted: np.ndarray,
+    ) -> None:
+        for f in self.filters:
+            f.observe(losses, embeddings, labels, admitted)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: f.state_dict() for f in self.filters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in self.filters:
+            f.load_state_dict(state[f.name])

@@ -1,0 +1,146 @@
+"""The training loss: cross entropy or a noise-robust loss, with imbalance and recency corrections.
+
+One function of the step's logits, so every correction costs a few element-wise ops:
+
+- robust losses against label noise: generalized cross entropy (Zhang & Sabuncu 2018,
+  `(1 - p_y^q) / q`) and symmetric cross entropy (Wang et al. 2019, `alpha CE + beta RCE`
+  with log 0 clipped to -4);
+- imbalance: running class priors from the admitted arrivals; logit adjustment
+  (Menon et al. 2021: train on `logits + tau log prior`, predict on plain logits;
+  tau 1 is the balanced softmax of Ren et al. 2020) and optional re-weighting by the
+  effective number of samples (Cui et al. 2019, `(1 - beta) / (1 - beta^n_c)`);
+- recency bias: the asymmetric cross entropy of ER-ACE (Caccia et al. 2022): the new
+  rows' loss sees only the classes present among them, so learning a new class does
+  not push the old classes' logits down; replayed rows see every class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ingest.errors import ConfigError
+
+RobustLoss = Literal["ce", "gce", "sce"]
+Reweight = Literal["none", "effective-number"]
+RCE_LOG_ZERO = -4.0
+"""Symmetric CE's reverse term clips log 0 to this (the paper's A)."""
+
+
+class ClassPriors:
+    """Running class counts of admitted arrivals; `log_prior` for logit adjustment."""
+
+    def __init__(self, num_classes: int):
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    def update(self, labels: torch.Tensor) -> None:
+        self.counts += torch.bincount(labels.cpu(), minlength=len(self.counts)).double()
+
+    def log_prior(self) -> torch.Tensor:
+        """`[C]` log of the smoothed frequencies (one pseudo-count per class)."""
+        smoothed = self.counts + 1.0
+        return (smoothed / smoothed.sum()).log().float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = state["counts"].double().clone()
+
+
+class TrainingLoss:
+    """Mean loss over the rows of one step; the first `num_new` rows are arrivals."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        robust: RobustLoss = "ce",
+        gce_q: float = 0.7,
+        sce_alpha: float = 0.1,
+        sce_beta: float = 1.0,
+        ace: bool = True,
+        logit_adjust_tau: float = 1.0,
+        reweight: Reweight = "none",
+        reweight_beta: float = 0.999,
+    ):
+        if robust not in ("ce", "gce", "sce"):
+            raise ConfigError(f"robust loss must be ce, gce or sce, got {robust!r}")
+        if not 0.0 < gce_q <= 1.0:
+            raise ConfigError(f"gce q must be in (0, 1], got {gce_q}")
+        if logit_adjust_tau < 0:
+            raise ConfigError(f"logit adjustment tau must be >= 0, got {logit_adjust_tau}")
+        if reweight not in ("none", "effective-number"):
+            raise ConfigError(f"reweight must be none or effective-number, got {reweight!r}")
+        if not 0.0 < reweight_beta < 1.0:
+            raise ConfigError(f"reweight beta must be in (0, 1), got {reweight_beta}")
+        self.num_classes = num_classes
+        self.robust = robust
+        self.gce_q = gce_q
+        self.sce_alpha = sce_alpha
+        self.sce_beta = sce_beta
+        self.ace = ace
+        self.logit_adjust_tau = logit_adjust_tau
+        self.reweight = reweight
+        self.reweight_beta = reweight_beta
+        self.priors = ClassPriors(num_classes)
+
+    @property
+    def plain(self) -> bool:
+        """True when the loss is exactly the mean cross entropy (the loop's fast path)."""
+        return (
+            self.robust == "ce"
+            and not self.ace
+            and self.logit_adjust_tau == 0
+            and self.reweight == "none"
+        )
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, num_new: int) -> torch.Tensor:
+        """logits `[N, C]`, labels `[N]`; rows past `num_new` are replayed from memory."""
+        if self.plain:
+            return nn.functional.cross_entropy(logits, labels)
+        new, old = logits[:num_new], logits[num_new:]
+        new_labels = labels[:num_new]
+        if self.logit_adjust_tau:
+            # Arrivals follow the stream's class frequencies; the (class-balanced) memory
+            # does not, so only the new rows are adjusted.
+            prior = self.priors.log_prior().to(logits.device, logits.dtype)
+            new = new + self.logit_adjust_tau * prior
+        if self.ace and num_new:
+            present = torch.zeros(self.num_classes, dtype=torch.bool, device=logits.device)
+            present[new_labels] = True
+            new = new.masked_fill(~present, torch.finfo(new.dtype).min)
+        losses = torch.cat([self._per_row(new, new_labels), self._per_row(old, labels[num_new:])])
+        if self.reweight == "effective-number" and num_new:
+            weights = torch.ones(len(labels), device=logits.device, dtype=losses.dtype)
+            weights[:num_new] = self._class_weights().to(logits.device)[new_labels]
+            return (losses * weights).sum() / weights.sum()
+        return losses.mean()
+
+    def _per_row(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not len(labels):
+            return logits.new_zeros(0)
+        ce = nn.functional.cross_entropy(logits, labels, reduction="none")
+        if self.robust == "ce":
+            return ce
+        p_true = torch.exp(-ce)
+        if self.robust == "gce":
+            return (1.0 - p_true.clamp_min(1e-12) ** self.gce_q) / self.gce_q
+        # Reverse CE: -sum_k p_k log onehot_k = -A (1 - p_y) with log 0 clipped to A.
+        return self.sce_alpha * ce + self.sce_beta * (-RCE_LOG_ZERO) * (1.0 - p_true)
+
+    def _class_weights(self) -> torch.Tensor:
+        """`[C]` effective-number weights, mean 1 over the classes seen so far."""
+        counts = self.priors.counts.clamp_min(1.0)
+        weights = (1.0 - self.reweight_beta) / (1.0 - self.reweight_beta**counts)
+        seen = self.priors.counts > 0
+        if seen.any():
+            weights = weights / weights[seen].mean()
+        return weights.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"priors": self.priors.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.priors.load_state_dict(state["priors"])
