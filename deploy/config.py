@@ -81,6 +81,9 @@ class NoiseConfig(BaseModel):
     knn: bool = Field(True, description="flag labels that are not their neighbours' plurality")
     knn_k: int = Field(10, ge=1, description="neighbours per query")
     knn_window: int = Field(1000, ge=1, description="recent arrivals searched besides memory")
+    knn_min_agreement: float = Field(
+        0.2, ge=0, le=1, description="flag only labels fewer than this share of neighbours carry"
+    )
     small_loss: bool = Field(True, description="flag the high-loss mode of recent losses")
     warmup: int = Field(1000, ge=0, description="small-loss: arrivals before it judges")
     loss_window: int = Field(2000, ge=10, description="small-loss: recent losses it models")

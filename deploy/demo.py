@@ -51,11 +51,13 @@ def run_demo(
     progress: bool | None = None,
     label_noise: float = 0.0,
     broker: EmbeddedBroker | None = None,
+    topic: str = DEMO_TOPIC,
 ) -> dict[str, Any]:
     """Run the demo; returns the service's report.
 
     `broker`: an already running broker to use (and leave running), e.g. to read the
     dead-letter and quarantine topics afterwards; by default one is started and stopped.
+    `topic` (its consumer group is named after it) lets demos share a broker.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     stream = ensure_stream(workdir, dataset, data_dir, learner.seed, label_noise)
@@ -64,12 +66,12 @@ def run_demo(
     checkpoints = workdir / "checkpoints"
     shutil.rmtree(checkpoints, ignore_errors=True)  # each demo learns from scratch
     with contextlib.nullcontext(broker) if broker is not None else EmbeddedBroker() as broker:
-        broker.create_topic(DEMO_TOPIC, partitions=1)
+        broker.create_topic(topic, partitions=1)
         settings = KafkaSettings(broker.bootstrap_servers)
         published: list[PublishResult] = []
         publisher = threading.Thread(
             target=lambda: published.append(
-                publish_stream(stream, settings, DEMO_TOPIC, rate, progress=progress)
+                publish_stream(stream, settings, topic, rate, progress=progress)
             ),
             name="publisher",
             daemon=True,
@@ -79,8 +81,8 @@ def run_demo(
             {
                 "kafka": {
                     "bootstrap_servers": broker.bootstrap_servers,
-                    "topic": DEMO_TOPIC,
-                    "group_id": "streamcl-demo",
+                    "topic": topic,
+                    "group_id": "streamcl-demo" if topic == DEMO_TOPIC else f"{topic}-learner",
                     "consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
                 },
                 "spec": spec.to_dict(),

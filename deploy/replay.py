@@ -89,7 +89,7 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
         **session.report(corrupt_frames=corrupt),
         **strategy_section(learner),
         **({"stopped_after": position, "checkpoint": str(config.checkpoint)} if stopped else {}),
-        "samples_per_second": session.samples_learned / learn_seconds if learn_seconds else 0.0,
+        "samples_per_second": learner.samples / learn_seconds if learn_seconds else 0.0,
         "evaluation_seconds": session.evaluation_seconds,
         "wall_seconds": time.perf_counter() - started,
         # Enough to reproduce the run; where its outputs went is not part of it.

@@ -311,9 +311,7 @@ class Service:
             **self.session.report(),
             **strategy_section(self.learner),
             # From the first message to the last update, probe evaluation excluded.
-            "samples_per_second": self.session.samples_learned / streaming
-            if streaming > 0
-            else 0.0,
+            "samples_per_second": self.learner.samples / streaming if streaming > 0 else 0.0,
             "evaluation_seconds": self.session.evaluation_seconds,
             "committed_offsets": {f"{t}/{p}": o for (t, p), o in self.source.handled.items()},
             "arrival_to_update_ms": {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from evaluation.probes import ProbeResult, evaluate
-from evaluation.report import metric_section
+from evaluation.report import head_tail, metric_section
 from evaluation.reservoir import ProbeReservoir
 from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
 from ingest.heldout import HeldOut
@@ -64,6 +64,7 @@ class LearningSession:
         self.samples_seen = 0
         self.samples_learned = 0
         self.samples_held_out = 0
+        self.class_counts = np.zeros(learner.spec.num_classes, dtype=np.int64)
         self.curve: list[dict[str, float]] = []
         self.final_probe: ProbeResult | None = None
         self.evaluation_seconds = 0.0
@@ -113,6 +114,7 @@ class LearningSession:
                 self.evaluate()
             self._current_task = sample.task
         self._pending.append(sample)
+        self.class_counts[sample.label] += 1
         if len(self._pending) >= self.batch_size:
             self.flush()
         return True
@@ -140,15 +142,15 @@ class LearningSession:
             self.matrix.observe(groups[groups >= 0])
         if self.on_learned is not None:
             self.on_learned(batch, seconds)
-        if self._next_eval and self.samples_learned >= self._next_eval:
+        if self._next_eval and self.learner.samples >= self._next_eval:
             self.evaluate()
-            while self._next_eval <= self.samples_learned:
+            while self._next_eval <= self.learner.samples:
                 self._next_eval += self.eval_every or 0
 
     def evaluate(self) -> None:
         """Score every group's probe now: one row of the accuracy matrix."""
         probe = self._probe_set()
-        if probe is None or self._evaluated_at == self.samples_learned:
+        if probe is None or self._evaluated_at == self.learner.samples:
             return
         features, labels, groups = probe
         # Task-aware strategies (PackNet) are told each probe row's task: task-incremental.
@@ -162,12 +164,12 @@ class LearningSession:
             self.matrix.num_groups,
             self.learner.spec.num_classes,
         )
-        summary = self.matrix.update(self.final_probe.per_group, self.samples_learned)
-        self._evaluated_at = self.samples_learned
+        summary = self.matrix.update(self.final_probe.per_group, self.learner.samples)
+        self._evaluated_at = self.learner.samples
         self.evaluation_seconds += time.perf_counter() - started
         self.curve.append(
             {
-                "samples_seen": self.samples_learned,
+                "samples_seen": self.learner.samples,
                 "average_accuracy": summary.average_accuracy,
                 "average_forgetting": summary.average_forgetting,
                 "prequential_window": self.prequential.get_windowed(),
@@ -177,7 +179,7 @@ class LearningSession:
             self.on_evaluated(self)
         log.info(
             "evaluated samples=%d average_accuracy=%.4f forgetting=%.4f",
-            self.samples_learned,
+            self.learner.samples,
             summary.average_accuracy,
             summary.average_forgetting,
         )
@@ -207,6 +209,10 @@ class LearningSession:
             "samples_pending": self.pending,
             **self.filtering.report(self.learner.quarantine, self.samples_seen),
             "accounting_holds": self.accounting_holds(),
+            **head_tail(
+                self.final_probe.per_class if self.final_probe else np.zeros(0),
+                self.class_counts,
+            ),
             "corrupt_frames": corrupt_frames,
             "rejected_by_reason": dict(sorted(reasons.items())),
             "updates": self.learner.updates,
@@ -224,6 +230,7 @@ class LearningSession:
             "samples_learned": self.samples_learned,
             "samples_held_out": self.samples_held_out,
             "filtering": self.filtering.state_dict(),
+            "class_counts": torch.from_numpy(self.class_counts.copy()),
             "probe": self.probe.state_dict() if self.probe is not None else None,
             "rejected": dict(self.rejected),
             "current_task": self._current_task,
@@ -247,6 +254,7 @@ class LearningSession:
         self.samples_learned = int(state["samples_learned"])
         self.samples_held_out = int(state["samples_held_out"])
         self.filtering.load_state_dict(state["filtering"])
+        self.class_counts = state["class_counts"].numpy().copy()
         if self.probe is not None and state["probe"] is not None:
             self.probe.load_state_dict(state["probe"])
         self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})

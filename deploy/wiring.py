@@ -170,7 +170,10 @@ def build_noise_filter(
     filters: list[Filter] = []
     if settings.knn:
         knn = NeighbourAgreement(
-            embedding_dim(spec.feature_size), settings.knn_k, settings.knn_window
+            embedding_dim(spec.feature_size),
+            settings.knn_k,
+            settings.knn_window,
+            min_agreement=settings.knn_min_agreement,
         )
         knn.neighbours = BruteForceNeighbours(
             knn.window, memory_embeddings(memory, spec) if memory is not None else None

@@ -34,6 +34,31 @@ def metric_section(
     }
 
 
+def head_tail(per_class: np.ndarray, class_counts: np.ndarray) -> dict[str, Any]:
+    """Mean accuracy of the most and least frequent half of the classes that arrived.
+
+    per_class: `[C]` held-out accuracy (NaN where no probe); class_counts: `[C]` arrivals
+    per label. Ties in frequency break by class id, so the split is deterministic.
+    """
+    seen = np.flatnonzero(class_counts > 0)
+    order = seen[np.lexsort((seen, -class_counts[seen]))]
+    half = (len(order) + 1) // 2
+    head, tail = order[:half], order[half:]
+
+    def mean(classes: np.ndarray) -> float | None:
+        values = per_class[classes] if len(per_class) else np.zeros(0)
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if len(values) else None
+
+    return {
+        "class_counts": class_counts.tolist(),
+        "head_classes": sorted(int(c) for c in head),
+        "tail_classes": sorted(int(c) for c in tail),
+        "head_accuracy": mean(head),
+        "tail_accuracy": mean(tail),
+    }
+
+
 def _jsonable(values: np.ndarray) -> list[Any]:
     return (
         [None if isinstance(v, float) and np.isnan(v) else v for v in values.tolist()]

@@ -148,10 +148,15 @@ class BruteForceNeighbours:
 
 
 class NeighbourAgreement:
-    """Flag a row whose label is not the plurality among its `k` nearest neighbours' labels.
+    """Flag a row whose label is not the plurality among its `k` nearest neighbours' labels
+    and is carried by fewer than `min_agreement` of them.
 
-    Abstains while fewer than `k` neighbours exist. `neighbours` defaults to the brute
-    force over the recent window (and the memory, when the learner wires it in).
+    The share floor spares clean samples of look-alike classes (shirt and T-shirt are
+    each other's neighbours) while a noisy label, which its neighbours almost never
+    carry, is still flagged; 0 keeps the bare plurality rule (catches pair-flip noise
+    too, at more false alarms). Abstains while fewer than `k` neighbours exist.
+    `neighbours` defaults to the brute force over the recent window (and the memory,
+    when the learner wires it in).
     """
 
     name = "knn"
@@ -162,10 +167,14 @@ class NeighbourAgreement:
         k: int = 10,
         window: int = 1000,
         neighbours: NeighbourLabels | None = None,
+        min_agreement: float = 0.0,
     ):
         if k < 1:
             raise ConfigError(f"knn k must be >= 1, got {k}")
+        if not 0.0 <= min_agreement <= 1.0:
+            raise ConfigError(f"knn min_agreement must be in [0, 1], got {min_agreement}")
         self.k = k
+        self.min_agreement = min_agreement
         self.window = RecentWindow(window, dim)
         self.neighbours: NeighbourLabels = neighbours or BruteForceNeighbours(self.window)
 
@@ -177,7 +186,8 @@ class NeighbourAgreement:
         counts = torch.zeros(len(labels), int(max(labels.max(), found.max())) + 1)
         counts.scatter_add_(1, found.clamp_min(0), valid.float())
         own = counts.gather(1, labels.cpu().unsqueeze(1)).squeeze(1)
-        verdict = np.where((own < counts.max(dim=1).values).numpy(), FLAG, PASS)
+        outvoted = (own < counts.max(dim=1).values) & (own < self.min_agreement * self.k)
+        verdict = np.where(outvoted.numpy(), FLAG, PASS)
         return np.where(valid.sum(dim=1).numpy() < self.k, ABSTAIN, verdict)
 
     def observe(

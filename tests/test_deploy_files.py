@@ -44,6 +44,7 @@ ALERT_NAMES = {
     "StreamclRejectionSurge",
     "StreamclLearnerStalled",
     "StreamclCheckpointsFailing",
+    "StreamclQuarantineSurge",
 }
 METRIC_NAME = re.compile(r"\bstreamcl_[a-z0-9_]+\b")
 
@@ -208,7 +209,8 @@ def test_compose_kafka_serves_the_learners_bootstrap_address_and_topics(
     command = " ".join(compose["services"]["kafka-init"]["command"])
     created = re.findall(r"--topic (\S+)", command)
     dead_letters = compose_config.kafka.dead_letter_topic or compose_config.kafka.topic + ".dlq"
-    assert set(created) == {compose_config.kafka.topic, dead_letters}
+    quarantine = compose_config.kafka.quarantine_topic or compose_config.kafka.topic + ".quarantine"
+    assert set(created) == {compose_config.kafka.topic, dead_letters, quarantine}
 
 
 def test_compose_prometheus_scrapes_the_learner(

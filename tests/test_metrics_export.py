@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cli import cli
-from deploy.metrics import ServiceMetrics
+from deploy.metrics import OUTCOMES, ServiceMetrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -45,7 +45,11 @@ def test_replay_writes_final_metrics_in_text_format(digits_stream: Path, tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     values = samples(out.read_text())
-    assert values[("streamcl_samples_total", (("outcome", "learned"),))] == 1348
+    outcomes = [values[("streamcl_samples_total", (("outcome", o),))] for o in OUTCOMES]
+    assert sum(outcomes) == 1348  # learned or quarantined on arrival (no invalid message)
+    assert (
+        values[("streamcl_samples_total", (("outcome", "learned"),))] == report["samples_admitted"]
+    )
     assert values[("streamcl_average_accuracy_ratio", ())] == pytest.approx(
         report["final_average_accuracy"]
     )
@@ -108,4 +112,5 @@ def test_replay_pushes_to_a_pushgateway_compatible_endpoint(
     assert result.exit_code == 0, result.output
     [(method, path, body)] = received
     assert (method, path) == ("PUT", "/metrics/job/streamcl_replay")
-    assert samples(body.decode())[("streamcl_samples_total", (("outcome", "learned"),))] == 1348
+    pushed = samples(body.decode())
+    assert sum(pushed[("streamcl_samples_total", (("outcome", o),))] for o in OUTCOMES) == 1348

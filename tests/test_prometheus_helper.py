@@ -140,6 +140,7 @@ def test_every_dashboard_query_and_alert_rule_works_on_the_services_metrics() ->
                 "StreamclRejectionSurge",
                 "StreamclLearnerStalled",
                 "StreamclCheckpointsFailing",
+                "StreamclQuarantineSurge",
             }
             broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
             assert broken == {}

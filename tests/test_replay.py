@@ -30,6 +30,12 @@ REQUIRED_KEYS = {
     "samples_learned",
     "samples_rejected",
     "samples_quarantined",
+    "samples_quarantined_total",
+    "samples_readmitted",
+    "samples_rejected_noisy",
+    "accounting_holds",
+    "head_accuracy",
+    "tail_accuracy",
     "samples_per_second",
     "wall_seconds",
     "config",
@@ -71,7 +77,12 @@ def test_replay_report_has_every_key_and_counts_reconcile(
     )
     assert report.keys() >= REQUIRED_KEYS
     assert report["samples_seen"] == 1348
-    assert report["samples_seen"] == report["samples_learned"] + report["samples_rejected"]
+    assert report["samples_seen"] == (
+        report["samples_learned"]
+        + report["samples_quarantined"]
+        + report["samples_rejected_noisy"]
+        + report["samples_rejected"]
+    )
     matrix = np.array(report["accuracy_matrix"])
     assert matrix.shape == (5, 5)  # one evaluation point per task boundary plus the end
     learned = np.tril(np.ones_like(matrix, dtype=bool))
@@ -216,6 +227,12 @@ def test_damaged_stream_replays_to_the_end_with_reasons(
     assert report["corrupt_frames"] == 3
     invalid = sum(v for k, v in expected.items() if k != "corrupt_frame")
     assert report["samples_rejected"] == invalid
-    assert report["samples_learned"] == 1348 - 3  # three valid frames were damaged
-    assert report["samples_seen"] == report["samples_learned"] + report["samples_rejected"]
+    # Three valid frames were damaged; the rest was learned or held back as suspect.
+    assert report["samples_seen"] == 1348 - 3 + invalid
+    assert report["samples_seen"] == (
+        report["samples_learned"]
+        + report["samples_quarantined"]
+        + report["samples_rejected_noisy"]
+        + report["samples_rejected"]
+    )
     assert math.isfinite(report["final_average_accuracy"])

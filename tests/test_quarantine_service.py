@@ -1,0 +1,105 @@
+"""`streamcl demo` on a noisy stream: quarantine counters reach a real Prometheus and
+suspect samples reach the quarantine topic of the real broker, reason in headers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+
+from deploy.broker import EmbeddedBroker, free_port
+from deploy.config import LearnerConfig
+from deploy.demo import run_demo
+from ingest.codec import decode
+from ingest.kafka import QUARANTINE_SUFFIX
+from ingest.schema import Sample, StreamSpec
+from tests.brokers import unique_topic
+from tests.prometheus import ALERTS, PrometheusServer, require_prometheus
+from tests.service_helpers import wait_until
+
+SPEC = StreamSpec((8, 8), "uint8", 10)
+
+
+def read_with_headers(broker: EmbeddedBroker, topic: str) -> list[tuple[bytes, dict[str, str]]]:
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
+    try:
+        wait_until(lambda: bool(consumer.partitions_for_topic(topic)), 10, f"topic {topic}")
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        out: list[tuple[bytes, dict[str, str]]] = []
+        idle = 0
+        while idle < 5:
+            batches = consumer.poll(timeout_ms=500)
+            idle = 0 if batches else idle + 1
+            for records in batches.values():
+                for record in records:
+                    headers = {k: v.decode() for k, v in record.headers}
+                    out.append((record.value, headers))
+        return out
+    finally:
+        consumer.close()
+
+
+def test_noisy_demo_quarantines_into_prometheus_and_the_quarantine_topic(
+    memory_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    require_prometheus()
+    port = free_port()
+    topic = unique_topic("demo-noisy")
+    learner = LearnerConfig(
+        hidden=(64,),
+        memory=200,
+        device="cpu",
+        noise={"warmup": 200, "loss_window": 300, "min_class_samples": 20, "knn_window": 300},
+        quarantine={"recheck_after": 150},
+    )
+    result: dict[str, Any] = {}
+    with PrometheusServer([f"127.0.0.1:{port}"], rule_files=[ALERTS]) as prometheus:
+        demo = threading.Thread(
+            target=lambda: result.update(
+                run_demo(
+                    tmp_path,
+                    learner,
+                    dataset="digits",
+                    rate=100,  # ~13 s of stream: Prometheus scrapes it while it flows
+                    http_port=port,
+                    until_idle=10.0,  # a busy machine can take 20 s to join the group
+                    progress=False,
+                    label_noise=0.4,
+                    broker=memory_broker,
+                    topic=topic,
+                )
+            ),
+            daemon=True,
+        )
+        demo.start()
+        # The demo builds its stream and starts the service first: slow on a busy machine.
+        wait_until(prometheus.targets_up, 120, "Prometheus to scrape the demo")
+        quarantined = prometheus.wait_for('streamcl_samples_total{outcome="quarantined"} > 0', 60)
+        assert float(quarantined[0]["value"][1]) > 0
+        decided = prometheus.wait_for(
+            'sum(streamcl_quarantine_decisions_total{decision=~"readmitted|rejected_noisy"}) > 0',
+            60,
+        )
+        assert float(decided[0]["value"][1]) > 0
+        assert prometheus.query("streamcl_quarantine_items")
+        demo.join(120)
+    assert not demo.is_alive(), "the demo did not finish"
+    report = result
+    assert report["accounting_holds"]
+    assert report["samples_quarantined_total"] > 0
+    # Ground truth from the stream's sidecar: most of what was quarantined was corrupted.
+    assert report["filter"]["quarantined_precision"] > 0.5
+
+    messages = read_with_headers(memory_broker, topic + QUARANTINE_SUFFIX)
+    assert len(messages) == report["samples_quarantined_total"]
+    offsets = set()
+    for payload, headers in messages:
+        assert headers["streamcl-reason"] in ("suspect_label_knn", "suspect_label_small-loss")
+        assert headers["source-topic"] == topic
+        offsets.add(int(headers["source-offset"]))
+        assert isinstance(decode(payload, SPEC), Sample)  # the sample, re-encoded whole
+    assert len(offsets) == len(messages)
