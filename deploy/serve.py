@@ -25,7 +25,7 @@ def run_service(config: ServiceConfig, stop: threading.Event | None = None) -> d
     stop = stop or threading.Event()
     previous = _install_signal_handlers(stop)
     service = Service(config)
-    http = ServiceHttp(service, config.http.host, config.http.port, config.http.stall_seconds)
+    http = ServiceHttp(service, config.http)
     http.start()
     try:
         report = service.run(stop)
