@@ -86,6 +86,8 @@ class Service:
     def __init__(self, config: ServiceConfig, registry: CollectorRegistry | None = None):
         self.config = config
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
+        settings = kafka_settings(config)
+        wait_for_bootstrap(settings, config.kafka.connect_timeout_s)  # before any slow set-up
         configure_threads(config.learner.threads or DEFAULT_THREADS)
         self.spec = StreamSpec(
             config.spec.feature_shape, config.spec.dtype, config.spec.num_classes
@@ -108,8 +110,6 @@ class Service:
             device = self.learner.device
             self.metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))
         self.checkpoints = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep)
-        settings = kafka_settings(config)
-        wait_for_bootstrap(settings, config.kafka.connect_timeout_s)
         dead_letter_topic = (
             config.kafka.dead_letter_topic or config.kafka.topic + DEAD_LETTER_SUFFIX
         )

@@ -154,7 +154,8 @@ def _feed(digest: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu().contiguous()
         digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        if tensor.numel():  # an empty tensor is its dtype and shape
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     elif isinstance(value, dict):
         digest.update(f"D{len(value)}|".encode())
         for key, item in value.items():

@@ -239,6 +239,24 @@ def test_a_learner_checkpoint_with_flipped_weights_is_not_resumed(
     assert [s.reason for s in restored.skipped] == ["checksum"]
 
 
+def test_every_tensor_kind_round_trips_through_the_checksum(tmp_path: Path) -> None:
+    state = {
+        "empty": torch.empty(0, dtype=torch.int64),
+        "scalar": torch.tensor(3.5),
+        "flags": torch.tensor([True, False]),
+        "half": torch.ones(2, 3, dtype=torch.bfloat16),
+        "strided": torch.arange(12).reshape(3, 4).t(),
+        "nested": [("a", 1, 2.5, None, False), {"k": torch.zeros(1)}],
+    }
+    store = CheckpointStore(tmp_path)
+    store.save(state)
+    restored = store.load_latest()
+    assert restored is not None and restored.skipped == ()
+    assert_state_equal(restored.state, state)
+    other = checkpoint.content_digest({**state, "scalar": torch.tensor(3.25)})
+    assert other != checkpoint.content_digest(state)
+
+
 def test_a_plain_torch_file_is_not_taken_for_a_checkpoint(tmp_path: Path) -> None:
     torch.save(small_state(1), tmp_path / numbered(1))
     with pytest.raises(CheckpointError, match="none of 1 checkpoints") as raised:
