@@ -88,7 +88,6 @@ class _BoundedServer(HTTPServer):
         service: Service,
     ):
         self.request_queue_size = config.backlog  # read by server_activate() (listen)
-        super().__init__(address, handler)
         self._service = service
         self._slots = threading.BoundedSemaphore(config.workers + config.queue)
         self._rejecting = threading.BoundedSemaphore(MAX_REJECTING)
@@ -96,6 +95,7 @@ class _BoundedServer(HTTPServer):
         self._busy_handler = type(
             "BusyHandler", (handler,), {"busy": True, "timeout": BUSY_TIMEOUT_S}
         )
+        super().__init__(address, handler)  # binds; on failure it calls server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self._slots.acquire(blocking=False):

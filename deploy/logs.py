@@ -17,7 +17,8 @@ from typing import Any, Literal
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 RESERVED = ("time", "level", "logger", "message", "exception")
-_FIELD = re.compile(r"(?:^|\s)([A-Za-z_][\w.]*)=([^\s=]+)(?=\s|$)")
+# A value cut at a space would be wrong: containers ({...}, [...], (...)) are left out.
+_FIELD = re.compile(r"(?:^|\s)([A-Za-z_][\w.]*)=([^\s={\[(][^\s=]*)(?=\s|$)")
 
 
 class JsonFormatter(logging.Formatter):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 import torch
 
 from deploy.broker import EmbeddedBroker, free_port
+from deploy.serve import run_service
 from deploy.service import Service
 from deploy.transfer import publish_stream
+from ingest.errors import ConfigError
 from ingest.kafka import KafkaSettings
 from learner.checkpoint import CheckpointError
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
@@ -188,3 +191,16 @@ def test_a_checkpoint_of_other_tensor_shapes_is_a_one_line_error(
     assert "\n" not in message
     assert "size mismatch" in message and "use another checkpoint.dir" in message
     assert isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_an_http_port_in_use_is_a_one_line_start_up_error(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = service_config(memory_broker, unique_topic("port"), tmp_path, http={"port": port})
+        with pytest.raises(ConfigError, match=rf"cannot listen on http://127\.0\.0\.1:{port}: "):
+            run_service(config)
