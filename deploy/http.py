@@ -1,9 +1,10 @@
 """HTTP endpoints of the service: /healthz, /readyz, /metrics, /predict (stdlib server).
 
 Concurrency is bounded: a fixed pool of worker threads, a bounded wait queue behind it
-and a listen backlog sized for bursts. A request that finds every worker and queue slot
+and a listen backlog sized for bursts. A /predict that finds every worker and queue slot
 taken is answered 503 with Retry-After by a small, bounded set of rejecting threads,
-rather than left in an overflowing accept queue where clients hang for a minute.
+rather than left in an overflowing accept queue where clients hang for a minute;
+health, readiness and metrics are answered there in full.
 """
 
 from __future__ import annotations
@@ -101,12 +102,12 @@ class _BoundedServer(HTTPServer):
         if self._slots.acquire(blocking=False):
             self._pool.submit(self._serve, request, client_address)
             return
-        self._service.metrics.http_busy.inc()
         if self._rejecting.acquire(blocking=False):
             threading.Thread(
                 target=self._reject, args=(request, client_address), daemon=True
             ).start()
             return
+        self._service.metrics.http_busy.inc()
         log.warning("http overloaded: closing a connection unanswered client=%s", client_address)
         self.shutdown_request(request)
 
@@ -147,9 +148,9 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = REQUEST_TIMEOUT_S
 
     def do_GET(self) -> None:
-        if self.busy:
-            self._send_busy()
-        elif self.path == "/healthz":
+        # Answered even when busy (cheap, no model lock): probes must not fail under a
+        # burst of /predict, or the orchestrator would restart a healthy learner.
+        if self.path == "/healthz":
             stalled = time.monotonic() - self.service.last_progress
             ok = stalled < self.stall_seconds
             self._send(
@@ -258,6 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
             length = 0
         if length > 0:
             self.rfile.read(length)
+        self.service.metrics.http_busy.inc()
         self._send(
             503,
             {"error": f"busy: every worker is taken; retry after {RETRY_AFTER_S} s"},

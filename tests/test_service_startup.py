@@ -162,8 +162,13 @@ def test_a_checkpoint_with_flipped_bytes_is_skipped_logged_and_counted(
     try:
         reader.restore()
         assert reader.learner.updates == 0  # the first checkpoint's model, not the damaged one
-        assert reader.metrics.checkpoint_load_failures.labels("checksum")._value.get() == 1
-        assert reader.metrics.checkpoint_load_failures.labels("unreadable")._value.get() == 0
+        failures = {
+            reason: reader.metrics.registry.get_sample_value(
+                "streamcl_checkpoint_load_failures_total", {"reason": reason}
+            )
+            for reason in ("checksum", "unreadable")
+        }
+        assert failures == {"checksum": 1.0, "unreadable": 0.0}
         assert first.exists()
     finally:
         reader.close()
