@@ -47,8 +47,8 @@ log_every_option = click.option(
     type=click.FloatRange(min=0),
     default=None,
     show_envvar=True,
-    help="Seconds between progress log lines (samples/s, lag, accuracy); 0 turns them off "
-    "[default: log_every, 10].",
+    help="Overrides log_every: seconds between progress log lines (samples/s, lag, "
+    "accuracy); 0 turns them off (default 10).",
 )
 
 
