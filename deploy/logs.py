@@ -56,16 +56,32 @@ def fields(message: str) -> dict[str, Any]:
 
 
 def configure_logging(level: str, log_format: LogFormat) -> None:
-    """Send every log record to stderr at `level`, as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send every log record to stderr at `level`, as text or JSON lines.
+
+    Replaces the handler a previous call installed and leaves others alone (a test
+    runner's capture, say).
+    """
+    handler = _Stderr()
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     if level.upper() != "DEBUG":
         # kafka-python warns about its own event-loop timing; only useful when debugging.
         logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at the time (click's test runner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 
-from deploy.logs import JsonFormatter, fields
+import pytest
+
+from deploy.logs import JsonFormatter, configure_logging, fields
 
 
 def test_single_token_fields_are_lifted_and_typed() -> None:
@@ -24,3 +28,27 @@ def test_a_record_is_one_json_object_and_fields_never_replace_the_core_keys() ->
     assert doc["message"] == "x level=9 learned=12"
     assert doc["learned"] == 12
     assert doc["time"].endswith("+00:00")
+
+
+def test_the_cli_logs_to_the_current_stderr_and_keeps_other_handlers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logging set up twice (click's runner swaps stderr) writes to the live stream only."""
+    root = logging.getLogger()
+    level = root.level
+    configure_logging("INFO", "text")
+    configure_logging("INFO", "json")
+    ours = [h for h in root.handlers if type(h).__name__ == "_Stderr"]
+    assert len(ours) == 1
+    assert caplog.handler in root.handlers
+    swapped = io.StringIO()
+    real = sys.stderr
+    sys.stderr = swapped
+    try:
+        logging.getLogger("deploy.test").info("hello answer=%d", 42)
+    finally:
+        sys.stderr = real
+        root.removeHandler(ours[0])
+        root.setLevel(level)
+    assert json.loads(swapped.getvalue())["answer"] == 42
+    assert "hello answer=42" in caplog.text
