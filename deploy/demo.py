@@ -52,6 +52,7 @@ def run_demo(
     label_noise: float = 0.0,
     broker: EmbeddedBroker | None = None,
     topic: str = DEMO_TOPIC,
+    log_every: float | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the service's report.
 
@@ -93,6 +94,7 @@ def run_demo(
                 "heldout": str(heldout_io.sidecar_path(stream)),
                 "report": str(workdir / "report.json"),
                 "until_idle": until_idle,
+                **({"log_every": log_every} if log_every is not None else {}),
             }
         )
         report = run_service(config)
