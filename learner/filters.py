@@ -153,7 +153,7 @@ class NeighbourAgreement:
 
     The share floor spares clean samples of look-alike classes (shirt and T-shirt are
     each other's neighbours) while a noisy label, which its neighbours almost never
-    carry, is still flagged; 0 keeps the bare plurality rule (catches pair-flip noise
+    carry, is still flagged; 1 keeps the bare plurality rule (catches pair-flip noise
     too, at more false alarms). Abstains while fewer than `k` neighbours exist.
     `neighbours` defaults to the brute force over the recent window (and the memory,
     when the learner wires it in).
@@ -167,7 +167,7 @@ class NeighbourAgreement:
         k: int = 10,
         window: int = 1000,
         neighbours: NeighbourLabels | None = None,
-        min_agreement: float = 0.0,
+        min_agreement: float = 1.0,
     ):
         if k < 1:
             raise ConfigError(f"knn k must be >= 1, got {k}")

@@ -372,8 +372,10 @@ class OnlineLearner:
             "boundaries": [[b.sample, b.reason, b.next_task] for b in self.boundaries],
             "detector": self.detector.state_dict() if self.detector is not None else None,
             "loss": self.loss.state_dict(),
-            "noise_filter": self.noise_filter.state_dict() if self.noise_filter else None,
-            "quarantine": self.quarantine.state_dict() if self.quarantine else None,
+            "noise_filter": self.noise_filter.state_dict()
+            if self.noise_filter is not None
+            else None,
+            "quarantine": self.quarantine.state_dict() if self.quarantine is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
