@@ -73,13 +73,15 @@ def test_replay_report_has_every_key_and_counts_reconcile(
             str(tmp_path / "r.json"),
             "--plots",
             str(tmp_path / "plots"),
-            # Plain cross entropy: ER-ACE (a default) leaves the newest task of this tiny
-            # stream (27 batches) at 0 held-out accuracy, its classes reaching replay too
-            # late to outvote old logits; logit adjustment without ACE pushes absent old
-            # classes down (cumulative priors) and zeroed a task here. On Fashion-MNIST
-            # tasks (1,200 batches) the defaults help (benchmarks/dirty_streams.py).
+            # Plain ER. On this tiny stream (27 batches a task) the newest-but-one task
+            # sits near 0 right after the next one, with or without the defaults (plain
+            # ER: 0.24, kNN filter: 0.0, ER-ACE leaves the newest task at 0), so the
+            # "every learned group above 0" check below only holds for plain ER; the
+            # defaults are measured on Fashion-MNIST (benchmarks/dirty_streams.py).
             "--loss",
             "ace=false,logit_adjust_tau=0",
+            "--noise",
+            "knn=false,small_loss=false",
         ]
     )
     assert report.keys() >= REQUIRED_KEYS
