@@ -59,7 +59,10 @@ def test_online_ewc_halves_naive_forgetting_on_permuted_fmnist(
 ) -> None:
     naive = replay(fmnist_streams, "permuted", strategy="naive")
     ewc = replay(fmnist_streams, "permuted", strategy="ewc")
-    assert ewc["samples_learned"] == 5 * SAMPLES_PER_TASK
+    assert (
+        ewc["samples_learned"] + ewc["samples_quarantined"] + ewc["samples_rejected_noisy"]
+        == 5 * SAMPLES_PER_TASK
+    )  # learned or held back by the noise filters
     assert ewc["task_boundaries_by_reason"] == {"task": 4}
     # Measured: naive 0.589 / 0.233, EWC 0.724 / 0.046 (accuracy / forgetting).
     assert ewc["average_forgetting"] <= naive["average_forgetting"] / 2
@@ -71,7 +74,10 @@ def test_packnet_is_task_incremental_and_does_not_forget_on_split_fmnist(
 ) -> None:
     report = replay(fmnist_streams, "split", strategy="packnet")
     assert report["scenario"] == "task-incremental"
-    assert report["samples_learned"] == 60_000
+    assert (
+        report["samples_learned"] + report["samples_quarantined"] + report["samples_rejected_noisy"]
+        == 60_000
+    )  # learned or held back by the noise filters
     # Measured: 0.970 / 0.000.
     assert report["average_forgetting"] <= 0.01
     assert report["final_average_accuracy"] >= 0.93

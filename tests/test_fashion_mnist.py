@@ -31,7 +31,10 @@ def test_er_with_class_balanced_memory_reaches_078(split_fmnist: Path) -> None:
         stream=split_fmnist, strategy="er", memory=1000, memory_policy="class-balanced", seed=0
     )
     first = run_replay(config, progress=False)
-    assert first["samples_learned"] == 60_000
+    assert (
+        first["samples_learned"] + first["samples_quarantined"] + first["samples_rejected_noisy"]
+        == 60_000
+    )  # learned or held back by the noise filters
     assert first["final_average_accuracy"] >= 0.78
     second = run_replay(config, progress=False)
     assert without_timings(first) == without_timings(second)
