@@ -234,12 +234,15 @@ def stream_import(
 
     if source.endswith(".npz"):
         if benchmark_args:
-            raise click.BadParameter("only an Avalanche SOURCE takes arguments", "--benchmark-args")
+            raise click.UsageError("--benchmark-args is for an Avalanche SOURCE, not a .npz")
         built = from_npz(source, num_classes)
     else:
+        import yaml
+
         from interop.avalanche import import_benchmark
 
-        built = import_benchmark(source, benchmark_args or {}, num_classes)
+        kwargs = {k: yaml.safe_load(v) for k, v in (benchmark_args or {}).items()}
+        built = import_benchmark(source, kwargs, num_classes)
     sidecar = write(built, out)
     held = (
         f"held-out set: {sidecar}, {len(built.heldout.labels)} samples"

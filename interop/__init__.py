@@ -1,0 +1,1 @@
+"""Bridges to other continual-learning libraries, each imported only on demand."""
