@@ -173,4 +173,5 @@ def online_experiences(experience: Any, size: int) -> Iterator[Any]:
             access_task_boundaries=False,
         )
         mini.current_experience = origin
+        mini.origin_stream = experience.origin_stream
         yield mini
