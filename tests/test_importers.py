@@ -279,3 +279,14 @@ def _run_cli(args: list[str]):  # type: ignore[no-untyped-def]
         env=env,
         timeout=120,
     )
+
+
+def test_avalanche_source_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("avalanche") is not None:
+        pytest.skip("avalanche is installed here; tests/avalanche covers this source")
+    proc = _run_cli(["stream", "import", "avalanche:SplitFMNIST", "--out", str(tmp_path / "s")])
+    assert proc.returncode == 2
+    assert "pip install 'streamcl[avalanche]'" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
