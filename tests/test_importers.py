@@ -290,3 +290,12 @@ def test_avalanche_source_without_the_extra_says_how_to_install_it(tmp_path: Pat
     assert proc.returncode == 2
     assert "pip install 'streamcl[avalanche]'" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_import_and_export_explain_themselves_with_env_twins() -> None:
+    for command, twin in (
+        ("import", "STREAMCL_STREAM_IMPORT_OUT"),
+        ("export", "STREAMCL_STREAM_EXPORT_WINDOW"),
+    ):
+        result = CliRunner().invoke(cli, ["stream", command, "--help"])
+        assert result.exit_code == 0 and twin in result.output, result.output
