@@ -43,7 +43,6 @@ def require_avalanche() -> Any:
 
 def resolve(source: str, kwargs: Mapping[str, Any]) -> Any:
     """'avalanche:SplitFMNIST' or 'package.module:function' called with `kwargs`."""
-    require_avalanche()
     if source.startswith(CLASSIC):
         module_name, attr = "avalanche.benchmarks.classic", source[len(CLASSIC) :]
     else:
@@ -53,6 +52,7 @@ def resolve(source: str, kwargs: Mapping[str, Any]) -> Any:
                 f"benchmark source must be a .npz file, 'avalanche:NAME' or "
                 f"'package.module:function', got {source!r}"
             )
+    require_avalanche()
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
