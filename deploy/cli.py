@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from typing import Any
 
@@ -11,6 +10,7 @@ import click
 
 from deploy.config import ReplayConfig, read_config_file, validated
 from deploy.kafka_cli import demo, publish, record, serve
+from deploy.logs import LogFormat, configure_logging
 from ingest.errors import StreamclError
 
 ENV_PREFIX = "STREAMCL"
@@ -74,28 +74,34 @@ config_option = click.option(
 )
 
 
+SERVICE_COMMANDS = ("serve", "demo")
+"""Long-running commands: they log at INFO by default (listening, consuming, progress)."""
+
+
 @click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
 @click.option(
     "--log-level",
-    default="WARNING",
+    default=None,
     show_envvar=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="Logging verbosity (logs go to stderr).",
+    help="Logging verbosity (logs go to stderr) [default: INFO for serve and demo, else WARNING].",
 )
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    default="text",
+    show_envvar=True,
+    type=click.Choice(["text", "json"]),
+    help="text, or json: one object per line with the message's key=value fields.",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None, log_format: LogFormat) -> None:
     """streamcl: streaming continual learning.
 
     Build benchmark streams from real data, then replay them through an online
     learner that fights forgetting, and get accuracy/forgetting reports.
     """
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    if log_level.upper() != "DEBUG":
-        # kafka-python warns about its own event-loop timing; only useful when debugging.
-        logging.getLogger("kafka").setLevel(logging.ERROR)
+    service = ctx.invoked_subcommand in SERVICE_COMMANDS
+    configure_logging(log_level or ("INFO" if service else "WARNING"), log_format)
 
 
 @cli.group()

@@ -215,6 +215,9 @@ class KafkaConfig(BaseModel):
     producer: dict[str, Any] = Field(default_factory=dict, description="extra producer settings")
     poll_timeout_ms: int = Field(200, ge=1)
     max_records: int = Field(500, ge=1)
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="at start-up, fail when no bootstrap server answers in this time"
+    )
 
 
 class StreamSpecConfig(BaseModel):
@@ -250,6 +253,10 @@ class HttpConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
     stall_seconds: float = Field(60.0, gt=0, description="/healthz fails after this long idle")
+    backlog: int = Field(128, ge=1, description="connections the kernel queues before accept")
+    workers: int = Field(8, ge=1, description="threads answering requests")
+    queue: int = Field(256, ge=0, description="accepted requests waiting for a worker; more: 503")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="larger bodies get 413")
 
 
 class ProbeConfig(BaseModel):
@@ -279,3 +286,4 @@ class ServiceConfig(BaseModel):
     until_idle: float | None = Field(None, gt=0, description="exit after this many idle seconds")
     eval_every: int | None = Field(None, ge=1)
     prequential_window: int = Field(1000, ge=1)
+    log_every: float = Field(10.0, ge=0, description="seconds between progress log lines; 0: none")

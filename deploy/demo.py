@@ -44,6 +44,7 @@ def run_demo(
     http_port: int = 0,
     until_idle: float = 5.0,
     progress: bool | None = None,
+    log_every: float | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the service's report."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,7 @@ def run_demo(
                 "heldout": str(heldout_io.sidecar_path(stream)),
                 "report": str(workdir / "report.json"),
                 "until_idle": until_idle,
+                **({"log_every": log_every} if log_every is not None else {}),
             }
         )
         report = run_service(config)

@@ -23,6 +23,8 @@ SERVE_OVERRIDES = {
     "report": ("report",),
     "audit_log": ("audit_log",),
     "until_idle": ("until_idle",),
+    "connect_timeout": ("kafka", "connect_timeout_s"),
+    "log_every": ("log_every",),
 }
 
 
@@ -38,6 +40,16 @@ def service_config(config_file: str | None, overrides: dict[str, Any]) -> Servic
             node = node.setdefault(key, {})
         node[path[-1]] = value
     return validated(ServiceConfig, raw)  # type: ignore[no-any-return]
+
+
+log_every_option = click.option(
+    "--log-every",
+    type=click.FloatRange(min=0),
+    default=None,
+    show_envvar=True,
+    help="Overrides log_every: seconds between progress log lines (samples/s, lag, "
+    "accuracy); 0 turns them off (default 10).",
+)
 
 
 def kafka_options(func: Any) -> Any:
@@ -103,6 +115,15 @@ def kafka_options(func: Any) -> Any:
     help="Exit once no message arrived for this many seconds and "
     "there is no lag (default: run until stopped).",
 )
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    show_envvar=True,
+    help="Overrides kafka.connect_timeout_s: seconds to wait at start-up for a bootstrap "
+    "server before failing.",
+)
+@log_every_option
 def serve(config_file: str | None, **overrides: Any) -> None:
     """Run the online learner against a Kafka topic until SIGTERM/SIGINT.
 
@@ -270,6 +291,7 @@ def record(
 )
 @click.option("--seed", type=int, default=0, show_envvar=True)
 @click.option("--progress/--no-progress", default=None, show_envvar=True)
+@log_every_option
 def demo(
     dataset: str,
     data_dir: str | None,
@@ -280,6 +302,7 @@ def demo(
     http_port: int,
     seed: int,
     progress: bool | None,
+    log_every: float | None,
 ) -> None:
     """Start a local broker, stream Split Fashion-MNIST through `serve`, print the summary.
 
@@ -299,6 +322,7 @@ def demo(
         rate,
         http_port,
         progress=progress,
+        log_every=log_every,
     )
     click.echo(f"published {report['published']} messages; consumed through the embedded broker")
     for line in summary_lines(report):

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from ingest.codec import REJECT_REASONS
+from learner.checkpoint import CHECKPOINT_LOAD_FAILURES
 
 OUTCOMES = ("learned", "quarantined", "rejected", "held_out")
 MAX_GROUP_LABELS = 64
@@ -125,12 +126,25 @@ class ServiceMetrics:
             "Unix time the loop last polled Kafka.",
             registry=r,
         )
+        self.checkpoint_load_failures = Counter(
+            "streamcl_checkpoint_load_failures",
+            "Checkpoints skipped at start-up (unreadable or failing their checksum), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.http_busy = Counter(
+            "streamcl_http_busy_responses",
+            "HTTP requests answered 503 because every worker and queue slot was taken.",
+            registry=r,
+        )
         # process_* series (start time, memory, CPU) from the standard collectors.
         ProcessCollector(registry=r)
         for outcome in OUTCOMES:
             self.samples.labels(outcome)
         for reason in (*REJECT_REASONS, "corrupt_frame"):
             self.rejected.labels(reason)
+        for reason in CHECKPOINT_LOAD_FAILURES:
+            self.checkpoint_load_failures.labels(reason)
 
     def track_device_memory(self, read_bytes: Callable[[], float]) -> None:
         """Export accelerator memory in use (only called when the learner is on a GPU)."""

@@ -12,6 +12,7 @@ from typing import Any
 from deploy.config import ServiceConfig
 from deploy.http import ServiceHttp
 from deploy.service import Service
+from ingest.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +25,35 @@ def run_service(config: ServiceConfig, stop: threading.Event | None = None) -> d
     """
     stop = stop or threading.Event()
     previous = _install_signal_handlers(stop)
-    service = Service(config)
-    http = ServiceHttp(service, config.http.host, config.http.port, config.http.stall_seconds)
-    http.start()
     try:
-        report = service.run(stop)
+        service = Service(config)
+        try:
+            http = _listen(service, config)
+        except BaseException:
+            service.close()
+            raise
+        http.start()
+        try:
+            report = service.run(stop)
+        finally:
+            http.close()
+            service.close()
     finally:
-        http.close()
-        service.close()
         _restore_signal_handlers(previous)
     if config.report is not None:
         config.report.parent.mkdir(parents=True, exist_ok=True)
         config.report.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _listen(service: Service, config: ServiceConfig) -> ServiceHttp:
+    """Bind the HTTP port; a port in use is a one-line start-up error, not a traceback."""
+    try:
+        return ServiceHttp(service, config.http)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot listen on http://{config.http.host}:{config.http.port}: {err.strerror or err}"
+        ) from err
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:

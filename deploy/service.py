@@ -34,6 +34,7 @@ from ingest.kafka import (
     KafkaSource,
     KafkaSourceError,
     Offsets,
+    wait_for_bootstrap,
 )
 from ingest.schema import Batch, Rejected, StreamSpec
 from learner.checkpoint import CheckpointError, CheckpointStore, write_snapshot
@@ -69,8 +70,9 @@ def kafka_settings(config: ServiceConfig) -> KafkaSettings:
         ssl_certfile=k.ssl_certfile,
         ssl_keyfile=k.ssl_keyfile,
         ssl_password=_secret(k.ssl_password),
-        consumer=dict(k.consumer),
-        producer=dict(k.producer),
+        # The clients' own bootstrap wait: after `wait_for_bootstrap`, the same limit.
+        consumer={"bootstrap_timeout_ms": int(k.connect_timeout_s * 1000), **k.consumer},
+        producer={"bootstrap_timeout_ms": int(k.connect_timeout_s * 1000), **k.producer},
     )
 
 
@@ -84,6 +86,8 @@ class Service:
     def __init__(self, config: ServiceConfig, registry: CollectorRegistry | None = None):
         self.config = config
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
+        settings = kafka_settings(config)
+        wait_for_bootstrap(settings, config.kafka.connect_timeout_s)  # before any slow set-up
         configure_threads(config.learner.threads or DEFAULT_THREADS)
         self.spec = StreamSpec(
             config.spec.feature_shape, config.spec.dtype, config.spec.num_classes
@@ -106,7 +110,6 @@ class Service:
             device = self.learner.device
             self.metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))
         self.checkpoints = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep)
-        settings = kafka_settings(config)
         dead_letter_topic = (
             config.kafka.dead_letter_topic or config.kafka.topic + DEAD_LETTER_SUFFIX
         )
@@ -131,6 +134,8 @@ class Service:
         self._last_learned = 0.0
         self._updates_at_checkpoint = 0
         self._updates_at_snapshot = 0
+        self._progress_at = time.monotonic()
+        self._progress_learned = 0
         self._audit: TextIO | None = None
         if config.audit_log is not None:
             config.audit_log.parent.mkdir(parents=True, exist_ok=True)
@@ -154,10 +159,21 @@ class Service:
         if restored is None:
             log.info("no checkpoint in %s: starting fresh", self.config.checkpoint.dir)
             return {}
+        for skipped in restored.skipped:
+            self.metrics.checkpoint_load_failures.labels(skipped.reason).inc()
         state = restored.state
         _check_compatible(json.loads(state["learner_config"]), self.config.learner, restored.path)
-        self.learner.load_state_dict(state["learner"])
-        self.session.load_state_dict(state["session"])
+        try:
+            self.learner.load_state_dict(state["learner"])
+            self.session.load_state_dict(state["session"])
+        except Exception as err:  # tensors of another shape (spec or user model changed), ...
+            reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            reason = reason if len(reason) <= 400 else reason[:400] + "..."
+            raise CheckpointError(
+                f"checkpoint {restored.path} does not fit the configured learner and spec "
+                f"({type(err).__name__}: {reason}); use another checkpoint.dir or the "
+                f"original settings"
+            ) from err
         offsets = {(str(t), int(p)): int(o) for t, p, o in state["offsets"]}
         self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
         self.metrics.model_version.set(self.learner.updates)
@@ -177,10 +193,20 @@ class Service:
     def run(self, stop: threading.Event) -> dict[str, Any]:
         """Consume until `stop` is set (or the topic stays idle); returns the final report."""
         started = time.monotonic()
-        self.source.start(self.restore())
+        resume = self.restore()
+        self.source.start(resume)
         self.ready = True
-        idle_since = time.monotonic()
         kafka = self.config.kafka
+        log.info(
+            "consuming topic %s as group %s from offsets %s",
+            kafka.topic,
+            kafka.group_id,
+            {f"{t}/{p}": o for (t, p), o in sorted(resume.items())}
+            if resume
+            else "committed by the group (earliest where none)",
+        )
+        self._progress_at, self._progress_learned = started, self.session.samples_learned
+        idle_since = time.monotonic()
         while not stop.is_set():
             arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
             now = time.monotonic()
@@ -199,6 +225,8 @@ class Service:
                 self._handle(arrivals)
             if self._checkpoint_due(now):
                 self.checkpoint()
+            if self.config.log_every and now - self._progress_at >= self.config.log_every:
+                self._log_progress(now)
             if self._idle_enough(now - idle_since):
                 log.info("no messages for %.1f s and no lag: stopping", now - idle_since)
                 # The stream is over: learn the partial batch and score the final model.
@@ -208,7 +236,34 @@ class Service:
                 break
         # On a signal, pending samples go into the checkpoint instead, for the next run.
         self._final_checkpoint()
+        session = self.session
+        log.info(
+            "processed a total of %d messages learned=%d rejected=%d held_out=%d pending=%d",
+            session.samples_seen,
+            session.samples_learned,
+            session.samples_rejected,
+            session.samples_held_out,
+            session.pending,
+        )
         return self.report(time.monotonic() - started)
+
+    def _log_progress(self, now: float) -> None:
+        """One periodic line, like Kafka's console tools: totals, rate, lag, accuracy."""
+        session = self.session
+        rate = (session.samples_learned - self._progress_learned) / (now - self._progress_at)
+        accuracy = session.matrix.get().average_accuracy if session.matrix.rows else None
+        log.info(
+            "progress learned=%d samples_per_second=%.1f lag=%d rejected=%d updates=%d "
+            "prequential_accuracy=%.4f average_accuracy=%s",
+            session.samples_learned,
+            rate,
+            sum(self.source.lag().values()),
+            session.samples_rejected,
+            self.learner.updates,
+            session.prequential.get_windowed(),
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+        )
+        self._progress_at, self._progress_learned = now, session.samples_learned
 
     def _handle(self, arrivals: list[Arrival]) -> None:
         """Learn or dead-letter each arrival; checkpoint as soon as one is due, mid-poll."""

@@ -10,6 +10,7 @@ checkpoint interval.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -351,3 +352,46 @@ def _wait_for_partitions(
         if time.monotonic() > deadline:
             raise KafkaSourceError(f"topic {topic!r} has no partitions (does it exist?)")
         time.sleep(0.2)
+
+
+def wait_for_bootstrap(settings: KafkaSettings, timeout_s: float) -> None:
+    """Wait until a bootstrap server accepts a TCP connection; fail once, clearly, if none does.
+
+    Checked before any kafka-python client exists: their own bootstrap retries log an
+    ERROR line per attempt for 30 s and then name no reason.
+    """
+    servers = [s.strip() for s in settings.bootstrap_servers.split(",") if s.strip()]
+    deadline = time.monotonic() + timeout_s
+    reasons: dict[str, str] = {}
+    logged = False
+    while True:
+        for server in servers:
+            reason = _unreachable(server, max(0.1, min(2.0, deadline - time.monotonic())))
+            if reason is None:
+                return
+            reasons[server] = reason
+        if time.monotonic() >= deadline:
+            detail = ", ".join(f"{server} ({reason})" for server, reason in reasons.items())
+            raise KafkaSourceError(
+                f"cannot reach any Kafka bootstrap server within {timeout_s:g} s: {detail}"
+            )
+        if not logged:
+            log.info("waiting for Kafka bootstrap_servers=%s", ",".join(servers))
+            logged = True
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _unreachable(server: str, timeout_s: float) -> str | None:
+    """Why `host:port` takes no TCP connection, or None when it does."""
+    host, sep, port = server.rpartition(":")
+    if not sep or not port.isdigit():
+        return "not host:port"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except socket.gaierror as err:
+        return f"unknown host: {err.strerror}"
+    except TimeoutError:
+        return f"no answer in {timeout_s:.1f} s"
+    except OSError as err:
+        return (err.strerror or str(err)).lower()

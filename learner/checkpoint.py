@@ -2,8 +2,11 @@
 
 Checkpoints are written atomically (temp file, fsync, rename, fsync of the directory)
 and loaded with `torch.load(weights_only=True)`: tensors and plain containers only,
-never arbitrary pickled objects. The last `keep` are kept; a checkpoint that fails to
-load is reported and the previous one is tried.
+never arbitrary pickled objects. Each holds a SHA-256 of its content (every tensor's
+dtype, shape and bytes, every key and scalar), checked on load: torch's loader checks
+no content, so flipped bits or a torn write on a bad disk would otherwise be resumed
+from. The last `keep` are kept; a checkpoint that fails to load or to verify is
+reported and the previous one is tried.
 
 Snapshots are weights only (safetensors) plus a small JSON of metadata, for serving
 systems that must not run our code to read a model.
@@ -11,6 +14,7 @@ systems that must not run our code to read a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -29,18 +33,35 @@ from ingest.errors import StreamclError
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_SUFFIX = ".pt"
+CHECKPOINT_FORMAT = "streamcl-checkpoint/1"
+LoadFailure = Literal["unreadable", "checksum"]
+CHECKPOINT_LOAD_FAILURES: tuple[LoadFailure, ...] = ("unreadable", "checksum")
 
 
 class CheckpointError(StreamclError):
     """No usable checkpoint could be written or read."""
 
 
+class ChecksumError(CheckpointError):
+    """A checkpoint loaded but its content is not what was written."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A newer checkpoint passed over at load time, and why."""
+
+    path: Path
+    reason: LoadFailure
+    error: str
+
+
 @dataclass(frozen=True)
 class Restored:
-    """A loaded checkpoint and where it came from."""
+    """A loaded checkpoint, where it came from, and the newer ones that were skipped."""
 
     path: Path
     state: dict[str, Any]
+    skipped: tuple[Skipped, ...] = ()
 
 
 class CheckpointStore:
@@ -67,26 +88,86 @@ class CheckpointStore:
         existing = self.paths()
         sequence = (_sequence(existing[-1]) or 0) + 1 if existing else 1
         path = self.directory / f"{CHECKPOINT_PREFIX}{sequence:09d}{CHECKPOINT_SUFFIX}"
-        write_atomically(path, lambda f: torch.save(state, f))
+        write_checkpoint(path, state)
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
 
     def load_latest(self) -> Restored | None:
-        """The newest checkpoint that loads; None when there is none at all."""
+        """The newest checkpoint that loads and verifies; None when there is none at all."""
         paths = self.paths()
         last_error: Exception | None = None
+        skipped: list[Skipped] = []
         for path in reversed(paths):
             try:
-                return Restored(path, torch.load(path, map_location="cpu", weights_only=True))
-            except Exception as err:  # any unreadable file means: try the previous one
-                log.error("checkpoint unreadable, trying the previous path=%s error=%s", path, err)
+                return Restored(path, read_checkpoint(path), tuple(skipped))
+            except Exception as err:  # any unusable file means: try the previous one
+                reason: LoadFailure = "checksum" if isinstance(err, ChecksumError) else "unreadable"
+                log.error(
+                    "checkpoint %s, trying the previous path=%s error=%s",
+                    "fails its checksum" if reason == "checksum" else "unreadable",
+                    path,
+                    err,
+                )
+                skipped.append(Skipped(path, reason, str(err)))
                 last_error = err
         if paths:
             raise CheckpointError(
                 f"none of {len(paths)} checkpoints in {self.directory} loads"
             ) from last_error
         return None
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Save `state` atomically with the SHA-256 of its content."""
+    envelope = {"format": CHECKPOINT_FORMAT, "sha256": content_digest(state), "state": state}
+    write_atomically(path, lambda f: torch.save(envelope, f))
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by `write_checkpoint` (weights only) and verify its content.
+
+    Raises `ChecksumError` when the content differs from what was written, and
+    `CheckpointError` when the file is not a streamcl checkpoint.
+    """
+    envelope = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(envelope, dict) or envelope.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a streamcl checkpoint ({CHECKPOINT_FORMAT})")
+    state = envelope["state"]
+    digest = content_digest(state)
+    if digest != envelope["sha256"]:
+        raise ChecksumError(
+            f"{path} content does not match its checksum (sha256 {digest[:12]}..., "
+            f"written {str(envelope['sha256'])[:12]}...): damaged on disk"
+        )
+    return state  # type: ignore[no-any-return]
+
+
+def content_digest(state: Any) -> str:
+    """SHA-256 over nested containers of tensors and scalars, independent of the file format."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}|".encode())
+        if tensor.numel():  # an empty tensor is its dtype and shape
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}|".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"L{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # str, int, float, bool, None, torch.dtype: repr round-trips exactly
+        text = repr(value).encode()
+        digest.update(f"S{type(value).__name__}{len(text)}|".encode() + text)
 
 
 def write_snapshot(

@@ -187,6 +187,83 @@ def test_unreadable_newest_falls_back_to_the_previous(
     assert str(newest) in records[0].getMessage()
 
 
+def flip_tensor_bytes(path: Path, tensor: torch.Tensor, count: int = 4) -> None:
+    """Invert `count` bytes inside `tensor`'s data where the file stores it (bit rot)."""
+    raw = bytearray(path.read_bytes())
+    data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    at = raw.find(data)
+    assert at >= 0 and raw.find(data, at + 1) < 0, "tensor bytes must occur once in the file"
+    for i in range(at + 8, at + 8 + count):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_tensor_bytes_fail_the_checksum_and_the_previous_is_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(small_state(1))
+    damaged = store.save(small_state(2))
+    flip_tensor_bytes(damaged, small_state(2)["w"])
+    # torch's loader checks no content: the damage loads silently without our checksum.
+    tampered = torch.load(damaged, weights_only=True)["state"]["w"]
+    assert not torch.equal(tampered, small_state(2)["w"])
+
+    with caplog.at_level(logging.ERROR, logger="learner.checkpoint"):
+        restored = store.load_latest()
+    assert restored is not None
+    assert restored.path == tmp_path / numbered(1)
+    assert_state_equal(restored.state, small_state(1))
+    assert [(s.path, s.reason) for s in restored.skipped] == [(damaged, "checksum")]
+    records = error_records(caplog)
+    assert len(records) == 1
+    assert "fails its checksum" in records[0].getMessage()
+    assert str(damaged) in records[0].getMessage()
+
+
+def test_a_learner_checkpoint_with_flipped_weights_is_not_resumed(
+    tmp_path: Path, samples: list[Sample]
+) -> None:
+    learner = build_learner(CONFIG, SPEC)
+    session = LearningSession(learner, None, batch_size=10)
+    for sample in samples[:40]:
+        session.offer(sample)
+    store = CheckpointStore(tmp_path)
+    store.save({"learner": learner.state_dict(), "step": 1})
+    for sample in samples[40:80]:
+        session.offer(sample)
+    newest = store.save({"learner": learner.state_dict(), "step": 2})
+    flip_tensor_bytes(newest, next(learner.model.parameters()).detach())
+    restored = store.load_latest()
+    assert restored is not None and restored.state["step"] == 1
+    assert [s.reason for s in restored.skipped] == ["checksum"]
+
+
+def test_every_tensor_kind_round_trips_through_the_checksum(tmp_path: Path) -> None:
+    state = {
+        "empty": torch.empty(0, dtype=torch.int64),
+        "scalar": torch.tensor(3.5),
+        "flags": torch.tensor([True, False]),
+        "half": torch.ones(2, 3, dtype=torch.bfloat16),
+        "strided": torch.arange(12).reshape(3, 4).t(),
+        "nested": [("a", 1, 2.5, None, False), {"k": torch.zeros(1)}],
+    }
+    store = CheckpointStore(tmp_path)
+    store.save(state)
+    restored = store.load_latest()
+    assert restored is not None and restored.skipped == ()
+    assert_state_equal(restored.state, state)
+    other = checkpoint.content_digest({**state, "scalar": torch.tensor(3.25)})
+    assert other != checkpoint.content_digest(state)
+
+
+def test_a_plain_torch_file_is_not_taken_for_a_checkpoint(tmp_path: Path) -> None:
+    torch.save(small_state(1), tmp_path / numbered(1))
+    with pytest.raises(CheckpointError, match="none of 1 checkpoints") as raised:
+        CheckpointStore(tmp_path).load_latest()
+    assert "is not a streamcl checkpoint" in str(raised.value.__cause__)
+
+
 def test_pickled_objects_are_refused_and_the_previous_checkpoint_used(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,0 +1,54 @@
+"""JSON log lines: key=value facts of a message become typed fields."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+
+import pytest
+
+from deploy.logs import JsonFormatter, configure_logging, fields
+
+
+def test_single_token_fields_are_lifted_and_typed() -> None:
+    message = "checkpoint path=/c/checkpoint-1.pt updates=5 offsets={('t', 0): 5} seconds=0.013"
+    assert fields(message) == {"path": "/c/checkpoint-1.pt", "updates": 5, "seconds": 0.013}
+    assert fields("progress average_accuracy=n/a lag=0") == {"average_accuracy": "n/a", "lag": 0}
+    assert fields("listening on http://127.0.0.1:8080") == {}
+
+
+def test_a_record_is_one_json_object_and_fields_never_replace_the_core_keys() -> None:
+    record = logging.LogRecord(
+        "deploy.service", logging.INFO, __file__, 1, "x level=9 learned=%d", (12,), None
+    )
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["level"] == "INFO" and doc["logger"] == "deploy.service"
+    assert doc["message"] == "x level=9 learned=12"
+    assert doc["learned"] == 12
+    assert doc["time"].endswith("+00:00")
+
+
+def test_the_cli_logs_to_the_current_stderr_and_keeps_other_handlers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logging set up twice (click's runner swaps stderr) writes to the live stream only."""
+    root = logging.getLogger()
+    level = root.level
+    configure_logging("INFO", "text")
+    configure_logging("INFO", "json")
+    ours = [h for h in root.handlers if type(h).__name__ == "_Stderr"]
+    assert len(ours) == 1
+    assert caplog.handler in root.handlers
+    swapped = io.StringIO()
+    real = sys.stderr
+    sys.stderr = swapped
+    try:
+        logging.getLogger("deploy.test").info("hello answer=%d", 42)
+    finally:
+        sys.stderr = real
+        root.removeHandler(ours[0])
+        root.setLevel(level)
+    assert json.loads(swapped.getvalue())["answer"] == 42
+    assert "hello answer=42" in caplog.text
