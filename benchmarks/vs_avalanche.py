@@ -5,7 +5,7 @@
 
 Needs the 'avalanche' extra (tests/run.sh builds .venv-avalanche). Each stream is built
 once by streamcl (Split Fashion-MNIST, 5 tasks x 2 classes, stream seed 0), recorded,
-exported with `stream export` and loaded with `interop.avalanche.load_benchmark`, so both
+exported with `stream export` and loaded with `ingest.avalanche.load_benchmark`, so both
 libraries see the same samples in the same order, scaled the same way to [0, 1]. Same
 model (MLP 256x2, seeded init), SGD lr 0.1, mini-batch 10, one pass, 10 replayed samples
 per step, 1 PyTorch thread, all in this one process. Both are scored by the same code:
@@ -19,7 +19,7 @@ Avalanche 0.6.0 faults handled here:
 - `split_online_stream` never sets `is_last_subexp` when an experience's length is a
   multiple of the mini-batch (10: every balanced task here), and renumbers the
   mini-experiences, so experience-keyed state (forgetting, per-experience plugins) reads
-  the mini-batch index: `interop.avalanche.online_experiences` flags the last one and
+  the mini-batch index: `ingest.avalanche.online_experiences` flags the last one and
   keeps the origin experience id, and it does not shuffle (the arrival order is the
   experiment).
 - Forgetting: computed from the accuracy matrix with streamcl's definitions, not from
@@ -60,10 +60,10 @@ import torch
 from deploy.config import ReplayConfig
 from deploy.replay import run_replay
 from evaluation import metrics
+from ingest.avalanche import load_benchmark, online_experiences
 from ingest.datasets import load
 from ingest.exporters import export_npz
 from ingest.scenarios import ScenarioConfig, build, write
-from interop.avalanche import load_benchmark, online_experiences
 from learner.models import mlp
 
 warnings.filterwarnings("ignore")

@@ -245,7 +245,7 @@ def stream_import(
     else:
         import yaml
 
-        from interop.avalanche import import_benchmark
+        from ingest.avalanche import import_benchmark
 
         kwargs = {k: yaml.safe_load(v) for k, v in (benchmark_args or {}).items()}
         built = import_benchmark(source, kwargs, num_classes)
@@ -281,7 +281,7 @@ def stream_import(
     type=click.Path(dir_okay=False),
     required=True,
     show_envvar=True,
-    help=".npz to write; interop.avalanche.load_benchmark(OUT) turns it into an Avalanche "
+    help=".npz to write; ingest.avalanche.load_benchmark(OUT) turns it into an Avalanche "
     "benchmark, and `stream import` reads it back.",
 )
 def stream_export(stream_file: str, heldout: str | None, window: int | None, out: str) -> None:

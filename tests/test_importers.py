@@ -302,8 +302,8 @@ def test_import_and_export_explain_themselves_with_env_twins() -> None:
 
 
 def test_a_source_that_is_neither_npz_nor_a_benchmark_is_named(tmp_path: Path) -> None:
+    from ingest.avalanche import resolve
     from ingest.errors import ConfigError
-    from interop.avalanche import resolve
 
     with pytest.raises(ConfigError, match=r"must be a \.npz file, 'avalanche:NAME' or"):
         resolve(str(tmp_path / "data.csv"), {})

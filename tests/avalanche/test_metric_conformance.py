@@ -57,7 +57,7 @@ def test_accuracy_forgetting_and_bwt_match_avalanche(tmp_path: Path, strategy_na
     from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
     from avalanche.training.supervised import Naive
 
-    from interop.avalanche import load_benchmark
+    from ingest.avalanche import load_benchmark
     from learner.models import mlp
 
     benchmark = load_benchmark(digits_npz(tmp_path / "digits.npz"))

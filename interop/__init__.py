@@ -1,1 +1,0 @@
-"""Bridges to other continual-learning libraries, each imported only on demand."""
