@@ -199,6 +199,106 @@ def stream_make(**opts: Any) -> None:
     )
 
 
+# --- Avalanche bridge: `stream import` / `stream export` (issue 13) ---
+@stream.command("import")
+@config_option
+@click.argument("source")
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=2),
+    default=None,
+    show_envvar=True,
+    help="Declared classes: labels must lie in [0, N) (default: highest label + 1).",
+)
+@click.option(
+    "--benchmark-args",
+    type=Settings(),
+    default=None,
+    show_envvar=True,
+    help="Keyword arguments for an Avalanche benchmark SOURCE, e.g. n_experiences=5,seed=0 "
+    "(values read as YAML scalars).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    show_envvar=True,
+    help="Stream file to write; a held-out set goes beside it as OUT.eval.npz.",
+)
+def stream_import(
+    source: str, num_classes: int | None, benchmark_args: dict[str, Any] | None, out: str
+) -> None:
+    """Record an external arrival order as a stream file.
+
+    SOURCE is a NumPy .npz (arrays features, labels; optional tasks, noisy, clean_labels,
+    eval_features, eval_labels, eval_tasks), or an Avalanche benchmark: 'avalanche:NAME'
+    for avalanche.benchmarks.classic.NAME (e.g. avalanche:SplitFMNIST) or
+    'package.module:function' returning one; its train stream becomes the stream and its
+    test stream the held-out set (needs the 'avalanche' extra).
+    """
+    from ingest.importers import from_npz, write
+
+    if source.endswith(".npz"):
+        if benchmark_args:
+            raise click.UsageError("--benchmark-args is for an Avalanche SOURCE, not a .npz")
+        built = from_npz(source, num_classes)
+    else:
+        import yaml
+
+        from ingest.avalanche import import_benchmark
+
+        kwargs = {k: yaml.safe_load(v) for k, v in (benchmark_args or {}).items()}
+        built = import_benchmark(source, kwargs, num_classes)
+    sidecar = write(built, out)
+    held = (
+        f"held-out set: {sidecar}, {len(built.heldout.labels)} samples"
+        if sidecar
+        else "no held-out set"
+    )
+    click.echo(f"wrote {built.meta['num_messages']} messages to {out} ({held})")
+
+
+@stream.command("export")
+@config_option
+@click.argument("stream_file", metavar="STREAM", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--heldout",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Held-out set (default: STREAM.eval.npz beside the stream, when there is one).",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=None,
+    show_envvar=True,
+    help="Samples per Avalanche experience (default: one experience per task; required "
+    "when samples carry no task id).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    show_envvar=True,
+    help=".npz to write; ingest.avalanche.load_benchmark(OUT) turns it into an Avalanche "
+    "benchmark, and `stream import` reads it back.",
+)
+def stream_export(stream_file: str, heldout: str | None, window: int | None, out: str) -> None:
+    """Write a recorded stream (e.g. one taken with `streamcl record`) for Avalanche."""
+    from ingest.exporters import export_npz
+
+    done = export_npz(stream_file, out, heldout, window)
+    skipped = f", skipped {dict(done.skipped)}" if done.skipped else ""
+    click.echo(
+        f"wrote {done.samples} samples in {done.experiences} experiences to {out} "
+        f"({'with' if done.heldout else 'without'} a held-out set{skipped})"
+    )
+
+
+# --- end of the Avalanche bridge block ---
+
+
 @cli.command()
 @config_option
 @click.option(

@@ -87,6 +87,14 @@ def build(data: LabelledData, config: ScenarioConfig) -> BuiltStream:
 
 def write(stream: BuiltStream, path: str | Path) -> Path:
     """Write the stream file and its held-out sidecar; returns the sidecar path."""
+    write_frames(stream, path)
+    sidecar = heldout_io.sidecar_path(path)
+    heldout_io.save(stream.heldout, sidecar)
+    return sidecar
+
+
+def write_frames(stream: BuiltStream, path: str | Path) -> None:
+    """Write the stream file alone, one message per sample in array order."""
     with StreamWriter(path, stream.spec, stream.meta) as writer:
         for i in range(len(stream.labels)):
             event_time = EVENT_TIME_BASE_MS + i
@@ -94,9 +102,6 @@ def write(stream: BuiltStream, path: str | Path) -> Path:
                 stream.features[i], int(stream.labels[i]), int(stream.tasks[i]), i, event_time
             )
             writer.write(encode(sample), offset=i, timestamp_ms=event_time)
-    sidecar = heldout_io.sidecar_path(path)
-    heldout_io.save(stream.heldout, sidecar)
-    return sidecar
 
 
 def long_tail_indices(
