@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from deploy.config import ReplayConfig
+from deploy.config import PLAIN_LEARNING, ReplayConfig
 from deploy.replay import run_replay
 from ingest.datasets import load
 from ingest.scenarios import ScenarioConfig, build, write
@@ -31,15 +31,12 @@ STREAMS: dict[str, dict[str, Any]] = {
     "imb10": {"imbalance": 10.0},
     "both": {"noise": 0.4, "imbalance": 10.0},
 }
-PLAIN = {
-    "noise": {"knn": False, "small_loss": False},
-    "loss": {"ace": False, "logit_adjust_tau": 0.0},
-}
 RUNS: dict[str, dict[str, Any]] = {
-    "er": PLAIN,  # today's ER-1000, class-balanced memory
-    "er-reservoir": {**PLAIN, "memory_policy": "reservoir"},
-    "ace": {"noise": PLAIN["noise"], "loss": {"logit_adjust_tau": 0.0}},
+    "er": PLAIN_LEARNING,  # today's ER-1000, class-balanced memory
+    "er-reservoir": {**PLAIN_LEARNING, "memory_policy": "reservoir"},
+    "ace": {"noise": PLAIN_LEARNING["noise"], "loss": {"logit_adjust_tau": 0.0}},
     "default": {},  # what `streamcl replay` does with no flags
+    "default-knn": {"noise": {"knn": True}},  # plus the opt-in kNN label filter
 }
 COMMON = {"hidden": (400, 400), "memory": 1000, "batch_size": 10, "threads": 1, "device": "cpu"}
 

@@ -78,7 +78,11 @@ class NoiseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    knn: bool = Field(True, description="flag labels that are not their neighbours' plurality")
+    knn: bool = Field(
+        False,
+        description="flag labels that are not their neighbours' plurality (off by default: "
+        "on a clean permuted stream it held back whole new tasks, see README)",
+    )
     knn_k: int = Field(10, ge=1, description="neighbours per query")
     knn_window: int = Field(1000, ge=1, description="recent arrivals searched besides memory")
     knn_min_agreement: float = Field(
@@ -124,6 +128,15 @@ class LossConfig(BaseModel):
     )
     reweight: Literal["none", "effective-number"] = "none"
     reweight_beta: float = Field(0.999, gt=0, lt=1)
+
+
+PLAIN_LEARNING: dict[str, Any] = {
+    "noise": {"knn": False, "small_loss": False},
+    "loss": {"ace": False, "logit_adjust_tau": 0.0},
+}
+"""Learner settings with the dirty-stream corrections off (noise filters, ER-ACE, logit
+adjustment): textbook cross entropy, for measuring one strategy against textbook
+baselines such as plain fine-tuning, which those corrections would otherwise blur."""
 
 
 class LearnerConfig(BaseModel):

@@ -250,9 +250,12 @@ class Service:
         self._final_checkpoint()
         session = self.session
         log.info(
-            "processed a total of %d messages learned=%d rejected=%d held_out=%d pending=%d",
+            "processed a total of %d messages learned=%d quarantined=%d rejected_noisy=%d "
+            "rejected=%d held_out=%d pending=%d",
             session.samples_seen,
             session.samples_learned,
+            session.in_quarantine,
+            session.filtering.counts["rejected_noisy"],
             session.samples_rejected,
             session.samples_held_out,
             session.pending,

@@ -58,6 +58,10 @@ class Filter(Protocol):
         """Learn from the arrivals just judged (all of them; `admitted` `[B]` bool)."""
         ...
 
+    def restart(self) -> None:
+        """The stream shifted (a task boundary or a detected drift): forget what was normal."""
+        ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -199,6 +203,9 @@ class NeighbourAgreement:
     ) -> None:
         self.window.add(embeddings, labels)
 
+    def restart(self) -> None:
+        """Nothing to forget: the recent window follows the shift by itself."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"window": self.window.state_dict()}
 
@@ -213,6 +220,8 @@ class SmallLoss:
     fewer than `min_class_samples` admitted arrivals (no clean reference yet), and while
     the mixture's components overlap (Ashman's D below `min_separation`: not bimodal).
     The mixture is refitted on the last `window` losses every `refit_every` arrivals.
+    After a shift every arrival is high-loss for a while: the filter starts over (warmup,
+    class counts, threshold), or it would hold back the whole new task as noise.
     """
 
     name = "small-loss"
@@ -270,6 +279,12 @@ class SmallLoss:
             self.threshold = mixture_threshold(
                 self.losses[: min(self.count, len(self.losses))], self.min_separation
             )
+
+    def restart(self) -> None:
+        self.count = 0
+        self.admitted_per_class[:] = 0
+        self.threshold = math.inf
+        self._since_fit = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -343,6 +358,10 @@ class NoiseFilter:
     ) -> None:
         for f in self.filters:
             f.observe(losses, embeddings, labels, admitted)
+
+    def restart(self) -> None:
+        for f in self.filters:
+            f.restart()
 
     def state_dict(self) -> dict[str, Any]:
         return {f.name: f.state_dict() for f in self.filters}

@@ -281,6 +281,8 @@ class OnlineLearner:
         boundary = Boundary(sample, reason, next_task)
         for strategy in self.strategies:
             strategy.consolidate(self.model, boundary)
+        if self.noise_filter is not None and reason != "periodic":
+            self.noise_filter.restart()  # a period is not a shift
         self.boundaries.append(boundary)
         log.info(
             "task boundary sample=%d reason=%s task=%d next_task=%d",

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from deploy.config import ReplayConfig, validated
+from deploy.config import PLAIN_LEARNING, ReplayConfig, validated
 from deploy.replay import run_replay
 from deploy.session import without_timings
 from ingest.datasets import load
@@ -46,7 +46,12 @@ _reports: dict[str, dict[str, Any]] = {}
 
 
 def replay(streams: dict[str, Path], stream: str, **settings: Any) -> dict[str, Any]:
-    """One replay per distinct setting in this module (the EWC run serves two tests)."""
+    """One replay per distinct setting in this module (the EWC run serves two tests).
+
+    The strategies are measured with the dirty-stream corrections off (PLAIN_LEARNING):
+    these are issue 4's figures, a strategy against textbook fine-tuning.
+    """
+    settings = {**PLAIN_LEARNING, **settings}
     key = json.dumps([stream, settings], sort_keys=True)
     if key not in _reports:
         config = validated(ReplayConfig, {"stream": streams[stream], "seed": 0, **settings})
@@ -54,18 +59,17 @@ def replay(streams: dict[str, Path], stream: str, **settings: Any) -> dict[str, 
     return _reports[key]
 
 
-def test_online_ewc_halves_naive_forgetting_on_permuted_fmnist(
+def test_online_ewc_forgets_far_less_than_naive_on_permuted_fmnist(
     fmnist_streams: dict[str, Path],
 ) -> None:
     naive = replay(fmnist_streams, "permuted", strategy="naive")
     ewc = replay(fmnist_streams, "permuted", strategy="ewc")
-    assert (
-        ewc["samples_learned"] + ewc["samples_quarantined"] + ewc["samples_rejected_noisy"]
-        == 5 * SAMPLES_PER_TASK
-    )  # learned or held back by the noise filters
+    assert ewc["samples_learned"] == 5 * SAMPLES_PER_TASK
     assert ewc["task_boundaries_by_reason"] == {"task": 4}
-    # Measured: naive 0.589 / 0.233, EWC 0.724 / 0.046 (accuracy / forgetting).
-    assert ewc["average_forgetting"] <= naive["average_forgetting"] / 2
+    # Seeds 0-2 (benchmarks/seed_spread.py, stream seed = learner seed): naive forgets
+    # 0.17-0.24 at 0.58-0.64, EWC keeps 0.23-0.50 of that at 0.04-0.13 higher accuracy.
+    # (At full size, 60,000 per task, EWC forgets 0.021 against 0.404: README.)
+    assert ewc["average_forgetting"] <= 0.7 * naive["average_forgetting"]
     assert ewc["final_average_accuracy"] > naive["final_average_accuracy"]
 
 
@@ -74,10 +78,7 @@ def test_packnet_is_task_incremental_and_does_not_forget_on_split_fmnist(
 ) -> None:
     report = replay(fmnist_streams, "split", strategy="packnet")
     assert report["scenario"] == "task-incremental"
-    assert (
-        report["samples_learned"] + report["samples_quarantined"] + report["samples_rejected_noisy"]
-        == 60_000
-    )  # learned or held back by the noise filters
+    assert report["samples_learned"] == 60_000
     # Measured: 0.970 / 0.000.
     assert report["average_forgetting"] <= 0.01
     assert report["final_average_accuracy"] >= 0.93
@@ -91,12 +92,28 @@ def test_detector_finds_the_task_changes_and_drives_ewc_close_to_true_boundaries
         fmnist_streams, "permuted", strategy="ewc", use_task_ids=False, detector={"kind": kind}
     )
     events = detected["drift_events"]
-    matched = [next(e for e in events if change <= e < change + 1000) for change in CHANGES]
-    assert len(set(events) - set(matched)) <= 2  # false alarms
+    near = [e for e in events if any(c <= e < c + 1000 for c in CHANGES)]
+    assert all(any(c <= e < c + 1000 for e in events) for c in CHANGES), events
+    assert len(events) - len(near) <= 2  # false alarms: none in seeds 0-2
     assert detected["task_boundaries_by_reason"] == {"drift": len(events)}
     true = replay(fmnist_streams, "permuted", strategy="ewc")
-    # Measured: ADWIN 0.736, Page-Hinkley 0.730, true boundaries 0.724.
-    assert abs(detected["final_average_accuracy"] - true["final_average_accuracy"]) <= 0.03
+    # Seeds 0-2: detected minus true-boundary accuracy -0.055 to +0.022 (one run's
+    # figure moves by that much), so the detector may cost at most 0.08.
+    assert detected["final_average_accuracy"] >= true["final_average_accuracy"] - 0.08
+
+
+def test_default_noise_filters_leave_a_clean_shifting_stream_alone(
+    fmnist_streams: dict[str, Path],
+) -> None:
+    """Every arrival after a shift is high-loss: a loss filter that does not start over
+    then holds back whole tasks as noise (this run once fell to 0.12)."""
+    settings = {"strategy": "ewc", "use_task_ids": False, "detector": {"kind": "adwin"}}
+    config = validated(ReplayConfig, {"stream": fmnist_streams["permuted"], "seed": 0, **settings})
+    defaults = run_replay(config, progress=False)
+    plain = replay(fmnist_streams, "permuted", **settings)
+    # Seeds 0-2: 1.6-2.2% held back as noisy; accuracy -0.009 to +0.049 against plain.
+    assert defaults["samples_rejected_noisy"] <= 0.05 * defaults["samples_seen"]
+    assert defaults["final_average_accuracy"] >= plain["final_average_accuracy"] - 0.05
 
 
 def test_er_ewc_resumed_in_a_fresh_process_reports_like_an_uninterrupted_run(
@@ -123,4 +140,5 @@ def test_er_ewc_resumed_in_a_fresh_process_reports_like_an_uninterrupted_run(
     assert proc.returncode == 0, proc.stderr
     resumed = json.loads(report.read_text())
     assert without_timings(resumed) == without_timings(straight)
-    assert straight["final_average_accuracy"] > 0.75  # measured 0.776
+    # With the default filters on; seeds 0-2: 0.763-0.781, naive 0.64-0.67.
+    assert straight["final_average_accuracy"] > 0.72

@@ -25,7 +25,13 @@ DIGITS = {
     "hidden": (64,),
     "memory": 200,
     "device": "cpu",
-    "noise": {"warmup": 200, "loss_window": 300, "min_class_samples": 20, "knn_window": 300},
+    "noise": {
+        "knn": True,
+        "warmup": 200,
+        "loss_window": 300,
+        "min_class_samples": 20,
+        "knn_window": 300,
+    },
     "quarantine": {"capacity": 60, "recheck_after": 150},
 }
 
@@ -119,7 +125,9 @@ def test_every_part_switches_off(noisy_digits: Path) -> None:
     )
     learner = build_learner(off, spec)
     assert learner.noise_filter is None and learner.quarantine is None and learner.loss.plain
-    knn_only = build_learner(LearnerConfig(**{**DIGITS, "noise": {"small_loss": False}}), spec)
+    knn_only = build_learner(
+        LearnerConfig(**{**DIGITS, "noise": {"knn": True, "small_loss": False}}), spec
+    )
     assert knn_only.noise_filter is not None
     assert [f.name for f in knn_only.noise_filter.filters] == ["knn"]
 

@@ -108,6 +108,21 @@ def test_small_loss_abstains_in_warmup_and_for_unlearned_labels() -> None:
     assert verdict.tolist() == [PASS, FLAG, ABSTAIN]  # class 2: no admitted sample yet
 
 
+def test_small_loss_starts_over_after_a_shift() -> None:
+    """A new task is high-loss everywhere: judged against the old mixture it all looks noisy."""
+    small = SmallLoss(num_classes=1, warmup=20, window=100, refit_every=10, min_class_samples=5)
+    gen = np.random.default_rng(2)
+    labels = torch.zeros(10, dtype=torch.int64)
+    for _ in range(10):
+        losses = np.concatenate([np.exp(gen.normal(-4, 0.3, 7)), np.exp(gen.normal(1, 0.3, 3))])
+        small.observe(torch.from_numpy(losses), torch.zeros(10, 2), labels, np.ones(10, bool))
+    new_task = torch.full((10,), 3.0)
+    assert (small.judge(new_task, torch.zeros(10, 2), labels) == FLAG).all()
+    NoiseFilter([small]).restart()
+    assert (small.judge(new_task, torch.zeros(10, 2), labels) == ABSTAIN).all()
+    assert math.isinf(small.threshold)
+
+
 def test_noise_filter_names_the_first_filter_that_flagged() -> None:
     class Always:
         def __init__(self, name: str, verdict: int):

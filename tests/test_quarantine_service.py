@@ -53,7 +53,13 @@ def test_noisy_demo_quarantines_into_prometheus_and_the_quarantine_topic(
         hidden=(64,),
         memory=200,
         device="cpu",
-        noise={"warmup": 200, "loss_window": 300, "min_class_samples": 20, "knn_window": 300},
+        noise={
+            "knn": True,
+            "warmup": 200,
+            "loss_window": 300,
+            "min_class_samples": 20,
+            "knn_window": 300,
+        },
         quarantine={"recheck_after": 150},
     )
     result: dict[str, Any] = {}
