@@ -277,6 +277,12 @@ class KafkaConfig(BaseModel):
     connect_timeout_s: float = Field(
         30.0, gt=0, description="at start-up, fail when no bootstrap server answers in this time"
     )
+    rebalance: Literal["cooperative", "eager"] = Field(
+        "cooperative",
+        description="group protocol: cooperative (cooperative-sticky: a join or leave moves "
+        "only the partitions that change owner) or eager (range/round-robin, kafka-python's "
+        "default: every rebalance revokes everything); all members must share it",
+    )
 
 
 class StreamSpecConfig(BaseModel):

@@ -130,6 +130,7 @@ class Service:
             config.kafka.group_id,
             self.spec,
             on_revoke=self.checkpoint,
+            rebalance=config.kafka.rebalance,
         )
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
