@@ -10,7 +10,9 @@ import pytest
 from kafka import KafkaConsumer
 
 from deploy.broker import EmbeddedBroker
+from deploy.service import Service
 from ingest.kafka import ASSIGNORS
+from ingest.schema import Batch
 from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import ServiceThread, learned_offsets, service_config, wait_until
 from tests.test_recovery import publish_in_background
@@ -94,3 +96,53 @@ def test_members_joining_and_leaving_twice_neither_stop_nor_skip(
     assert report["samples_learned"] == DIGITS
     committed = {int(k.rsplit("/", 1)[1]): v for k, v in report["committed_offsets"].items()}
     assert committed == {p: len(offsets) for p, offsets in by_partition.items()}
+
+
+def test_a_step_longer_than_max_poll_interval_rejoins_without_skipping(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    digits_stream: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    topic = unique_topic("slow")
+    memory_broker.create_topic(topic, partitions=2)
+    max_poll_interval_ms = 1500
+    slept: list[float] = []
+    learned = Service._learned
+
+    def slow_once(self: Service, batch: Batch, update_seconds: float) -> None:
+        """A stub step (think: a long evaluation) twice as long as max_poll_interval_ms."""
+        learned(self, batch, update_seconds)
+        if not slept and self.session.samples_learned >= 300:
+            slept.append(2 * max_poll_interval_ms / 1000)
+            time.sleep(slept[0])
+
+    monkeypatch.setattr(Service, "_learned", slow_once)
+    every_updates, batch = 20, 10
+    config = service_config(
+        memory_broker,
+        topic,
+        tmp_path,
+        kafka={"consumer": {**FAST_GROUP, "max_poll_interval_ms": max_poll_interval_ms}},
+        checkpoint={"every_updates": every_updates},
+        learner={"noise": {"knn": False, "small_loss": False}},
+    )
+    audit = tmp_path / "audit.jsonl"
+    service = ServiceThread(config)
+    publisher = publish_in_background(digits_stream, memory_broker, topic, rate=200)
+    try:
+        publisher.join(60)
+        wait_until(lambda: len(learned_offsets(audit)) >= DIGITS, 60, "every sample learned")
+        assert service.thread.is_alive(), f"serve stopped: {service.error!r}"
+    finally:
+        report = service.stop()
+
+    assert slept, "the slow step never ran"
+    assert "poll timeout has expired" in caplog.text  # kafka-python did leave the group
+    assert "partitions lost" in caplog.text
+    counts = learned_offsets(audit)
+    assert len(counts) == DIGITS, "an offset was skipped"
+    assert 0 <= sum(counts.values()) - DIGITS <= every_updates * batch
+    assert report["samples_learned"] == DIGITS
