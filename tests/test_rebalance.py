@@ -21,10 +21,13 @@ DIGITS = 1348
 PARTITIONS = 4
 
 
-def join_and_leave(broker: EmbeddedBroker, group: str, topic: str, rebalance: str) -> int:
+def join_and_leave(
+    broker: EmbeddedBroker, group: str, topic: str, rebalance: str, audit: Path
+) -> dict[int, tuple[int, int]]:
     """A plain consumer joins `group`, reads for a moment, commits nothing and leaves.
 
-    Returns how many partitions it was given (taken from the service).
+    Returns, per partition it was given: where it starts (the group's committed
+    offset) and how far the service had learned there, from its audit log.
     """
     consumer = KafkaConsumer(
         bootstrap_servers=broker.bootstrap_servers,
@@ -38,10 +41,14 @@ def join_and_leave(broker: EmbeddedBroker, group: str, topic: str, rebalance: st
         deadline = time.monotonic() + 20
         while not consumer.assignment() and time.monotonic() < deadline:
             consumer.poll(timeout_ms=200)
-        taken = len(consumer.assignment())
+        taken = {tp.partition: consumer.committed(tp) or 0 for tp in consumer.assignment()}
+        learned = learned_offsets(audit)
         for _ in range(5):
             consumer.poll(timeout_ms=200)
-        return taken
+        return {
+            p: (start, 1 + max((o for q, o in learned if q == p), default=-1))
+            for p, start in taken.items()
+        }
     finally:
         consumer.close(autocommit=False)
 
@@ -74,14 +81,22 @@ def test_members_joining_and_leaving_twice_neither_stop_nor_skip(
         wait_until(lambda: len(learned_offsets(audit)) >= 100, 60, "the service to learn")
         taken = []
         for _ in range(2):
-            taken.append(join_and_leave(memory_broker, config.kafka.group_id, topic, rebalance))
+            taken.append(
+                join_and_leave(memory_broker, config.kafka.group_id, topic, rebalance, audit)
+            )
             assert service.thread.is_alive(), f"serve stopped: {service.error!r}"
         publisher.join(60)
         wait_until(lambda: len(learned_offsets(audit)) >= DIGITS, 60, "every sample learned")
     finally:
         report = service.stop()
 
-    assert all(n > 0 for n in taken), f"the joiner was given no partition: {taken}"
+    assert all(taken), f"the joiner was given no partition: {taken}"
+    for given in taken:
+        for start, learned in given.values():
+            # Checkpointed and committed at revocation: the joiner starts where serve
+            # stopped, past all it learned there (and past its partial batch, < batch).
+            assert learned <= start < learned + batch
+    assert "partitions revoked" in caplog.text
     assert "partitions revoked" in caplog.text
     counts = learned_offsets(audit)
     by_partition: dict[int, list[int]] = {}
