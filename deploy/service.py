@@ -233,7 +233,7 @@ class Service:
                 # wait for traffic (a quiet topic must not hide samples from the model).
                 with self.model_lock:
                     self.session.flush()
-            if not arrivals and not self.source.assignment():
+            if not self.source.assignment():
                 idle_since = now  # no partitions (yet): a quiet topic is not a finished one
             if arrivals:
                 idle_since = now
