@@ -290,6 +290,12 @@ class KafkaConfig(BaseModel):
     connect_timeout_s: float = Field(
         30.0, gt=0, description="at start-up, fail when no bootstrap server answers in this time"
     )
+    rebalance: Literal["cooperative", "eager"] = Field(
+        "cooperative",
+        description="group protocol: cooperative (cooperative-sticky: a join or leave moves "
+        "only the partitions that change owner) or eager (range/round-robin, kafka-python's "
+        "default: every rebalance revokes everything); all members must share it",
+    )
 
 
 class StreamSpecConfig(BaseModel):
@@ -355,7 +361,9 @@ class ServiceConfig(BaseModel):
     heldout: Path | None = Field(None, description="held-out set to evaluate at boundaries")
     report: Path | None = Field(None, description="write a JSON report here on exit")
     audit_log: Path | None = Field(None, description="append learned offset ranges (JSON lines)")
-    until_idle: float | None = Field(None, gt=0, description="exit after this many idle seconds")
+    until_idle: float | None = Field(
+        None, gt=0, description="exit after this many idle seconds with partitions assigned"
+    )
     eval_every: int | None = Field(None, ge=1)
     prequential_window: int = Field(1000, ge=1)
     log_every: float = Field(10.0, ge=0, description="seconds between progress log lines; 0: none")

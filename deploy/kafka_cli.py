@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,9 @@ def kafka_options(func: Any) -> Any:
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     show_envvar=True,
-    help="Exit once no message arrived for this many seconds and "
-    "there is no lag (default: run until stopped).",
+    help="Exit once no message arrived for this many seconds while partitions were "
+    "assigned and there is no lag (default: run until stopped); exit 1 if this run "
+    "learned nothing.",
 )
 @click.option(
     "--connect-timeout",
@@ -134,9 +136,19 @@ def serve(config_file: str | None, **overrides: Any) -> None:
     from deploy.serve import run_service
     from deploy.session import summary_lines
 
-    report = run_service(service_config(config_file, overrides))
+    config = service_config(config_file, overrides)
+    report = run_service(config)
     for line in summary_lines(report):
         click.echo(line)
+    if config.until_idle is not None and report["samples_learned_this_run"] == 0:
+        # A batch run that learned nothing (no partitions, an empty or all-bad topic)
+        # must not look like success to the script that started it.
+        click.echo(
+            f"error: learned nothing in this run ({report['samples_seen']} messages seen "
+            "in total); was the topic empty or its partitions held by another member?",
+            err=True,
+        )
+        sys.exit(1)
 
 
 @click.command()

@@ -11,6 +11,7 @@ from typing import Any
 
 from deploy.config import ServiceConfig
 from deploy.http import ServiceHttp
+from deploy.lock import checkpoint_lock
 from deploy.service import Service
 from ingest.errors import ConfigError
 
@@ -21,29 +22,35 @@ def run_service(config: ServiceConfig, stop: threading.Event | None = None) -> d
     """Serve until SIGTERM/SIGINT (or `stop`, or the topic going idle); returns the report.
 
     On a signal the current poll's messages are learned, a final checkpoint is written
-    and its offsets committed before returning.
+    and its offsets committed before returning. Refuses to start (`DirectoryInUseError`)
+    while another process serves from the same checkpoint directory.
     """
     stop = stop or threading.Event()
     previous = _install_signal_handlers(stop)
     try:
-        service = Service(config)
-        try:
-            http = _listen(service, config)
-        except BaseException:
-            service.close()
-            raise
-        http.start()
-        try:
-            report = service.run(stop)
-        finally:
-            http.close()
-            service.close()
+        with checkpoint_lock(config.checkpoint.dir):
+            report = _serve(config, stop)
     finally:
         _restore_signal_handlers(previous)
     if config.report is not None:
         config.report.parent.mkdir(parents=True, exist_ok=True)
         config.report.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _serve(config: ServiceConfig, stop: threading.Event) -> dict[str, Any]:
+    service = Service(config)
+    try:
+        http = _listen(service, config)
+    except BaseException:
+        service.close()
+        raise
+    http.start()
+    try:
+        return service.run(stop)
+    finally:
+        http.close()
+        service.close()
 
 
 def _listen(service: Service, config: ServiceConfig) -> ServiceHttp:

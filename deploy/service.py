@@ -130,6 +130,7 @@ class Service:
             config.kafka.group_id,
             self.spec,
             on_revoke=self.checkpoint,
+            rebalance=config.kafka.rebalance,
         )
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
@@ -142,6 +143,7 @@ class Service:
         self._lag_partitions: set[int] = set()
         self._drift_events_seen = 0
         self._last_learned = 0.0
+        self._learned_at_start = 0
         self._updates_at_checkpoint = 0
         self._updates_at_snapshot = 0
         self._progress_at = time.monotonic()
@@ -218,6 +220,7 @@ class Service:
             else "committed by the group (earliest where none)",
         )
         self._progress_at, self._progress_learned = started, self.session.samples_learned
+        self._learned_at_start = self.session.samples_learned
         idle_since = time.monotonic()
         while not stop.is_set():
             arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
@@ -230,6 +233,8 @@ class Service:
                 # wait for traffic (a quiet topic must not hide samples from the model).
                 with self.model_lock:
                     self.session.flush()
+            if not self.source.assignment():
+                idle_since = now  # no partitions (yet): a quiet topic is not a finished one
             if arrivals:
                 idle_since = now
                 if self._first_arrival is None:
@@ -372,6 +377,7 @@ class Service:
             "samples_per_second": self.learner.samples / streaming if streaming > 0 else 0.0,
             "evaluation_seconds": self.session.evaluation_seconds,
             "committed_offsets": {f"{t}/{p}": o for (t, p), o in self.source.handled.items()},
+            "samples_learned_this_run": self.session.samples_learned - self._learned_at_start,
             "arrival_to_update_ms": {
                 "p50": float(np.percentile(latencies, 50)),
                 "p99": float(np.percentile(latencies, 99)),
@@ -502,6 +508,7 @@ class Service:
         self._updates_at_snapshot = self.learner.updates
 
     def _idle_enough(self, idle_seconds: float) -> bool:
+        """`until_idle` seconds without a message while partitions are assigned, no lag."""
         limit = self.config.until_idle
         if limit is None or idle_seconds < limit:
             return False

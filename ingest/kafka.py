@@ -2,22 +2,35 @@
 
 Delivery contract (DESIGN.md): offsets are never auto-committed. The caller commits
 only offsets that a durable checkpoint already holds; on (re)assignment the source
-seeks each partition to the checkpoint's offset, so after a crash the model state
-matches a prefix of each partition: nothing skipped, re-learning bounded by one
-checkpoint interval.
+seeks each partition to the offset the model has handled (the checkpoint's after a
+restart), so the model state matches a prefix of each partition: nothing skipped,
+re-learning bounded by one checkpoint interval.
+
+Rebalances (tested with kafka-python 3.0.x, whose IO thread runs rebalance listeners):
+before partitions are taken away the caller's `on_revoke` checkpoint runs in a worker
+thread while the listener awaits it, so heartbeats go on and no blocking call is made
+on the IO thread; the revoked partitions' offsets are then committed with the async
+commit the listener awaits, before anyone else may fetch them. Partitions lost to an
+eviction (a poll gap over `max_poll_interval_ms`) are not committed: the next poll
+rejoins, and the partitions given back are sought to the model's own offsets.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.errors import KafkaError
+from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
 from ingest.codec import decode
@@ -35,6 +48,16 @@ QUARANTINE_SUFFIX = ".quarantine"
 MAX_DEAD_LETTER_PAYLOAD = 900 * 1024
 """Payloads above this go to the dead-letter topic truncated (with their original size
 in a header), so a broker's message-size limit can never stall the service."""
+
+
+Rebalance = Literal["cooperative", "eager"]
+ASSIGNORS: dict[str, tuple[type, ...]] = {
+    # KIP-429: a join or leave moves only the partitions that change owner; every
+    # member of the group must offer it.
+    "cooperative": (CooperativeStickyAssignor,),
+    # kafka-python's default: every rebalance revokes all partitions of every member.
+    "eager": (RangePartitionAssignor, RoundRobinPartitionAssignor),
+}
 
 
 class KafkaSourceError(StreamclError):
@@ -91,8 +114,10 @@ class Arrival:
 class KafkaSource:
     """Consume a topic in a consumer group; decode and validate every message.
 
-    on_revoke: called before partitions are taken away, so the caller can
-    checkpoint and commit what it has learned from them.
+    on_revoke: called (in a worker thread, while the consumer waits in `poll`) before
+    partitions are taken away, so the caller can checkpoint and commit what it has
+    learned from them; its `commit` calls then cover the partitions being revoked.
+    rebalance: the group protocol every member must share (`ASSIGNORS`).
     """
 
     def __init__(
@@ -102,18 +127,23 @@ class KafkaSource:
         group_id: str,
         spec: StreamSpec,
         on_revoke: Callable[[], object] | None = None,
+        rebalance: Rebalance = "cooperative",
     ):
         self.topic = topic
         self.spec = spec
         # Next offset per partition whose message the caller has fully handled (learned,
-        # pending in its state, or dead-lettered): what a checkpoint may claim.
+        # pending in its state, or dead-lettered): what a checkpoint may claim, and where
+        # a partition given back to this member resumes.
         self.handled: Offsets = {}
-        self._resume: Offsets = {}
         self._on_revoke = on_revoke
+        self._revoking: set[TopicPartition] = set()
+        # Set while a revocation's worker runs: its commit is deferred to the listener.
+        self._revocation: _Revocation | None = None
         config = {
             "group_id": group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
+            "partition_assignment_strategy": ASSIGNORS[rebalance],
             **settings.common(),
             **settings.consumer,
         }
@@ -126,7 +156,6 @@ class KafkaSource:
 
     def start(self, resume: Offsets) -> None:
         """Subscribe; partitions we hold a checkpoint for are sought to its offsets."""
-        self._resume = dict(resume)
         self.handled = dict(resume)
         self._consumer.subscribe([self.topic], listener=_Listener(self))
 
@@ -146,14 +175,21 @@ class KafkaSource:
         self.handled[(origin.topic, origin.partition)] = origin.offset + 1
 
     def commit(self, offsets: Offsets) -> bool:
-        """Commit offsets (already durable in a checkpoint); False if the broker refused."""
-        assigned = self._consumer.assignment()
+        """Commit offsets (already durable in a checkpoint); False if the broker refused.
+
+        Only partitions this member holds (or is giving up right now) are committed.
+        """
+        owned = self._consumer.assignment() | self._revoking
         to_commit = {
             TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
             for (topic, partition), offset in offsets.items()
-            if TopicPartition(topic, partition) in assigned
+            if TopicPartition(topic, partition) in owned
         }
         if not to_commit:
+            return True
+        revocation = self._revocation
+        if revocation is not None and threading.current_thread() is revocation.worker:
+            revocation.offsets = to_commit  # the listener commits them on the IO thread
             return True
         try:
             self._consumer.commit(to_commit)
@@ -192,26 +228,84 @@ class KafkaSource:
         self._consumer.close(autocommit=False)
 
     def _assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        """Seek to the model's own offsets: after a restart, a rebalance or an eviction.
+
+        Partitions this model has never read start at the group's committed offset.
+        """
         for tp in partitions:
-            offset = self._resume.get((tp.topic, tp.partition))
+            offset = self.handled.get((tp.topic, tp.partition))
             if offset is not None:
                 self._consumer.seek(tp, offset)
-                log.info("resuming partition=%d offset=%d from checkpoint", tp.partition, offset)
+                log.info("resuming partition=%d offset=%d learned up to", tp.partition, offset)
 
-    def _revoked(self, partitions: Iterable[TopicPartition]) -> None:
-        if self._on_revoke is not None and list(partitions):
-            self._on_revoke()
+    async def _revoked(self, partitions: set[TopicPartition]) -> None:
+        """Checkpoint in a worker thread, then commit asynchronously; never raises.
+
+        Runs on kafka-python's IO thread, which must stay free for heartbeats and the
+        commit; the caller's main thread is blocked in `poll` meanwhile, so its state
+        is between batches. A failure is logged: the next owner then re-reads from the
+        previous commit, at most one checkpoint interval.
+        """
+        if self._on_revoke is None or not partitions:
+            return
+        log.info("partitions revoked partitions=%s: checkpointing", _numbers(partitions))
+        revocation = _Revocation(self._on_revoke, self._consumer)
+        self._revoking = set(partitions)
+        self._revocation = revocation
+        try:
+            await revocation.start()
+        except Exception as err:  # a failed commit must not stop the service
+            log.warning("offsets of revoked partitions not committed error=%s", err)
+        finally:
+            self._revocation = None
+            self._revoking = set()
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Revocation:
+    """One revocation checkpoint, run in a worker thread and awaited on the IO loop."""
+
+    def __init__(self, checkpoint: Callable[[], object], consumer: KafkaConsumer):
+        self._checkpoint = checkpoint
+        self._consumer = consumer
+        self.offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        self.worker = threading.Thread(target=self._run, name="streamcl-revoke", daemon=True)
+        self._done = Future()
+
+    def start(self) -> Future:
+        self.worker.start()
+        return self._done
+
+    def _run(self) -> None:
+        try:
+            self._checkpoint()
+        except Exception:
+            log.exception("checkpoint before revocation failed")
+        # commit_async schedules the commit on the IO loop (thread-safe) and resolves its
+        # future there, so the awaiting listener resumes at once; with nothing durable to
+        # commit it is a no-op that still resumes it.
+        self._consumer.commit_async(self.offsets).chain(self._done)
+
+
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    """kafka-python awaits these on its IO thread (see `KafkaSource._revoked`)."""
+
     def __init__(self, source: KafkaSource):
         self._source = source
 
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._source._assigned(assigned)
 
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._source._revoked(revoked)
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._source._revoked(revoked)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        # Evicted: another member may own them already, so nothing is committed. The
+        # model keeps what it learned; `handled` still says where it stands.
+        log.warning("partitions lost (member evicted) partitions=%s", _numbers(lost))
+
+
+def _numbers(partitions: Iterable[TopicPartition]) -> list[int]:
+    return sorted(tp.partition for tp in partitions)
 
 
 class DeadLetterSink:
