@@ -406,9 +406,8 @@ class Service:
             size = paths[-1].stat().st_size
         else:
             size = serialised_size(self.learner.state_dict())
-            if self.memory is not None:
-                per_item = self.memory.nbytes / max(1, self.memory.capacity)
-                size += int(per_item * self.memory.capacity)
+            if self.memory is not None:  # saved up to its size: add it as if full
+                size += self.memory.nbytes  # (the store is allocated at capacity)
         needed = self.checkpoints.space_needed(size)
         free = shutil.disk_usage(self.checkpoints.directory).free
         if free < needed:
