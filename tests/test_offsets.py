@@ -294,3 +294,26 @@ def test_lag_shows_a_position_past_the_end_as_negative(memory_broker: EmbeddedBr
 def test_resume_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="out_of_range"):
         ResumeConfig(out_of_range="skip")  # type: ignore[arg-type]
+
+
+def test_a_live_position_past_the_end_is_exported_warned_once_and_counted(
+    memory_broker: EmbeddedBroker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The topic is recreated under a running learner: its lag turns negative, not 0."""
+    service = Service(service_config(memory_broker, unique_topic("live"), tmp_path))
+    try:
+        monkeypatch.setattr(service.source, "lag", lambda: {0: -400, 1: 7})
+        caplog.set_level(logging.WARNING, logger="deploy.service")
+        for _ in range(3):
+            service._export_lag()
+        registry = service.metrics.registry
+        lag = registry.get_sample_value("streamcl_consumer_lag_messages", {"partition": "0"})
+        assert lag == -400
+        assert out_of_range_count(service, "past_end") == 1
+        (line,) = [r.getMessage() for r in caplog.records if "past the log end" in r.getMessage()]
+        assert "partition=0 messages_past_end=400" in line
+    finally:
+        service.close()
