@@ -585,10 +585,11 @@ class Service:
         if limit is None or idle_seconds < limit:
             return False
         lag = self.source.lag()
-        # Not the sum: a partition past its end (negative lag) must not cancel another's.
-        return (
-            bool(self.source.assignment()) and not any(lag.values())
-        ) or idle_seconds >= 3 * limit
+        assigned = self.source.assignment()
+        # Caught up: every assigned partition's lag is known (fetched) and exactly 0. Not
+        # the sum: a partition past its end (negative lag) must not cancel another's.
+        caught_up = bool(assigned) and lag.keys() >= set(assigned) and not any(lag.values())
+        return caught_up or idle_seconds >= 3 * limit
 
 
 def _check_compatible(saved: dict[str, Any], current: LearnerConfig, path: Path) -> None:

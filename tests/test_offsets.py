@@ -18,6 +18,7 @@ from deploy.broker import EmbeddedBroker
 from deploy.config import ResumeConfig, ServiceConfig
 from deploy.resume import plan_resume
 from deploy.service import Service, kafka_settings
+from deploy.session import summary_lines
 from ingest.codec import encode
 from ingest.kafka import KafkaSettings, KafkaSource, Publisher
 from ingest.offsets import (
@@ -189,6 +190,10 @@ def test_past_the_end_with_policy_earliest_learns_the_new_topic_logged_and_count
     ]
     assert out_of_range_count(service, "past_end") == 1
     assert out_of_range_count(service, "before_start") == 0
+    assert (
+        f"offset reset            {topic}/0 past_end 5000 -> 0 (earliest; skipped 0, gone 0)"
+        in summary_lines(report)
+    )
     (line,) = [r.getMessage() for r in caplog.records if "outside the log" in r.getMessage()]
     assert f"partition={topic}/0 reason=past_end offset=5000 log_start=0 log_end=100 " in line
     assert "policy=earliest new_offset=0 " in line
