@@ -314,7 +314,35 @@ class CheckpointConfig(BaseModel):
     dir: Path = Path("runs/checkpoints")
     every_updates: int = Field(500, ge=1)
     every_seconds: float = Field(60.0, gt=0)
-    keep: int = Field(3, ge=1)
+    keep: int = Field(3, ge=1, description="checkpoints kept; the volume must hold keep + 1")
+    retry_min_seconds: float = Field(
+        1.0, gt=0, description="after a failed write, first retry; doubles per failure"
+    )
+    retry_max_seconds: float = Field(60.0, gt=0, description="longest wait between retries")
+    max_age_seconds: float = Field(
+        900.0, gt=0, description="alert StreamclCheckpointStale: unsaved learning older than this"
+    )
+
+    @model_validator(mode="after")
+    def _retry_range(self) -> CheckpointConfig:
+        if self.retry_max_seconds < self.retry_min_seconds:
+            raise ValueError("retry_max_seconds must be >= retry_min_seconds")
+        return self
+
+
+class ResumeConfig(BaseModel):
+    """Where to start when the checkpoint's offsets and the topic or the group disagree."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out_of_range: Literal["refuse", "earliest", "latest"] = Field(
+        "refuse",
+        description="a checkpoint offset outside the partition's log: exit, or reset there",
+    )
+    without_checkpoint: Literal["committed", "beginning"] = Field(
+        "committed",
+        description="no checkpoint: the group's committed offsets, or the start of the log",
+    )
 
 
 class SnapshotConfig(BaseModel):
@@ -355,6 +383,7 @@ class ServiceConfig(BaseModel):
     spec: StreamSpecConfig = Field(default_factory=StreamSpecConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resume: ResumeConfig = Field(default_factory=ResumeConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)

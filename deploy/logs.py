@@ -70,9 +70,24 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    if level.upper() != "DEBUG":
-        # kafka-python warns about its own event-loop timing; only useful when debugging.
-        logging.getLogger("kafka").setLevel(logging.ERROR)
+    requested = logging.getLevelName(level.upper())
+    for name, least in KAFKA_LOGGERS.items():
+        logging.getLogger(name).setLevel(
+            requested if requested == logging.DEBUG else max(least, requested)
+        )
+
+
+KAFKA_LOGGERS = {
+    # kafka-python's warnings (coordinator lost, commits refused) must reach the operator;
+    # its INFO lines narrate the client's event loop.
+    "kafka": logging.WARNING,
+    # Positions the client moves on its own (offset out of range, reset, truncation) are
+    # INFO there and are what an operator needs to see nothing was skipped silently.
+    "kafka.consumer.fetcher": logging.INFO,
+    # "Task ... ran for 0.4s, blocking the event loop": the learner holding the thread.
+    "kafka.net.selector": logging.ERROR,
+}
+"""Least severe level logged per kafka-python logger (`--log-level DEBUG` shows all)."""
 
 
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]

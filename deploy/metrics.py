@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from ingest.codec import REJECT_REASONS
+from ingest.offsets import OUT_OF_RANGE
 from learner.checkpoint import CHECKPOINT_LOAD_FAILURES
 
 OUTCOMES = ("learned", "quarantined", "rejected", "held_out")
@@ -56,7 +57,8 @@ class ServiceMetrics:
         )
         self.lag = Gauge(
             "streamcl_consumer_lag_messages",
-            "Messages behind the partition's high-water mark.",
+            "Messages behind the partition's high-water mark; negative: the position is "
+            "past the log end (topic recreated or truncated).",
             ["partition"],
             registry=r,
         )
@@ -109,6 +111,23 @@ class ServiceMetrics:
         self.checkpoints = Counter("streamcl_checkpoints", "Checkpoints written.", registry=r)
         self.checkpoint_failures = Counter(
             "streamcl_checkpoint_failures", "Checkpoints postponed or failed.", registry=r
+        )
+        self.checkpoint_bytes = Gauge(
+            "streamcl_checkpoint_bytes",
+            "Size of the newest checkpoint; its volume must hold checkpoint.keep + 1 of them.",
+            registry=r,
+        )
+        self.checkpoint_age_limit = Gauge(
+            "streamcl_checkpoint_age_limit_seconds",
+            "checkpoint.max_age_seconds: alert when streamcl_checkpoint_age_seconds exceeds it.",
+            registry=r,
+        )
+        self.offset_out_of_range = Counter(
+            "streamcl_offset_out_of_range",
+            "Partitions whose checkpoint offset (or live position) lay outside the log, by "
+            "where: before its start or past its end.",
+            ["reason"],
+            registry=r,
         )
         self.checkpoint_seconds = Histogram(
             "streamcl_checkpoint_duration_seconds",
@@ -163,6 +182,18 @@ class ServiceMetrics:
             self.quarantine_decisions.labels(decision)
         for reason in CHECKPOINT_LOAD_FAILURES:
             self.checkpoint_load_failures.labels(reason)
+        for reason in OUT_OF_RANGE:
+            self.offset_out_of_range.labels(reason)
+
+    def track_checkpoint_age(self, read_seconds: Callable[[], float]) -> None:
+        """Export the age of the learning not yet in a checkpoint (read at each scrape)."""
+        gauge = Gauge(
+            "streamcl_checkpoint_age_seconds",
+            "Seconds since the last durable checkpoint while updates since it are unsaved; "
+            "0 when everything learned is checkpointed.",
+            registry=self.registry,
+        )
+        gauge.set_function(read_seconds)
 
     def track_device_memory(self, read_bytes: Callable[[], float]) -> None:
         """Export accelerator memory in use (only called when the learner is on a GPU)."""

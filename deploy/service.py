@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from pydantic import SecretStr
 from deploy.config import LearnerConfig, ServiceConfig
 from deploy.metrics import ServiceMetrics
 from deploy.replay import strategy_section
+from deploy.resume import plan_resume
+from deploy.retry import Backoff
 from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
 from evaluation.reservoir import ProbeReservoir
@@ -38,8 +41,9 @@ from ingest.kafka import (
     Offsets,
     wait_for_bootstrap,
 )
+from ingest.offsets import Reset, read_topic_state
 from ingest.schema import Batch, Rejected, Sample, StreamSpec
-from learner.checkpoint import CheckpointError, CheckpointStore, write_snapshot
+from learner.checkpoint import CheckpointError, CheckpointStore, serialised_size, write_snapshot
 from learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
@@ -116,6 +120,15 @@ class Service:
             device = self.learner.device
             self.metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))
         self.checkpoints = CheckpointStore(config.checkpoint.dir, config.checkpoint.keep)
+        self.checkpoint_retry = Backoff(
+            "checkpoint",
+            log,
+            config.checkpoint.retry_min_seconds,
+            config.checkpoint.retry_max_seconds,
+        )
+        self.metrics.checkpoint_age_limit.set(config.checkpoint.max_age_seconds)
+        self.metrics.track_checkpoint_age(self._checkpoint_age)
+        self._check_space()
         dead_letter_topic = (
             config.kafka.dead_letter_topic or config.kafka.topic + DEAD_LETTER_SUFFIX
         )
@@ -141,6 +154,8 @@ class Service:
         self._arrival_ms: dict[tuple[int, int], int] = {}
         self._first_arrival: float | None = None
         self._lag_partitions: set[int] = set()
+        self._past_end: set[int] = set()
+        self.resets: list[Reset] = []
         self._drift_events_seen = 0
         self._last_learned = 0.0
         self._learned_at_start = 0
@@ -165,12 +180,11 @@ class Service:
             seed=config.learner.seed + 3,
         )
 
-    def restore(self) -> Offsets:
-        """Load the newest usable checkpoint; returns the offsets it learned up to."""
+    def restore(self) -> Offsets | None:
+        """Load the newest usable checkpoint; returns its offsets (None: no checkpoint)."""
         restored = self.checkpoints.load_latest()
         if restored is None:
-            log.info("no checkpoint in %s: starting fresh", self.config.checkpoint.dir)
-            return {}
+            return None
         for skipped in restored.skipped:
             self.metrics.checkpoint_load_failures.labels(skipped.reason).inc()
         state = restored.state
@@ -192,6 +206,7 @@ class Service:
         self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
         self.metrics.model_version.set(self.learner.updates)
         self.metrics.last_checkpoint.set(restored.path.stat().st_mtime)
+        self.metrics.checkpoint_bytes.set(restored.path.stat().st_size)
         if self.learner.detector is not None:
             self._drift_events_seen = len(self.learner.detector.events)
         if self.session.matrix.rows:
@@ -207,7 +222,7 @@ class Service:
     def run(self, stop: threading.Event) -> dict[str, Any]:
         """Consume until `stop` is set (or the topic stays idle); returns the final report."""
         started = time.monotonic()
-        resume = self.restore()
+        resume = self._resume_offsets(self.restore())
         self.source.start(resume)
         self.ready = True
         kafka = self.config.kafka
@@ -266,6 +281,19 @@ class Service:
             session.pending,
         )
         return self.report(time.monotonic() - started)
+
+    def _resume_offsets(self, checkpoint: Offsets | None) -> Offsets:
+        """Reconcile the checkpoint with the group's commits and each partition's log."""
+        kafka = self.config.kafka
+        state = read_topic_state(
+            kafka_settings(self.config), kafka.topic, kafka.group_id, kafka.connect_timeout_s
+        )
+        resume, self.resets = plan_resume(
+            checkpoint, state, self.config.resume, kafka.group_id, self.config.checkpoint.dir
+        )
+        for reset in self.resets:
+            self.metrics.offset_out_of_range.labels(reset.reason).inc()
+        return resume
 
     def _log_progress(self, now: float) -> None:
         """One periodic line, like Kafka's console tools: totals, rate, lag, accuracy."""
@@ -329,8 +357,7 @@ class Service:
                 self.dead_letters.flush()
                 self.quarantine_sink.flush()
             except KafkaSourceError as err:
-                log.error("checkpoint postponed: dead letters not delivered error=%s", err)
-                self.metrics.checkpoint_failures.inc()
+                self._checkpoint_failed(f"dead letters not delivered error={_one_line(err)}")
                 return False
             offsets = dict(self.source.handled)
             state = {
@@ -341,14 +368,18 @@ class Service:
             }
             try:
                 path = self.checkpoints.save(state)
-            except OSError as err:  # disk full, volume gone: keep learning, retry later
-                log.error("checkpoint not written dir=%s error=%s", self.checkpoints.directory, err)
-                self.metrics.checkpoint_failures.inc()
+            except Exception as err:
+                # A full disk surfaces as OSError or as torch's RuntimeError from its zip
+                # writer; whatever the serialiser raises: keep learning, commit nothing,
+                # retry with backoff.
+                self._checkpoint_failed(f"dir={self.checkpoints.directory} error={_one_line(err)}")
                 return False
+            self.metrics.checkpoint_bytes.set(path.stat().st_size)
             self._updates_at_checkpoint = self.learner.updates
             if self._snapshot_due():
                 self._snapshot(offsets)
         self.source.commit(offsets)
+        self.checkpoint_retry.succeeded()
         self.last_checkpoint_at = time.monotonic()
         self.checkpoint_seconds = self.last_checkpoint_at - began
         self.metrics.checkpointed(self.checkpoint_seconds)
@@ -360,6 +391,44 @@ class Service:
             self.checkpoint_seconds,
         )
         return True
+
+    def _checkpoint_failed(self, detail: str) -> None:
+        """Count it; log the first failure and then a summary at a bounded rate."""
+        self.metrics.checkpoint_failures.inc()
+        self.checkpoint_retry.failed(detail)
+
+    def _checkpoint_age(self) -> float:
+        """Seconds of learning not yet in a checkpoint (0 when all of it is)."""
+        if self.learner.updates == self._updates_at_checkpoint:
+            return 0.0
+        return time.monotonic() - self.last_checkpoint_at
+
+    def _check_space(self) -> None:
+        """Warn when the checkpoint volume cannot hold keep + 1 checkpoints.
+
+        The size is the newest checkpoint's, else the fresh state's with a full replay
+        memory (an estimate: the filters' windows grow too).
+        """
+        paths = self.checkpoints.paths()
+        if paths:
+            size = paths[-1].stat().st_size
+        else:
+            size = serialised_size(self.learner.state_dict())
+            if self.memory is not None:  # saved up to its size: add it as if full
+                size += self.memory.nbytes  # (the store is allocated at capacity)
+        needed = self.checkpoints.space_needed(size)
+        free = shutil.disk_usage(self.checkpoints.directory).free
+        if free < needed:
+            log.warning(
+                "checkpoint volume too small dir=%s free_bytes=%d needed_bytes=%d "
+                "checkpoint_bytes=%d keep=%d: a new checkpoint is written before the oldest "
+                "is removed, so it needs room for keep + 1",
+                self.checkpoints.directory,
+                free,
+                needed,
+                size,
+                self.checkpoints.keep,
+            )
 
     def predict_proba(self, features: np.ndarray) -> tuple[np.ndarray, int]:
         """Class probabilities `[N, C]` from the live model and its version (updates)."""
@@ -378,6 +447,7 @@ class Service:
             "evaluation_seconds": self.session.evaluation_seconds,
             "committed_offsets": {f"{t}/{p}": o for (t, p), o in self.source.handled.items()},
             "samples_learned_this_run": self.session.samples_learned - self._learned_at_start,
+            "offset_resets": [reset.as_dict() for reset in self.resets],
             "arrival_to_update_ms": {
                 "p50": float(np.percentile(latencies, 50)),
                 "p99": float(np.percentile(latencies, 99)),
@@ -458,6 +528,17 @@ class Service:
         for partition, messages in lag.items():
             self.metrics.lag.labels(str(partition)).set(messages)
         self._lag_partitions = set(lag)
+        past_end = {p for p, messages in lag.items() if messages < 0}
+        for partition in sorted(past_end - self._past_end):
+            # The log shrank under us (topic recreated while running): shown, never hidden.
+            log.warning(
+                "position past the log end partition=%d messages_past_end=%d: the topic was "
+                "recreated or truncated; restart to apply resume.out_of_range",
+                partition,
+                -lag[partition],
+            )
+            self.metrics.offset_out_of_range.labels("past_end").inc()
+        self._past_end = past_end
 
     def _evaluated(self, session: LearningSession) -> None:
         summary = session.matrix.get()
@@ -477,9 +558,10 @@ class Service:
     def _checkpoint_due(self, now: float) -> bool:
         c = self.config.checkpoint
         moved = self.learner.updates - self._updates_at_checkpoint
-        return moved >= c.every_updates or (
+        due = moved >= c.every_updates or (
             moved > 0 and now - self.last_checkpoint_at >= c.every_seconds
         )
+        return due and self.checkpoint_retry.ready()
 
     def _snapshot_due(self) -> bool:
         s = self.config.snapshot
@@ -513,9 +595,11 @@ class Service:
         if limit is None or idle_seconds < limit:
             return False
         lag = self.source.lag()
-        return (
-            bool(self.source.assignment()) and sum(lag.values()) == 0
-        ) or idle_seconds >= 3 * limit
+        assigned = self.source.assignment()
+        # Caught up: every assigned partition's lag is known (fetched) and exactly 0. Not
+        # the sum: a partition past its end (negative lag) must not cancel another's.
+        caught_up = bool(assigned) and lag.keys() >= set(assigned) and not any(lag.values())
+        return caught_up or idle_seconds >= 3 * limit
 
 
 def _check_compatible(saved: dict[str, Any], current: LearnerConfig, path: Path) -> None:
@@ -528,3 +612,12 @@ def _check_compatible(saved: dict[str, Any], current: LearnerConfig, path: Path)
             f"checkpoint {path} was written with a different learner ({'; '.join(changed)}); "
             f"use another checkpoint.dir or the original settings"
         )
+
+
+def _one_line(err: BaseException) -> str:
+    """`Type: message` with its cause (torch's zip writer wraps the OSError), on one line."""
+    text = f"{type(err).__name__}: {err}"
+    if err.__cause__ is not None:
+        text += f" (from {type(err.__cause__).__name__}: {err.__cause__})"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:300] + "..."

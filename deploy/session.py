@@ -421,6 +421,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"throughput              {report['samples_per_second']:.0f} samples/s "
         f"({report['environment']['threads']} thread(s), {report['environment']['device']})",
     ]
+    for reset in report.get("offset_resets", []):  # serve: a resume offset outside its log
+        lines.append(
+            f"offset reset            {reset['topic']}/{reset['partition']} {reset['reason']} "
+            f"{reset['offset']} -> {reset['new_offset']} ({reset['policy']}; "
+            f"skipped {reset['messages_skipped']}, gone {reset['messages_gone']})"
+        )
     matrix = np.array(report["accuracy_matrix"], dtype=float)
     if matrix.size:
         lines.append("accuracy matrix (rows: evaluation points, columns: groups)")

@@ -209,14 +209,18 @@ class KafkaSource:
         return out
 
     def lag(self) -> dict[int, int]:
-        """Per-partition lag = highwater - position (not end_offsets(): see DESIGN.md)."""
+        """Per-partition lag = highwater - position (not end_offsets(): see DESIGN.md).
+
+        Negative when the position is past the log's end (topic recreated or truncated):
+        never clamped to 0, which would show a healthy consumer that learns nothing.
+        """
         out = {}
         for tp in self._consumer.assignment():
             highwater = self._consumer.highwater(tp)
             if highwater is None:
                 continue
             position = self._consumer.position(tp)
-            out[tp.partition] = max(0, highwater - position)
+            out[tp.partition] = highwater - position
         return out
 
     def assignment(self) -> list[int]:

@@ -15,6 +15,7 @@ systems that must not run our code to read a model.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -93,6 +94,15 @@ class CheckpointStore:
             old.unlink(missing_ok=True)
         return path
 
+    def space_needed(self, checkpoint_bytes: int) -> int:
+        """Free bytes the directory needs to hold `keep` + 1 checkpoints of this size.
+
+        A new checkpoint is written before the oldest is removed, so at the moment of
+        writing there are keep + 1 of them; the ones already here count as held.
+        """
+        held = sum(path.stat().st_size for path in self.paths()[-self.keep :])
+        return max(0, (self.keep + 1) * checkpoint_bytes - held)
+
     def load_latest(self) -> Restored | None:
         """The newest checkpoint that loads and verifies; None when there is none at all."""
         paths = self.paths()
@@ -122,6 +132,13 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Save `state` atomically with the SHA-256 of its content."""
     envelope = {"format": CHECKPOINT_FORMAT, "sha256": content_digest(state), "state": state}
     write_atomically(path, lambda f: torch.save(envelope, f))
+
+
+def serialised_size(state: dict[str, Any]) -> int:
+    """Bytes `write_checkpoint` would write for `state` (serialised in memory)."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "sha256": "0" * 64, "state": state}, buffer)
+    return buffer.tell()
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -44,6 +44,7 @@ ALERT_NAMES = {
     "StreamclRejectionSurge",
     "StreamclLearnerStalled",
     "StreamclCheckpointsFailing",
+    "StreamclCheckpointStale",
     "StreamclQuarantineSurge",
 }
 METRIC_NAME = re.compile(r"\bstreamcl_[a-z0-9_]+\b")
@@ -439,6 +440,7 @@ def exported_names() -> set[str]:
     """Every series name ServiceMetrics exports, with the type's suffixes."""
     metrics = ServiceMetrics(CollectorRegistry())
     metrics.track_device_memory(lambda: 0.0)
+    metrics.track_checkpoint_age(lambda: 0.0)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: set[str] = set()
     for family in metrics.registry.collect():

@@ -52,3 +52,35 @@ def test_the_cli_logs_to_the_current_stderr_and_keeps_other_handlers(
         root.setLevel(level)
     assert json.loads(swapped.getvalue())["answer"] == 42
     assert "hello answer=42" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        (
+            "INFO",
+            {"kafka": "WARNING", "kafka.consumer.fetcher": "INFO", "kafka.net.selector": "ERROR"},
+        ),
+        ("WARNING", {"kafka": "WARNING", "kafka.consumer.fetcher": "WARNING"}),
+        (
+            "DEBUG",
+            {"kafka": "DEBUG", "kafka.consumer.fetcher": "DEBUG", "kafka.net.selector": "DEBUG"},
+        ),
+    ],
+)
+def test_kafka_python_warnings_and_position_resets_reach_the_operator(
+    level: str, expected: dict[str, str]
+) -> None:
+    """Its WARNINGs (and the fetcher's 'offset out of range' INFO) pass; its loop chatter not."""
+    root = logging.getLogger()
+    previous = root.level
+    try:
+        configure_logging(level, "text")
+        got = {name: logging.getLevelName(logging.getLogger(name).level) for name in expected}
+    finally:
+        for handler in [h for h in root.handlers if type(h).__name__ == "_Stderr"]:
+            root.removeHandler(handler)
+        root.setLevel(previous)
+        for name in ("kafka", "kafka.consumer.fetcher", "kafka.net.selector"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+    assert got == expected

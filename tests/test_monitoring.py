@@ -35,6 +35,7 @@ INTENTIONALLY_EMPTY = {
     "StreamclLagGrowing": "the learner keeps up: lag is not growing",
     "StreamclLearnerStalled": "the learner is learning and polling",
     "StreamclCheckpointsFailing": "checkpoints succeed",
+    "StreamclCheckpointStale": "checkpoints succeed: unsaved learning stays young",
     "StreamclQuarantineSurge": "compares with the hour before: this Prometheus is seconds old",
     "annotation 'Drift events'": "no boundary detector runs in this service",
 }

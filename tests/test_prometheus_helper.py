@@ -88,6 +88,9 @@ def populated_metrics(registry: CollectorRegistry) -> ServiceMetrics:
     metrics.memory_bytes.set(800 * 784)
     metrics.probe_items.set(40)
     metrics.checkpointed(0.05)
+    metrics.track_checkpoint_age(lambda: 12.0)
+    metrics.checkpoint_age_limit.set(900)
+    metrics.checkpoint_bytes.set(3_500_000)
     return metrics
 
 
@@ -140,6 +143,7 @@ def test_every_dashboard_query_and_alert_rule_works_on_the_services_metrics() ->
                 "StreamclRejectionSurge",
                 "StreamclLearnerStalled",
                 "StreamclCheckpointsFailing",
+                "StreamclCheckpointStale",
                 "StreamclQuarantineSurge",
             }
             broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
