@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from ingest.codec import REJECT_REASONS
+from ingest.kafka import UNREADABLE
 from learner.checkpoint import CHECKPOINT_LOAD_FAILURES
 
 OUTCOMES = ("learned", "quarantined", "rejected", "held_out")
@@ -39,6 +40,12 @@ class ServiceMetrics:
             "streamcl_rejected_samples",
             "Messages rejected to the dead-letter topic, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.unreadable_batches = Counter(
+            "streamcl_unreadable_batches",
+            "Record batches the Kafka client could not decode (dead-lettered and skipped, or "
+            "the service stopped on them).",
             registry=r,
         )
         self.updates = Counter("streamcl_updates", "Optimizer steps taken.", registry=r)
@@ -157,7 +164,7 @@ class ServiceMetrics:
         ProcessCollector(registry=r)
         for outcome in OUTCOMES:
             self.samples.labels(outcome)
-        for reason in (*REJECT_REASONS, "corrupt_frame"):
+        for reason in (*REJECT_REASONS, "corrupt_frame", UNREADABLE):
             self.rejected.labels(reason)
         for decision in QUARANTINE_DECISIONS:
             self.quarantine_decisions.labels(decision)

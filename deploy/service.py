@@ -36,6 +36,7 @@ from ingest.kafka import (
     KafkaSource,
     KafkaSourceError,
     Offsets,
+    UnreadableBatchError,
     wait_for_bootstrap,
 )
 from ingest.schema import Batch, Rejected, Sample, StreamSpec
@@ -130,6 +131,7 @@ class Service:
             config.kafka.group_id,
             self.spec,
             on_revoke=self.checkpoint,
+            on_unreadable=config.kafka.on_unreadable,
         )
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
@@ -220,7 +222,13 @@ class Service:
         self._progress_at, self._progress_learned = started, self.session.samples_learned
         idle_since = time.monotonic()
         while not stop.is_set():
-            arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            try:
+                arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            except UnreadableBatchError:
+                # on_unreadable: stop. Keep what was learned before the batch, then stop once.
+                self.metrics.unreadable_batches.inc()
+                self._final_checkpoint()
+                raise
             now = time.monotonic()
             self.last_progress = now
             self.metrics.last_poll.set(time.time())
@@ -284,9 +292,11 @@ class Service:
             with self.model_lock:
                 if isinstance(item, Rejected):
                     self.dead_letters.send(item)
-                    self.session.reject(item.reason)
-                    self.metrics.samples.labels("rejected").inc()
-                    self.metrics.rejected.labels(item.reason).inc()
+                    self.session.reject(item.reason, item.count)
+                    self.metrics.samples.labels("rejected").inc(item.count)
+                    self.metrics.rejected.labels(item.reason).inc(item.count)
+                    if item.last_offset is not None:
+                        self.metrics.unreadable_batches.inc()
                 else:
                     if item.origin is not None:
                         key = (item.origin.partition, item.origin.offset)
@@ -294,7 +304,8 @@ class Service:
                     if not self.session.offer(item):
                         self.metrics.samples.labels("held_out").inc()
                 if item.origin is not None:
-                    self.source.mark_handled(item.origin)
+                    last = item.last_offset if isinstance(item, Rejected) else None
+                    self.source.mark_handled(item.origin, last)
             if self._checkpoint_due(time.monotonic()):
                 self.checkpoint()
 

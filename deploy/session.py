@@ -119,9 +119,10 @@ class LearningSession:
             self.flush()
         return True
 
-    def reject(self, reason: str) -> None:
-        self.samples_seen += 1
-        self.rejected[reason] += 1
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Account for `count` messages rejected for `reason` (an unreadable batch: several)."""
+        self.samples_seen += count
+        self.rejected[reason] += count
 
     def flush(self) -> None:
         """Learn whatever is pending (a partial batch at a boundary or before a checkpoint)."""

@@ -14,10 +14,10 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.structs import OffsetAndMetadata
 
 from ingest.codec import decode
@@ -37,8 +37,19 @@ MAX_DEAD_LETTER_PAYLOAD = 900 * 1024
 in a header), so a broker's message-size limit can never stall the service."""
 
 
+UNREADABLE = "unreadable_batch"
+"""Reject reason of offsets the client could not decode (missing codec, corrupt batch)."""
+OnUnreadable = Literal["skip", "stop"]
+PROBE_TIMEOUT_S = 5.0
+"""How long one probe poll may wait for a fetch while locating an unreadable batch."""
+
+
 class KafkaSourceError(StreamclError):
     """The Kafka client could not be created or used."""
+
+
+class UnreadableBatchError(KafkaSourceError):
+    """A record batch the client cannot decode, and `on_unreadable` is `stop`."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,11 @@ class KafkaSource:
 
     on_revoke: called before partitions are taken away, so the caller can
     checkpoint and commit what it has learned from them.
+    on_unreadable: what to do with offsets the client cannot decode (a batch of a codec
+    it lacks, a corrupt batch). `skip`: one `Rejected` (reason `unreadable_batch`) covering
+    the offset range is returned and the partition is sought past it; `stop`: raise
+    `UnreadableBatchError` naming the partition and offsets. Either way the same batch can
+    never crash the service again and again.
     """
 
     def __init__(
@@ -102,9 +118,11 @@ class KafkaSource:
         group_id: str,
         spec: StreamSpec,
         on_revoke: Callable[[], object] | None = None,
+        on_unreadable: OnUnreadable = "skip",
     ):
         self.topic = topic
         self.spec = spec
+        self.on_unreadable = on_unreadable
         # Next offset per partition whose message the caller has fully handled (learned,
         # pending in its state, or dead-lettered): what a checkpoint may claim.
         self.handled: Offsets = {}
@@ -132,7 +150,12 @@ class KafkaSource:
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Arrival]:
         """Fetch, decode and validate up to `max_records` messages, in partition order."""
-        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except Exception as err:
+            if not _maybe_unreadable(err):
+                raise
+            return [self._unreadable(err)]
         arrivals = []
         for tp, records in batches.items():
             for record in records:
@@ -141,9 +164,98 @@ class KafkaSource:
                 arrivals.append(Arrival(item, record.timestamp))
         return arrivals
 
-    def mark_handled(self, origin: Origin) -> None:
-        """Record that the message at `origin` is accounted for; checkpoints may include it."""
-        self.handled[(origin.topic, origin.partition)] = origin.offset + 1
+    def _unreadable(self, err: Exception) -> Arrival:
+        """Find the partition and offsets that `err` came from; skip them or stop.
+
+        The client's error names neither, so each partition with unread messages is probed
+        alone (the others paused) at its position; the first that fails again is the one.
+        Its end is found by probing one offset further at a time: a fetch returns the whole
+        batch holding the offset, so this never passes over a readable message. An error
+        no probe reproduces is not a bad batch: it is raised as it was.
+        """
+        consumer = self._consumer
+        assigned = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        paused = set(consumer.paused())
+        to_pause = [tp for tp in assigned if tp not in paused]
+        consumer.pause(*to_pause)
+        try:
+            for tp in assigned:
+                if tp in paused:
+                    continue
+                first = consumer.position(tp)
+                highwater = consumer.highwater(tp)
+                if highwater is not None and first >= highwater:
+                    continue
+                consumer.resume(tp)
+                try:
+                    self._discard_buffered(tp, first)
+                    if not self._fails(tp, first):
+                        continue
+                    end = first + 1
+                    while end < (highwater if highwater is not None else end + 1):
+                        if not self._fails(tp, end):
+                            break
+                        end += 1
+                finally:
+                    consumer.pause(tp)
+                return self._found(tp, first, end - 1, err)
+        finally:
+            consumer.resume(*to_pause)
+        raise err
+
+    def _discard_buffered(self, tp: TopicPartition, offset: int) -> None:
+        """Drop what the client still buffers for `tp` at `offset`.
+
+        kafka-python 3.0 keeps a partition's records whose decoding failed buffered at the
+        failing offset, and a poll from that same position then spins on them forever; a
+        poll from another position discards them.
+        """
+        self._consumer.seek(tp, offset + 1)
+        try:
+            self._consumer.poll(timeout_ms=50, max_records=1)
+        except Exception as err:
+            if not _maybe_unreadable(err):
+                raise
+        self._consumer.seek(tp, offset)
+
+    def _fails(self, tp: TopicPartition, offset: int) -> bool:
+        """Whether fetching `tp` at `offset` raises a decode error; the position is restored."""
+        consumer = self._consumer
+        consumer.seek(tp, offset)
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if consumer.poll(timeout_ms=200, max_records=1):
+                        return False
+                except Exception as err:
+                    if _maybe_unreadable(err):
+                        return True
+                    raise
+            return False
+        finally:
+            consumer.seek(tp, offset)
+
+    def _found(self, tp: TopicPartition, first: int, last: int, err: Exception) -> Arrival:
+        where = f"topic {tp.topic} partition {tp.partition} offsets {first}-{last}"
+        error = str(err)  # kafka-python's errors start with their class name; others don't
+        if not error.startswith(type(err).__name__):
+            error = f"{type(err).__name__}: {error}"
+        if self.on_unreadable == "stop":
+            raise UnreadableBatchError(
+                f"cannot decode the record batch at {where} ({error}); to dead-letter and "
+                f"skip it, restart with kafka.on_unreadable: skip"
+            ) from err
+        log.error("unreadable record batch at %s: dead-lettered and skipped error=%s", where, error)
+        self._consumer.seek(tp, last + 1)
+        origin = Origin(tp.topic, tp.partition, first)
+        return Arrival(Rejected(b"", UNREADABLE, error[:1024], origin, last_offset=last), -1)
+
+    def mark_handled(self, origin: Origin, last_offset: int | None = None) -> None:
+        """Record that the message at `origin` (through `last_offset`, for a range) is
+        accounted for; checkpoints may include it."""
+        last = origin.offset if last_offset is None else last_offset
+        self.handled[(origin.topic, origin.partition)] = last + 1
 
     def commit(self, offsets: Offsets) -> bool:
         """Commit offsets (already durable in a checkpoint); False if the broker refused."""
@@ -203,6 +315,17 @@ class KafkaSource:
             self._on_revoke()
 
 
+def _maybe_unreadable(err: Exception) -> bool:
+    """Whether `err` from a poll may be a batch the client cannot decode.
+
+    Codec and CRC errors are; so is anything not a Kafka error (a decompressor's own
+    error). Other Kafka errors (authorization, configuration) are not a batch's fault.
+    """
+    if isinstance(err, UnsupportedCodecError | CorruptRecordError):
+        return True
+    return not isinstance(err, KafkaError)
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource):
         self._source = source
@@ -249,6 +372,8 @@ class DeadLetterSink:
                 ("source-partition", str(rejected.origin.partition).encode()),
                 ("source-offset", str(rejected.origin.offset).encode()),
             ]
+            if rejected.last_offset is not None:
+                headers.append(("source-offset-last", str(rejected.last_offset).encode()))
         if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
             headers.append(("streamcl-original-size", str(len(payload)).encode()))
             payload = payload[:MAX_DEAD_LETTER_PAYLOAD]

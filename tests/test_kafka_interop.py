@@ -10,14 +10,24 @@ from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import UnsupportedCodecError
+from kafka.record.default_records import DefaultRecordBatch
+from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
 from deploy.broker import EmbeddedBroker
 from deploy.serve import run_service
 from ingest.codec import encode
 from ingest.datasets import load_digits
+from ingest.kafka import UNREADABLE, UnreadableBatchError
 from ingest.schema import Sample
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
-from tests.service_helpers import learned_offsets, service_config, wait_until
+from tests.service_helpers import (
+    ServiceThread,
+    learned_offsets,
+    service_config,
+    wait_until,
+)
+from tests.test_service import http_json  # noqa: F401 - reused helper
 
 STREAM = 40
 """Samples per topic: enough for several batches, few enough to take seconds."""
@@ -84,3 +94,122 @@ def test_every_codec_is_learned_end_to_end(
     assert report["samples_rejected"] == 0
     assert set(learned_offsets(tmp_path / "audit.jsonl")) == {(0, o) for o in range(STREAM)}
     assert report["committed_offsets"] == {f"{topic}/0": STREAM}
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_the_client_decompresses_every_codec(codec: str) -> None:
+    """Tansu decompresses batches when they are produced and serves them uncompressed, so
+    the end-to-end test above never makes the client decompress: this builds a compressed
+    batch as a Kafka broker would store and serve it, and reads it with the client's parser."""
+    codes = {"gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
+    payloads = digit_payloads(5)
+    builder = MemoryRecordsBuilder(magic=2, compression_type=codes[codec], batch_size=1 << 20)
+    for i, payload in enumerate(payloads):
+        builder.append(timestamp=i, key=None, value=payload, headers=[])
+    builder.close()
+    batch = MemoryRecords(bytes(builder.buffer())).next_batch()
+    assert batch.compression_type == codes[codec]
+    assert [record.value for record in batch] == payloads
+
+
+BAD_FIRST, BAD_LAST = 10, 16
+"""The batch the client is made unable to decode: offsets 10-16 of partition 0."""
+
+
+def unreadable_topic(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A topic of 10 good samples, a batch of 7 the client cannot decode, 10 good samples.
+
+    The broker serves every batch uncompressed (see above), so a missing codec library
+    cannot be staged through it: the client's decompression step is made to fail, as it
+    does without the library, for the middle batch only.
+    """
+    topic = unique_topic("unreadable")
+    broker.create_topic(topic)
+    payloads = digit_payloads(27)
+    for chunk in (payloads[:10], payloads[10:17], payloads[17:]):
+        produce(broker, topic, chunk)  # one batch each
+    original = DefaultRecordBatch._maybe_uncompress
+
+    def missing_codec(batch: DefaultRecordBatch) -> None:
+        if (batch.base_offset, batch.last_offset) == (BAD_FIRST, BAD_LAST):
+            raise UnsupportedCodecError("Libraries for lz4 compression codec not found")
+        original(batch)
+
+    monkeypatch.setattr(DefaultRecordBatch, "_maybe_uncompress", missing_codec)
+    return topic
+
+
+def metric(base: str, name: str) -> float:
+    """One sample's value from the service's /metrics page."""
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_an_unreadable_batch_is_dead_lettered_skipped_and_never_met_again(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    topic = unreadable_topic(memory_broker, monkeypatch)
+    config = service_config(memory_broker, topic, tmp_path, learner=PLAIN_LEARNER)
+    base = f"http://127.0.0.1:{config.http.port}"
+    service = ServiceThread(config)
+    try:
+        audit = tmp_path / "audit.jsonl"
+        wait_until(lambda: len(learned_offsets(audit)) == 20, 30, "the good samples learned")
+        # Polling goes on past the batch: it was counted once, not met again and again.
+        wait_until(lambda: metric(base, "streamcl_unreadable_batches_total") == 1, 10, "metric")
+        assert metric(base, f'streamcl_rejected_samples_total{{reason="{UNREADABLE}"}}') == 7
+    finally:
+        report = service.stop()
+    good = set(range(10)) | set(range(17, 27))
+    assert set(learned_offsets(audit)) == {(0, o) for o in good}
+    assert report["rejected_by_reason"] == {UNREADABLE: 7}
+    assert report["samples_seen"] == 27 and report["accounting_holds"]
+    assert report["committed_offsets"] == {f"{topic}/0": 27}
+
+    dead = read_all(memory_broker, topic + ".dlq")
+    assert len(dead) == 1
+    headers = {k: v.decode() for k, v in dead[0].headers}
+    assert headers["streamcl-reason"] == UNREADABLE
+    assert "UnsupportedCodecError" in headers["streamcl-detail"]
+    assert (headers["source-topic"], headers["source-partition"]) == (topic, "0")
+    assert (headers["source-offset"], headers["source-offset-last"]) == ("10", "16")
+
+    again = run_service(
+        service_config(memory_broker, topic, tmp_path, until_idle=1.0, learner=PLAIN_LEARNER)
+    )
+    assert again["samples_seen"] == 27  # restored from the checkpoint, nothing re-read
+    assert len(read_all(memory_broker, topic + ".dlq")) == 1
+
+
+def test_on_unreadable_stop_stops_once_naming_the_batch_and_skip_passes_it(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    topic = unreadable_topic(memory_broker, monkeypatch)
+    stop = service_config(
+        memory_broker,
+        topic,
+        tmp_path,
+        until_idle=1.0,
+        learner=PLAIN_LEARNER,
+        kafka={"on_unreadable": "stop"},
+    )
+    with pytest.raises(
+        UnreadableBatchError,
+        match=rf"partition 0 offsets {BAD_FIRST}-{BAD_LAST} .*kafka.on_unreadable: skip",
+    ):
+        run_service(stop)
+    skip = service_config(memory_broker, topic, tmp_path, until_idle=1.0, learner=PLAIN_LEARNER)
+    report = run_service(skip)
+    # The first 10 were checkpointed before the stop: learned once, not again.
+    assert sorted(learned_offsets(tmp_path / "audit.jsonl").values()) == [1] * 20
+    assert report["rejected_by_reason"] == {UNREADABLE: 7}
+    assert report["committed_offsets"] == {f"{topic}/0": 27}
