@@ -291,7 +291,7 @@ class Service:
             item = arrival.item
             with self.model_lock:
                 if isinstance(item, Rejected):
-                    self.dead_letters.send(item)
+                    self.dead_letters.send(item, arrival.key, arrival.headers, arrival.timestamp_ms)
                     self.session.reject(item.reason, item.count)
                     self.metrics.samples.labels("rejected").inc(item.count)
                     self.metrics.rejected.labels(item.reason).inc(item.count)

@@ -91,12 +91,18 @@ class KafkaSettings:
         return {k: v for k, v in values.items() if v is not None}
 
 
+Headers = list[tuple[str, bytes]]
+
+
 @dataclass(frozen=True)
 class Arrival:
-    """A decoded message plus when Kafka stamped it (ms since epoch)."""
+    """A decoded message plus what Kafka carried beside it: its timestamp (ms since
+    epoch, -1 when none), key and headers, which a dead letter keeps."""
 
     item: Sample | Rejected
     timestamp_ms: int
+    key: bytes | None = None
+    headers: Headers = field(default_factory=list)
 
 
 class KafkaSource:
@@ -161,7 +167,8 @@ class KafkaSource:
             for record in records:
                 origin = Origin(tp.topic, tp.partition, record.offset)
                 item = decode(record.value or b"", self.spec, origin)
-                arrivals.append(Arrival(item, record.timestamp))
+                headers = list(record.headers or [])
+                arrivals.append(Arrival(item, record.timestamp, record.key, headers))
         return arrivals
 
     def _unreadable(self, err: Exception) -> Arrival:
@@ -340,6 +347,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class DeadLetterSink:
     """Send rejected messages, unchanged, to a dead-letter topic with the reason in headers.
 
+    The original key, headers and timestamp are kept; streamcl's headers come after the
+    original ones (a reader taking the last value of a name gets streamcl's).
+
     `flush` blocks until every sent message is acknowledged and raises if any failed:
     callers flush before committing offsets, so a rejected message is never lost.
     """
@@ -360,9 +370,17 @@ class DeadLetterSink:
                 f"cannot connect dead-letter producer to {settings.bootstrap_servers}: {err}"
             ) from err
 
-    def send(self, rejected: Rejected) -> None:
+    def send(
+        self,
+        rejected: Rejected,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        """Queue `rejected` with the original `key`, `headers` and `timestamp_ms`."""
         payload = rejected.payload
         headers = [
+            *(headers or []),
             ("streamcl-reason", rejected.reason.encode()),
             ("streamcl-detail", rejected.detail.encode()[:1024]),
         ]
@@ -377,7 +395,12 @@ class DeadLetterSink:
         if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
             headers.append(("streamcl-original-size", str(len(payload)).encode()))
             payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
-        self._pending.append(self._producer.send(self.topic, value=payload, headers=headers))
+        timestamp = timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else None
+        self._pending.append(
+            self._producer.send(
+                self.topic, value=payload, key=key, headers=headers, timestamp_ms=timestamp
+            )
+        )
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for every sent message; raises `KafkaSourceError` if one failed."""

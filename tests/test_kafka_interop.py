@@ -27,7 +27,6 @@ from tests.service_helpers import (
     service_config,
     wait_until,
 )
-from tests.test_service import http_json  # noqa: F401 - reused helper
 
 STREAM = 40
 """Samples per topic: enough for several batches, few enough to take seconds."""
@@ -82,6 +81,8 @@ def test_every_codec_is_learned_end_to_end(
     tmp_path: Path,
     codec: str | None,
 ) -> None:
+    """The broker takes every codec and the service learns all (Tansu stores and serves
+    batches uncompressed: the client's side is `test_the_client_decompresses_every_codec`)."""
     topic = unique_topic(f"codec-{codec or 'none'}")
     memory_broker.create_topic(topic)
     produce(memory_broker, topic, digit_payloads(), compression_type=codec)
@@ -213,3 +214,37 @@ def test_on_unreadable_stop_stops_once_naming_the_batch_and_skip_passes_it(
     assert sorted(learned_offsets(tmp_path / "audit.jsonl").values()) == [1] * 20
     assert report["rejected_by_reason"] == {UNREADABLE: 7}
     assert report["committed_offsets"] == {f"{topic}/0": 27}
+
+
+def test_a_dead_letter_keeps_key_headers_and_timestamp(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    topic = unique_topic("dlq-faithful")
+    memory_broker.create_topic(topic)
+    sent = [  # (key, headers, timestamp_ms, value): two rejects around a good sample
+        (b"user-7", [("trace-id", b"abc"), ("schema", b"v2")], 1_600_000_000_123, b"\x00junk"),
+        (None, [], 1_600_000_000_456, digit_payloads(1)[0]),
+        (b"user-8", [("trace-id", b"def")], 1_600_000_000_789, b'{"label": 3}'),
+    ]
+    client = KafkaProducer(bootstrap_servers=memory_broker.bootstrap_servers, acks="all")
+    for key, headers, timestamp, value in sent:
+        client.send(topic, value, key=key, headers=headers, timestamp_ms=timestamp)
+    client.flush(timeout=10)
+    client.close(timeout=5)
+
+    report = run_service(service_config(memory_broker, topic, tmp_path, until_idle=1.0))
+    assert report["rejected_by_reason"] == {"garbage": 1, "missing_field": 1}
+
+    dead = read_all(memory_broker, topic + ".dlq")
+    assert len(dead) == 2
+    for message, (key, headers, timestamp, value), offset, reason in zip(
+        dead, (sent[0], sent[2]), (0, 2), ("garbage", "missing_field"), strict=True
+    ):
+        assert (message.key, message.timestamp, message.value) == (key, timestamp, value)
+        assert message.headers[: len(headers)] == headers  # the original ones, first
+        added = dict(message.headers[len(headers) :])
+        assert added["streamcl-reason"] == reason.encode()
+        assert added["streamcl-detail"]
+        assert added["source-topic"] == topic.encode()
+        assert (added["source-partition"], added["source-offset"]) == (b"0", str(offset).encode())
