@@ -206,9 +206,14 @@ def record_report(metrics: ServiceMetrics, report: dict[str, Any]) -> None:
     metrics.updates.inc(report["updates"])
     metrics.model_version.set(report["updates"])
     metrics.evaluations.inc(len(report["evaluation_points"]))
-    metrics.average_accuracy.set(report["final_average_accuracy"])
-    metrics.average_forgetting.set(report["average_forgetting"])
-    metrics.backward_transfer.set(report["backward_transfer"])
+    undefined = float("nan")  # null in the report (its null_reasons say why)
+    metrics.average_accuracy.set(_or(report["final_average_accuracy"], undefined))
+    metrics.average_forgetting.set(_or(report["average_forgetting"], undefined))
+    metrics.backward_transfer.set(_or(report["backward_transfer"], undefined))
     metrics.prequential.set(report["prequential_accuracy"])
     if report["accuracy_matrix"]:
         metrics.set_groups(report["accuracy_matrix"][-1], report["per_group_forgetting"])
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -24,6 +24,7 @@ from deploy.metrics import ServiceMetrics
 from deploy.replay import strategy_section
 from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
+from evaluation.report import metric_section
 from evaluation.reservoir import ProbeReservoir
 from ingest import heldout as heldout_io
 from ingest.codec import encode
@@ -494,12 +495,15 @@ class Service:
         directory = self.config.snapshot.dir
         if directory is None:
             return
+        session = self.session
+        section = metric_section(session.matrix, session.prequential, None, session.group_kind, [])
         meta = {
-            "samples_learned": self.session.samples_learned,
+            "samples_learned": session.samples_learned,
             "offsets": {f"{t}/{p}": o for (t, p), o in offsets.items()},
             "metrics": {
-                "prequential_accuracy": self.session.prequential.get(),
-                "average_accuracy": self.session.matrix.get().average_accuracy,
+                "prequential_accuracy": session.prequential.get(),
+                "average_accuracy": section["final_average_accuracy"],
+                "null_reasons": section["null_reasons"],
             },
             "spec": self.spec.to_dict(),
             "model": self.config.learner.model,

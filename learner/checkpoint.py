@@ -15,7 +15,6 @@ systems that must not run our code to read a model.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ingest import strictjson
 from ingest.errors import StreamclError
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def write_snapshot(
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / "model.safetensors"))
-        (staging / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
+        (staging / "meta.json").write_text(strictjson.dumps({"version": version, **meta}, indent=2))
         for name in ("model.safetensors", "meta.json"):
             _fsync_path(staging / name)
         if final.exists():

@@ -16,43 +16,19 @@ from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
 from deploy.broker import EmbeddedBroker
 from deploy.serve import run_service
-from ingest.codec import encode
-from ingest.datasets import load_digits
 from ingest.kafka import UNREADABLE, UnreadableBatchError
-from ingest.schema import Sample
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import (
+    PLAIN_LEARNER,
+    STREAM,
+    UNTIL_IDLE,
     ServiceThread,
+    digit_payloads,
     learned_offsets,
+    produce,
     service_config,
     wait_until,
 )
-
-STREAM = 40
-"""Samples per topic: enough for several batches, few enough to take seconds."""
-PLAIN_LEARNER = {"noise": {"knn": False, "small_loss": False}}
-"""No noise filter, so every valid sample must be learned (none held back as a suspect)."""
-
-
-def digit_payloads(n: int = STREAM, offset: int = 0) -> list[bytes]:
-    data = load_digits()
-    return [
-        encode(Sample(data.train_x[i], int(data.train_y[i]), sample_id=i))
-        for i in range(offset, offset + n)
-    ]
-
-
-def produce(broker: EmbeddedBroker, topic: str, payloads: list[bytes], **producer: Any) -> None:
-    """Send `payloads` as few batches (one linger window) and wait for the broker's ack."""
-    client = KafkaProducer(
-        bootstrap_servers=broker.bootstrap_servers, linger_ms=200, acks="all", **producer
-    )
-    try:
-        for payload in payloads:
-            client.send(topic, payload)
-        client.flush(timeout=10)
-    finally:
-        client.close(timeout=5)
 
 
 def read_all(broker: EmbeddedBroker, topic: str) -> list[Any]:
@@ -87,7 +63,9 @@ def test_every_codec_is_learned_end_to_end(
     memory_broker.create_topic(topic)
     produce(memory_broker, topic, digit_payloads(), compression_type=codec)
 
-    config = service_config(memory_broker, topic, tmp_path, until_idle=1.5, learner=PLAIN_LEARNER)
+    config = service_config(
+        memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER
+    )
     report = run_service(config)
 
     assert report["samples_seen"] == STREAM
@@ -183,7 +161,7 @@ def test_an_unreadable_batch_is_dead_lettered_skipped_and_never_met_again(
     assert (headers["source-offset"], headers["source-offset-last"]) == ("10", "16")
 
     again = run_service(
-        service_config(memory_broker, topic, tmp_path, until_idle=1.0, learner=PLAIN_LEARNER)
+        service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER)
     )
     assert again["samples_seen"] == 27  # restored from the checkpoint, nothing re-read
     assert len(read_all(memory_broker, topic + ".dlq")) == 1
@@ -199,7 +177,7 @@ def test_on_unreadable_stop_stops_once_naming_the_batch_and_skip_passes_it(
         memory_broker,
         topic,
         tmp_path,
-        until_idle=1.0,
+        until_idle=UNTIL_IDLE,
         learner=PLAIN_LEARNER,
         kafka={"on_unreadable": "stop"},
     )
@@ -208,7 +186,9 @@ def test_on_unreadable_stop_stops_once_naming_the_batch_and_skip_passes_it(
         match=rf"partition 0 offsets {BAD_FIRST}-{BAD_LAST} .*kafka.on_unreadable: skip",
     ):
         run_service(stop)
-    skip = service_config(memory_broker, topic, tmp_path, until_idle=1.0, learner=PLAIN_LEARNER)
+    skip = service_config(
+        memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER
+    )
     report = run_service(skip)
     # The first 10 were checkpointed before the stop: learned once, not again.
     assert sorted(learned_offsets(tmp_path / "audit.jsonl").values()) == [1] * 20
@@ -233,7 +213,7 @@ def test_a_dead_letter_keeps_key_headers_and_timestamp(
     client.flush(timeout=10)
     client.close(timeout=5)
 
-    report = run_service(service_config(memory_broker, topic, tmp_path, until_idle=1.0))
+    report = run_service(service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE))
     assert report["rejected_by_reason"] == {"garbage": 1, "missing_field": 1}
 
     dead = read_all(memory_broker, topic + ".dlq")
