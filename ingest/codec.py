@@ -29,6 +29,8 @@ import numpy as np
 from ingest.schema import NO_TASK, Origin, Rejected, Sample, StreamSpec
 
 RejectReason = Literal[
+    "empty",
+    "tombstone",
     "garbage",
     "truncated",
     "unknown_version",
@@ -44,6 +46,8 @@ RejectReason = Literal[
 REJECT_REASONS: Final[tuple[str, ...]] = RejectReason.__args__  # type: ignore[attr-defined]
 
 MAGIC: Final = b"SC"
+UTF8_BOM: Final = b"\xef\xbb\xbf"
+"""Some producers (.NET, Windows tools) start JSON text with it; RFC 8259 lets readers skip it."""
 VERSION: Final = 1
 _HEADER = struct.Struct("<2sBBBBHiqq")
 _DTYPE_CODES: Final = {"uint8": 1, "float32": 2}
@@ -94,12 +98,23 @@ def encode_json(sample: Sample) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def decode(payload: bytes, spec: StreamSpec, origin: Origin | None = None) -> Sample | Rejected:
-    """Decode and validate one message; bad input becomes a `Rejected` value, never an error."""
+def decode(
+    payload: bytes | None, spec: StreamSpec, origin: Origin | None = None
+) -> Sample | Rejected:
+    """Decode and validate one message; bad input becomes a `Rejected` value, never an error.
+
+    `None` is a Kafka tombstone (a null value): rejected as `tombstone`, apart from an
+    empty value (`empty`). JSON may start with a UTF-8 byte-order mark.
+    """
+    if payload is None:
+        return Rejected(b"", "tombstone", "null value (a tombstone), not a sample", origin)
+    if not payload:
+        return Rejected(payload, "empty", "empty value, not a sample", origin)
+    text = payload[len(UTF8_BOM) :] if payload.startswith(UTF8_BOM) else payload
     if payload[:2] == MAGIC:
         result = _decode_binary(payload, spec, origin)
-    elif payload[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
-        result = _decode_json(payload, spec, origin)
+    elif text[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
+        result = _decode_json(text, spec, origin)
     else:
         return Rejected(payload, "garbage", "neither binary magic 'SC' nor a JSON object", origin)
     if isinstance(result, tuple):

@@ -37,6 +37,8 @@ MAX_DEAD_LETTER_PAYLOAD = 900 * 1024
 in a header), so a broker's message-size limit can never stall the service."""
 
 
+TOMBSTONE = "tombstone"
+"""Reject reason of a null value (`ingest.codec.decode`)."""
 UNREADABLE = "unreadable_batch"
 """Reject reason of offsets the client could not decode (missing codec, corrupt batch)."""
 OnUnreadable = Literal["skip", "stop"]
@@ -166,7 +168,7 @@ class KafkaSource:
         for tp, records in batches.items():
             for record in records:
                 origin = Origin(tp.topic, tp.partition, record.offset)
-                item = decode(record.value or b"", self.spec, origin)
+                item = decode(record.value, self.spec, origin)
                 headers = list(record.headers or [])
                 arrivals.append(Arrival(item, record.timestamp, record.key, headers))
         return arrivals
@@ -396,9 +398,10 @@ class DeadLetterSink:
             headers.append(("streamcl-original-size", str(len(payload)).encode()))
             payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
         timestamp = timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else None
+        value = None if rejected.reason == TOMBSTONE else payload  # a tombstone stays one
         self._pending.append(
             self._producer.send(
-                self.topic, value=payload, key=key, headers=headers, timestamp_ms=timestamp
+                self.topic, value=value, key=key, headers=headers, timestamp_ms=timestamp
             )
         )
 

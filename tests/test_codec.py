@@ -153,6 +153,8 @@ def test_json_with_surrounding_whitespace_and_defaults() -> None:
 
 def test_reject_reasons_are_the_documented_set() -> None:
     assert set(REJECT_REASONS) == {
+        "empty",
+        "tombstone",
         "garbage",
         "truncated",
         "unknown_version",
@@ -167,11 +169,33 @@ def test_reject_reasons_are_the_documented_set() -> None:
     }
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x00\x01garbage", b"S", b"CS" + bytes(40), b"[1, 2]"])
+@pytest.mark.parametrize("payload", [b"\x00\x01garbage", b"S", b"CS" + bytes(40), b"[1, 2]"])
 def test_garbage(payload: bytes) -> None:
     got = rejected(payload, U8)
     assert got.reason == "garbage"
     assert "neither binary magic" in got.detail
+
+
+def test_empty_and_tombstone_values_have_their_own_reasons() -> None:
+    assert rejected(b"", U8).reason == "empty"
+    tombstone = decode(None, U8, Origin("t", 0, 5))
+    assert isinstance(tombstone, Rejected)
+    assert (tombstone.reason, tombstone.payload, tombstone.origin) == (
+        "tombstone",
+        b"",
+        Origin("t", 0, 5),
+    )
+
+
+def test_json_after_a_utf8_byte_order_mark_is_accepted() -> None:
+    sample = Sample(np.arange(6, dtype=np.uint8).reshape(2, 3), 3, task=1)
+    got = decode(b"\xef\xbb\xbf" + encode_json(sample), U8)
+    assert isinstance(got, Sample)
+    assert (got.label, got.task) == (3, 1)
+    np.testing.assert_array_equal(got.features, sample.features)
+    bad = decode(b"\xef\xbb\xbf{", U8)  # rejected as JSON, payload kept whole
+    assert isinstance(bad, Rejected) and bad.reason == "bad_json"
+    assert bad.payload.startswith(b"\xef\xbb\xbf")
 
 
 def test_truncated_header() -> None:

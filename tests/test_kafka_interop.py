@@ -16,7 +16,10 @@ from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
 from deploy.broker import EmbeddedBroker
 from deploy.serve import run_service
+from ingest.codec import encode_json
+from ingest.datasets import load_digits
 from ingest.kafka import UNREADABLE, UnreadableBatchError
+from ingest.schema import Sample
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import (
     PLAIN_LEARNER,
@@ -228,3 +231,27 @@ def test_a_dead_letter_keeps_key_headers_and_timestamp(
         assert added["streamcl-detail"]
         assert added["source-topic"] == topic.encode()
         assert (added["source-partition"], added["source-offset"]) == (b"0", str(offset).encode())
+
+
+def test_empty_tombstone_and_bom_values_through_the_broker(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    topic = unique_topic("values")
+    memory_broker.create_topic(topic)
+    data = load_digits()
+    bom_json = b"\xef\xbb\xbf" + encode_json(Sample(data.train_x[0], int(data.train_y[0])))
+    client = KafkaProducer(bootstrap_servers=memory_broker.bootstrap_servers, acks="all")
+    for value, key in ((b"", b"k-empty"), (None, b"k-tombstone"), (bom_json, None)):
+        client.send(topic, value, key=key)
+    client.flush(timeout=10)
+    client.close(timeout=5)
+
+    report = run_service(
+        service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER)
+    )
+    assert report["rejected_by_reason"] == {"empty": 1, "tombstone": 1}
+    assert report["samples_learned"] == 1
+    assert set(learned_offsets(tmp_path / "audit.jsonl")) == {(0, 2)}
+    dead = read_all(memory_broker, topic + ".dlq")
+    assert [(m.key, m.value) for m in dead] == [(b"k-empty", b""), (b"k-tombstone", None)]
