@@ -164,6 +164,7 @@ def test_reject_reasons_are_the_documented_set() -> None:
         "non_finite",
         "label_out_of_range",
         "bad_task",
+        "bad_flags",
         "bad_json",
         "missing_field",
     }
@@ -415,17 +416,22 @@ def test_json_feature_integer_beyond_float_range_is_rejected(spec: StreamSpec) -
     assert got.reason in ("bad_json", "wrong_dtype", "non_finite")
 
 
-@pytest.mark.parametrize("features", [[0] * 5, [0] * 7, [[0] * 6] * 2, 0])
+@pytest.mark.parametrize("features", [[0] * 5, [0] * 7, [[0] * 6] * 2, 0, [[0] * 2] * 3])
 def test_wrong_shape_json(features: object) -> None:
     got = rejected(json.dumps({"features": features, "label": 1}).encode(), U8)
     assert got.reason == "wrong_shape"
     assert got.detail.startswith("expected (2, 3), got shape")
 
 
-def test_json_features_of_the_right_size_are_reshaped() -> None:
-    got = decode(b'{"features": [[1, 2], [3, 4], [5, 6]], "label": 1}', U8)
-    assert isinstance(got, Sample)
-    np.testing.assert_array_equal(got.features, [[1, 2, 3], [4, 5, 6]])
+def test_json_and_binary_accept_the_same_shapes_flat_or_declared() -> None:
+    for features in (np.arange(6, dtype=np.uint8), np.arange(6, dtype=np.uint8).reshape(2, 3)):
+        for payload in (encode(Sample(features, 1)), encode_json(Sample(features, 1))):
+            got = decode(payload, U8)
+            assert isinstance(got, Sample)
+            np.testing.assert_array_equal(got.features, [[0, 1, 2], [3, 4, 5]])
+        transposed = features.reshape(3, 2)  # the right size, another shape: a mistake
+        for payload in (encode(Sample(transposed, 1)), encode_json(Sample(transposed, 1))):
+            assert rejected(payload, U8).reason == "wrong_shape"
 
 
 @pytest.mark.parametrize("value", ["256", "-1", "1.5", "1e3"])
@@ -560,3 +566,19 @@ def test_any_finite_float32_sample_round_trips(features: np.ndarray, as_json: bo
     spec = StreamSpec(tuple(features.shape), "float32", 2)
     payload = encode_json(sample) if as_json else encode(sample)
     assert_same_sample(decode(payload, spec), sample, None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "task", "detail"),
+    [
+        (0, 3, "task field is 3 but flag bit 0 (task present) is clear"),
+        (0x02, 0, "reserved flag bits set: flags=0x02 (only bit 0 is defined)"),
+        (0x81, 3, "reserved flag bits set: flags=0x81 (only bit 0 is defined)"),
+    ],
+)
+def test_contradictory_or_reserved_flags_are_rejected(flags: int, task: int, detail: str) -> None:
+    payload = bytearray(encode(u8_sample()))
+    payload[5] = flags
+    payload[6:8] = task.to_bytes(2, "little")
+    got = rejected(bytes(payload), U8)
+    assert (got.reason, got.detail) == ("bad_flags", detail)

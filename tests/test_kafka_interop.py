@@ -20,6 +20,7 @@ from ingest.codec import encode_json
 from ingest.datasets import load_digits
 from ingest.kafka import UNREADABLE, UnreadableBatchError
 from ingest.schema import Sample
+from tests import wire_spec_producer
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import (
     PLAIN_LEARNER,
@@ -255,3 +256,23 @@ def test_empty_tombstone_and_bom_values_through_the_broker(
     assert set(learned_offsets(tmp_path / "audit.jsonl")) == {(0, 2)}
     dead = read_all(memory_broker, topic + ".dlq")
     assert [(m.key, m.value) for m in dead] == [(b"k-empty", b""), (b"k-tombstone", None)]
+
+
+def test_a_producer_written_from_the_spec_alone_is_learned(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    topic = unique_topic("spec-producer")
+    memory_broker.create_topic(topic)
+    data = load_digits()
+    payloads = [
+        wire_spec_producer.encode(
+            data.train_x[i].ravel().tolist(), [8, 8], "uint8", int(data.train_y[i]), i // 8, i, i
+        )
+        for i in range(STREAM)
+    ]
+    produce(memory_broker, topic, payloads, compression_type="zstd")
+    report = run_service(
+        service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER)
+    )
+    assert report["samples_learned"] == STREAM and report["samples_rejected"] == 0
