@@ -143,6 +143,8 @@ class KafkaSource:
             **settings.common(),
             **settings.consumer,
         }
+        # Outside the group: it only locates a batch the group consumer cannot decode.
+        self._probe_config = {**config, "group_id": None}
         try:
             self._consumer = KafkaConsumer(**config)
         except KafkaError as err:
@@ -176,74 +178,33 @@ class KafkaSource:
     def _unreadable(self, err: Exception) -> Arrival:
         """Find the partition and offsets that `err` came from; skip them or stop.
 
-        The client's error names neither, so each partition with unread messages is probed
-        alone (the others paused) at its position; the first that fails again is the one.
-        Its end is found by probing one offset further at a time: a fetch returns the whole
-        batch holding the offset, so this never passes over a readable message. An error
-        no probe reproduces is not a bad batch: it is raised as it was.
+        The client's error names neither, so a separate consumer outside the group probes
+        each partition with unread messages at the group consumer's position, one partition
+        at a time; the first that fails again is the one. Its end is found by probing one
+        offset further at a time: a fetch returns the whole batch holding the offset, so
+        this never passes over a readable message. An error no probe reproduces is not a
+        bad batch: it is raised as it was. (Probing with the group consumer itself, by
+        pausing partitions, leaves kafka-python 3.0 starving a paused partition forever.)
         """
         consumer = self._consumer
-        assigned = sorted(consumer.assignment(), key=lambda tp: tp.partition)
-        paused = set(consumer.paused())
-        to_pause = [tp for tp in assigned if tp not in paused]
-        consumer.pause(*to_pause)
+        probe = KafkaConsumer(**self._probe_config)
         try:
-            for tp in assigned:
-                if tp in paused:
-                    continue
+            for tp in sorted(consumer.assignment(), key=lambda tp: tp.partition):
                 first = consumer.position(tp)
                 highwater = consumer.highwater(tp)
                 if highwater is not None and first >= highwater:
                     continue
-                consumer.resume(tp)
-                try:
-                    self._discard_buffered(tp, first)
-                    if not self._fails(tp, first):
-                        continue
-                    end = first + 1
-                    while end < (highwater if highwater is not None else end + 1):
-                        if not self._fails(tp, end):
-                            break
-                        end += 1
-                finally:
-                    consumer.pause(tp)
+                probe.assign([tp])
+                if not _fails(probe, tp, first):
+                    continue
+                end = first + 1
+                highwater = highwater if highwater is not None else probe.highwater(tp)
+                while highwater is not None and end < highwater and _fails(probe, tp, end):
+                    end += 1
                 return self._found(tp, first, end - 1, err)
         finally:
-            consumer.resume(*to_pause)
+            probe.close(autocommit=False)
         raise err
-
-    def _discard_buffered(self, tp: TopicPartition, offset: int) -> None:
-        """Drop what the client still buffers for `tp` at `offset`.
-
-        kafka-python 3.0 keeps a partition's records whose decoding failed buffered at the
-        failing offset, and a poll from that same position then spins on them forever; a
-        poll from another position discards them.
-        """
-        self._consumer.seek(tp, offset + 1)
-        try:
-            self._consumer.poll(timeout_ms=50, max_records=1)
-        except Exception as err:
-            if not _maybe_unreadable(err):
-                raise
-        self._consumer.seek(tp, offset)
-
-    def _fails(self, tp: TopicPartition, offset: int) -> bool:
-        """Whether fetching `tp` at `offset` raises a decode error; the position is restored."""
-        consumer = self._consumer
-        consumer.seek(tp, offset)
-        deadline = time.monotonic() + PROBE_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    if consumer.poll(timeout_ms=200, max_records=1):
-                        return False
-                except Exception as err:
-                    if _maybe_unreadable(err):
-                        return True
-                    raise
-            return False
-        finally:
-            consumer.seek(tp, offset)
 
     def _found(self, tp: TopicPartition, first: int, last: int, err: Exception) -> Arrival:
         where = f"topic {tp.topic} partition {tp.partition} offsets {first}-{last}"
@@ -322,6 +283,26 @@ class KafkaSource:
     def _revoked(self, partitions: Iterable[TopicPartition]) -> None:
         if self._on_revoke is not None and list(partitions):
             self._on_revoke()
+
+
+def _fails(probe: KafkaConsumer, tp: TopicPartition, offset: int) -> bool:
+    """Whether `probe` (assigned `tp`) fetching at `offset` raises a decode error.
+
+    kafka-python 3.0 keeps a partition's records whose decoding failed buffered at the
+    failing offset, and a poll from that same position spins on them forever: each probe
+    is at a new offset, and a consumer that has met the error is closed, never re-polled.
+    """
+    probe.seek(tp, offset)
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            if probe.poll(timeout_ms=200, max_records=1):
+                return False
+        except Exception as err:
+            if _maybe_unreadable(err):
+                return True
+            raise
+    return False
 
 
 def _maybe_unreadable(err: Exception) -> bool:

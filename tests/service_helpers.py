@@ -113,14 +113,20 @@ def digit_payloads(n: int = STREAM, offset: int = 0) -> list[bytes]:
     ]
 
 
-def produce(broker: EmbeddedBroker, topic: str, payloads: list[bytes], **producer: Any) -> None:
+def produce(
+    broker: EmbeddedBroker,
+    topic: str,
+    payloads: list[bytes],
+    partition: int | None = None,
+    **producer: Any,
+) -> None:
     """Send `payloads` as few batches (one linger window) and wait for the broker's ack."""
     client = KafkaProducer(
         bootstrap_servers=broker.bootstrap_servers, linger_ms=200, acks="all", **producer
     )
     try:
         for payload in payloads:
-            client.send(topic, payload)
+            client.send(topic, payload, partition=partition)
         client.flush(timeout=10)
     finally:
         client.close(timeout=5)

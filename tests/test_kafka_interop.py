@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import UnsupportedCodecError
+from kafka.errors import CorruptRecordError, UnsupportedCodecError
 from kafka.record.default_records import DefaultRecordBatch
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
@@ -96,26 +96,33 @@ def test_the_client_decompresses_every_codec(codec: str) -> None:
 
 
 BAD_FIRST, BAD_LAST = 10, 16
-"""The batch the client is made unable to decode: offsets 10-16 of partition 0."""
+"""The batch the client is made unable to decode: offsets 10-16 of partition 1."""
+GOOD = {(0, o) for o in range(15)} | {(1, o) for o in [*range(10), *range(17, 27)]}
+"""Every readable (partition, offset) of `unreadable_topic`."""
+MISSING_LZ4 = UnsupportedCodecError("Libraries for lz4 compression codec not found")
 
 
-def unreadable_topic(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A topic of 10 good samples, a batch of 7 the client cannot decode, 10 good samples.
+def unreadable_topic(
+    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch, error: Exception = MISSING_LZ4
+) -> str:
+    """Partition 0: 15 good samples. Partition 1: 10 good samples, a batch of 7 the client
+    cannot decode (`error`), 10 good samples.
 
     The broker serves every batch uncompressed (see above), so a missing codec library
     cannot be staged through it: the client's decompression step is made to fail, as it
-    does without the library, for the middle batch only.
+    does without the library, for that one batch.
     """
     topic = unique_topic("unreadable")
-    broker.create_topic(topic)
-    payloads = digit_payloads(27)
-    for chunk in (payloads[:10], payloads[10:17], payloads[17:]):
-        produce(broker, topic, chunk)  # one batch each
+    broker.create_topic(topic, partitions=2)
+    payloads = digit_payloads(42)
+    produce(broker, topic, payloads[:15], partition=0)
+    for chunk in (payloads[15:25], payloads[25:32], payloads[32:]):
+        produce(broker, topic, chunk, partition=1)  # one batch each
     original = DefaultRecordBatch._maybe_uncompress
 
     def missing_codec(batch: DefaultRecordBatch) -> None:
         if (batch.base_offset, batch.last_offset) == (BAD_FIRST, BAD_LAST):
-            raise UnsupportedCodecError("Libraries for lz4 compression codec not found")
+            raise error
         original(batch)
 
     monkeypatch.setattr(DefaultRecordBatch, "_maybe_uncompress", missing_codec)
@@ -133,41 +140,46 @@ def metric(base: str, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
+@pytest.mark.parametrize(
+    "error",
+    [MISSING_LZ4, CorruptRecordError("crc"), RuntimeError("LZ4F_decompress failed")],
+    ids=["missing-codec", "corrupt", "decompressor-error"],
+)
 def test_an_unreadable_batch_is_dead_lettered_skipped_and_never_met_again(
     memory_broker: EmbeddedBroker,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
 ) -> None:
-    topic = unreadable_topic(memory_broker, monkeypatch)
+    topic = unreadable_topic(memory_broker, monkeypatch, error)
     config = service_config(memory_broker, topic, tmp_path, learner=PLAIN_LEARNER)
     base = f"http://127.0.0.1:{config.http.port}"
     service = ServiceThread(config)
     try:
         audit = tmp_path / "audit.jsonl"
-        wait_until(lambda: len(learned_offsets(audit)) == 20, 30, "the good samples learned")
+        wait_until(lambda: len(learned_offsets(audit)) == len(GOOD), 30, "good samples learned")
         # Polling goes on past the batch: it was counted once, not met again and again.
         wait_until(lambda: metric(base, "streamcl_unreadable_batches_total") == 1, 10, "metric")
         assert metric(base, f'streamcl_rejected_samples_total{{reason="{UNREADABLE}"}}') == 7
     finally:
         report = service.stop()
-    good = set(range(10)) | set(range(17, 27))
-    assert set(learned_offsets(audit)) == {(0, o) for o in good}
+    assert sorted(learned_offsets(audit).items()) == [(o, 1) for o in sorted(GOOD)]
     assert report["rejected_by_reason"] == {UNREADABLE: 7}
-    assert report["samples_seen"] == 27 and report["accounting_holds"]
-    assert report["committed_offsets"] == {f"{topic}/0": 27}
+    assert report["samples_seen"] == 42 and report["accounting_holds"]
+    assert report["committed_offsets"] == {f"{topic}/0": 15, f"{topic}/1": 27}
 
     dead = read_all(memory_broker, topic + ".dlq")
     assert len(dead) == 1
     headers = {k: v.decode() for k, v in dead[0].headers}
     assert headers["streamcl-reason"] == UNREADABLE
-    assert "UnsupportedCodecError" in headers["streamcl-detail"]
-    assert (headers["source-topic"], headers["source-partition"]) == (topic, "0")
+    assert type(error).__name__ in headers["streamcl-detail"]
+    assert (headers["source-topic"], headers["source-partition"]) == (topic, "1")
     assert (headers["source-offset"], headers["source-offset-last"]) == ("10", "16")
 
     again = run_service(
         service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER)
     )
-    assert again["samples_seen"] == 27  # restored from the checkpoint, nothing re-read
+    assert again["samples_seen"] == 42  # restored from the checkpoint, nothing re-read
     assert len(read_all(memory_broker, topic + ".dlq")) == 1
 
 
@@ -187,17 +199,18 @@ def test_on_unreadable_stop_stops_once_naming_the_batch_and_skip_passes_it(
     )
     with pytest.raises(
         UnreadableBatchError,
-        match=rf"partition 0 offsets {BAD_FIRST}-{BAD_LAST} .*kafka.on_unreadable: skip",
+        match=rf"partition 1 offsets {BAD_FIRST}-{BAD_LAST} .*kafka.on_unreadable: skip",
     ):
         run_service(stop)
     skip = service_config(
         memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER
     )
     report = run_service(skip)
-    # The first 10 were checkpointed before the stop: learned once, not again.
-    assert sorted(learned_offsets(tmp_path / "audit.jsonl").values()) == [1] * 20
+    # What was learned before the stop was checkpointed: learned once, not again.
+    learned = learned_offsets(tmp_path / "audit.jsonl")
+    assert sorted(learned.items()) == [(o, 1) for o in sorted(GOOD)]
     assert report["rejected_by_reason"] == {UNREADABLE: 7}
-    assert report["committed_offsets"] == {f"{topic}/0": 27}
+    assert report["committed_offsets"] == {f"{topic}/0": 15, f"{topic}/1": 27}
 
 
 def test_a_dead_letter_keeps_key_headers_and_timestamp(
