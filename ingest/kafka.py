@@ -182,9 +182,10 @@ class KafkaSource:
         each partition with unread messages at the group consumer's position, one partition
         at a time; the first that fails again is the one. Its end is found by probing one
         offset further at a time: a fetch returns the whole batch holding the offset, so
-        this never passes over a readable message. An error no probe reproduces is not a
-        bad batch: it is raised as it was. (Probing with the group consumer itself, by
-        pausing partitions, leaves kafka-python 3.0 starving a paused partition forever.)
+        this never passes over a readable message (at the cost of one fetch per unreadable
+        offset). An error no probe reproduces is not a bad batch: it is raised as it was.
+        (Probing with the group consumer itself, by pausing partitions, leaves kafka-python
+        3.0 starving a paused partition forever.)
         """
         consumer = self._consumer
         probe = KafkaConsumer(**self._probe_config)
@@ -289,8 +290,9 @@ def _fails(probe: KafkaConsumer, tp: TopicPartition, offset: int) -> bool:
     """Whether `probe` (assigned `tp`) fetching at `offset` raises a decode error.
 
     kafka-python 3.0 keeps a partition's records whose decoding failed buffered at the
-    failing offset, and a poll from that same position spins on them forever: each probe
-    is at a new offset, and a consumer that has met the error is closed, never re-polled.
+    failing offset, and a poll from that same position spins on them forever: so every
+    probe is at a higher offset than the last, and the group consumer is sought away from
+    the failing offset (skip) or closed (stop), never polled there again.
     """
     probe.seek(tp, offset)
     deadline = time.monotonic() + PROBE_TIMEOUT_S
