@@ -96,7 +96,7 @@ class ServiceThread:
         return self.report
 
 
-UNTIL_IDLE = 2.0
+UNTIL_IDLE = 3.0
 """Seconds without messages before a test's service stops; it also stops after 3x this
 without an assignment, so it must leave room for a slow group join on a loaded machine."""
 STREAM = 40
