@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -11,6 +10,7 @@ import click
 from deploy.config import ReplayConfig, read_config_file, validated
 from deploy.kafka_cli import demo, publish, record, serve
 from deploy.logs import LogFormat, configure_logging
+from ingest import strictjson
 from ingest.errors import StreamclError
 
 ENV_PREFIX = "STREAMCL"
@@ -525,7 +525,7 @@ def replay(
         click.echo(f"stopped after {report['stopped_after']} messages: {report['checkpoint']}")
     if config.report:
         config.report.parent.mkdir(parents=True, exist_ok=True)
-        config.report.write_text(json.dumps(report, indent=2) + "\n")
+        config.report.write_text(strictjson.dumps(report, indent=2) + "\n")
         click.echo(f"report: {config.report}")
     if config.plots:
         for path in write_plots(report, config.plots):

@@ -287,6 +287,11 @@ class KafkaConfig(BaseModel):
     producer: dict[str, Any] = Field(default_factory=dict, description="extra producer settings")
     poll_timeout_ms: int = Field(200, ge=1)
     max_records: int = Field(500, ge=1)
+    on_unreadable: Literal["skip", "stop"] = Field(
+        "skip",
+        description="a record batch the client cannot decode: dead-letter its offset range "
+        "and skip it, or stop once with an error naming it",
+    )
     connect_timeout_s: float = Field(
         30.0, gt=0, description="at start-up, fail when no bootstrap server answers in this time"
     )

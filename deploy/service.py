@@ -27,6 +27,7 @@ from deploy.resume import plan_resume
 from deploy.retry import Backoff
 from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
+from evaluation.report import metric_section
 from evaluation.reservoir import ProbeReservoir
 from ingest import heldout as heldout_io
 from ingest.codec import encode
@@ -39,6 +40,7 @@ from ingest.kafka import (
     KafkaSource,
     KafkaSourceError,
     Offsets,
+    UnreadableBatchError,
     wait_for_bootstrap,
 )
 from ingest.offsets import Reset, read_topic_state
@@ -144,6 +146,7 @@ class Service:
             self.spec,
             on_revoke=self.checkpoint,
             rebalance=config.kafka.rebalance,
+            on_unreadable=config.kafka.on_unreadable,
         )
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
@@ -238,7 +241,13 @@ class Service:
         self._learned_at_start = self.session.samples_learned
         idle_since = time.monotonic()
         while not stop.is_set():
-            arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            try:
+                arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            except UnreadableBatchError:
+                # on_unreadable: stop. Keep what was learned before the batch, then stop once.
+                self.metrics.unreadable_batches.inc()
+                self._final_checkpoint()
+                raise
             now = time.monotonic()
             self.last_progress = now
             self.metrics.last_poll.set(time.time())
@@ -319,10 +328,12 @@ class Service:
             item = arrival.item
             with self.model_lock:
                 if isinstance(item, Rejected):
-                    self.dead_letters.send(item)
-                    self.session.reject(item.reason)
-                    self.metrics.samples.labels("rejected").inc()
-                    self.metrics.rejected.labels(item.reason).inc()
+                    self.dead_letters.send(item, arrival.key, arrival.headers, arrival.timestamp_ms)
+                    self.session.reject(item.reason, item.count)
+                    self.metrics.samples.labels("rejected").inc(item.count)
+                    self.metrics.rejected.labels(item.reason).inc(item.count)
+                    if item.last_offset is not None:
+                        self.metrics.unreadable_batches.inc()
                 else:
                     if item.origin is not None:
                         key = (item.origin.partition, item.origin.offset)
@@ -330,7 +341,8 @@ class Service:
                     if not self.session.offer(item):
                         self.metrics.samples.labels("held_out").inc()
                 if item.origin is not None:
-                    self.source.mark_handled(item.origin)
+                    last = item.last_offset if isinstance(item, Rejected) else None
+                    self.source.mark_handled(item.origin, last)
             if self._checkpoint_due(time.monotonic()):
                 self.checkpoint()
 
@@ -574,12 +586,15 @@ class Service:
         directory = self.config.snapshot.dir
         if directory is None:
             return
+        session = self.session
+        section = metric_section(session.matrix, session.prequential, None, session.group_kind, [])
         meta = {
-            "samples_learned": self.session.samples_learned,
+            "samples_learned": session.samples_learned,
             "offsets": {f"{t}/{p}": o for (t, p), o in offsets.items()},
             "metrics": {
-                "prequential_accuracy": self.session.prequential.get(),
-                "average_accuracy": self.session.matrix.get().average_accuracy,
+                "prequential_accuracy": session.prequential.get(),
+                "average_accuracy": section["final_average_accuracy"],
+                "null_reasons": section["null_reasons"],
             },
             "spec": self.spec.to_dict(),
             "model": self.config.learner.model,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ingest import strictjson
 from ingest.errors import StreamclError
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def write_snapshot(
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / "model.safetensors"))
-        (staging / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
+        (staging / "meta.json").write_text(strictjson.dumps({"version": version, **meta}, indent=2))
         for name in ("model.safetensors", "meta.json"):
             _fsync_path(staging / name)
         if final.exists():
