@@ -499,6 +499,14 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     help="Continue a run saved with --stop-after (same settings required).",
 )
 @click.option(
+    "--allow-partial",
+    is_flag=True,
+    default=False,
+    show_envvar=True,
+    help="Accept a damaged or truncated stream: learn from what is readable and exit 0 "
+    "(without it such a replay writes its report, then exits 2).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     show_envvar=True,
@@ -508,7 +516,7 @@ def replay(
     progress: bool | None, metrics_out: str | None, pushgateway: str | None, **opts: Any
 ) -> None:
     """Replay a recorded stream through the online learner and report the metrics."""
-    from deploy.replay import run_replay
+    from deploy.replay import check_outcome, run_replay
     from deploy.session import summary_lines
     from evaluation.report import write_plots
 
@@ -521,6 +529,9 @@ def replay(
         f"boundaries {report['task_boundaries_by_reason'] or ''}, "
         f"{report['drift_event_count']} drift event(s)"
     )
+    damage = report.get("stream_damage", {}).get("problem")
+    if damage:
+        click.echo(f"stream damage           {damage}")
     if "stopped_after" in report:
         click.echo(f"stopped after {report['stopped_after']} messages: {report['checkpoint']}")
     if config.report:
@@ -532,6 +543,7 @@ def replay(
             click.echo(f"plot: {path}")
     if metrics_out or pushgateway:
         export_metrics(report, metrics_out, pushgateway)
+    check_outcome(report, config)
 
 
 def export_metrics(report: dict[str, Any], path: str | None, gateway: str | None) -> None:

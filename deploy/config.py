@@ -210,6 +210,9 @@ class ReplayConfig(LearnerConfig):
     )
     checkpoint: Path | None = Field(None, description="where `stop_after` saves the run")
     resume: Path | None = Field(None, description="continue a run saved by `stop_after`")
+    allow_partial: bool = Field(
+        False, description="a damaged or truncated stream is a warning, not an error"
+    )
 
     @model_validator(mode="after")
     def _stop_needs_checkpoint(self) -> ReplayConfig:

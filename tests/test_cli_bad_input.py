@@ -1,0 +1,105 @@
+"""Bad input to the CLI fails early, in one line, with a non-zero exit (issue 9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from deploy.cli import cli
+from ingest.errors import DataError
+from ingest.recorded import StreamReader, StreamWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real entry point in a subprocess: exit code and stderr as a user sees them."""
+    return subprocess.run(
+        [sys.executable, "-c", "from deploy.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        timeout=120,
+    )
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, args, env=env)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def cut_stream(source: Path, target: Path, keep_bytes: int) -> None:
+    target.write_bytes(source.read_bytes()[:keep_bytes])
+
+
+def frame_boundary(path: Path, after_frames: int) -> int:
+    """Byte position of frame `after_frames` (0-based), found by its marker."""
+    raw = path.read_bytes()
+    with StreamReader(path) as reader:
+        start = reader._data_start
+    position = start
+    for _ in range(after_frames):
+        position = raw.index(b"SCFR", position + 1)
+    return position
+
+
+# --- 1. damaged and truncated streams -------------------------------------------------
+
+
+def test_random_frames_after_a_valid_header_learn_nothing_and_exit_2(
+    digits_stream: Path, tmp_path: Path
+) -> None:
+    with StreamReader(digits_stream) as reader:
+        spec = reader.spec
+    junk = tmp_path / "junk.scs"
+    with StreamWriter(junk, spec, {"num_messages": 100}):
+        pass
+    with open(junk, "ab") as f:
+        f.write(np.random.default_rng(0).bytes(20_000))
+    message = one_line_error(run_cli(["replay", "--no-progress", "--stream", str(junk)]))
+    assert f"nothing learned from {junk}: it holds no readable message" in message
+    assert "1 damaged region(s), 20000 bytes skipped" in message
+    assert "0 of the 100 frames its header announces read" in message
+
+
+@pytest.mark.parametrize("cut", ["mid-frame", "frame-boundary"])
+def test_truncated_stream_writes_its_report_then_fails(
+    digits_stream: Path, tmp_path: Path, cut: str
+) -> None:
+    boundary = frame_boundary(digits_stream, 400)
+    short = tmp_path / "short.scs"
+    cut_stream(digits_stream, short, boundary + 30 if cut == "mid-frame" else boundary)
+    report_path = tmp_path / "r.json"
+    args = ["replay", "--no-progress", "--stream", str(short), "--report", str(report_path)]
+    result = invoke(args)
+    assert isinstance(result.exception, DataError), result.output
+    message = str(result.exception)
+    assert f"stream {short} is damaged" in message and "--allow-partial" in message
+    assert "400 of the 1348 frames its header announces read" in message
+    assert ("ends inside a damaged frame" in message) == (cut == "mid-frame")
+    report = json.loads(report_path.read_text())
+    assert report["samples_seen"] == 400
+    assert report["stream_damage"]["frames_read"] == 400
+    assert report["corrupt_frames"] == (1 if cut == "mid-frame" else 0)
+
+    allowed = invoke([*args, "--allow-partial"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "stream damage           " in allowed.output
+    # Damaged regions are not messages: the rejected line counts only rejected messages.
+    rejected = next(line for line in allowed.output.splitlines() if line.startswith("rejected"))
+    assert rejected.split() == ["rejected", "0"]
