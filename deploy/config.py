@@ -6,9 +6,10 @@ underscores; flags and their environment variables override it.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from ingest.errors import ConfigError
+from ingest.schema import StreamSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,6 +32,15 @@ else:  # pragma: no cover - exercised only on 3.10
 
 STRATEGY_PARTS = ("naive", "er", "ewc", "packnet")
 """What `strategy` may join with '+' (e.g. er+ewc); they compose in this order."""
+USER_MODEL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+"""A user model factory: `package.module:function`."""
+
+
+def _ints_from_text(value: Any) -> Any:
+    """Accept `28,28` (a flag or an environment variable) as well as a list."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
 
 
 class EwcConfig(BaseModel):
@@ -132,8 +143,8 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     strategy: str = Field("er", description="naive, or parts of er, ewc, packnet joined by +")
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)
+    model: str = Field("mlp", description="mlp, cnn or a factory 'package.module:function'")
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (256, 256)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -169,6 +180,15 @@ class LearnerConfig(BaseModel):
         if "naive" in parts and len(parts) > 1:
             raise ValueError(f"naive combines with nothing, got {value!r}")
         return "+".join(part for part in STRATEGY_PARTS if part in parts)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value in ("mlp", "cnn") or USER_MODEL.fullmatch(value):
+            return value
+        raise ValueError(f"model must be mlp, cnn or 'package.module:function', got {value!r}")
+
+    _hidden_from_text = field_validator("hidden", mode="before")(_ints_from_text)
 
     @model_validator(mode="after")
     def _isolation_has_boundaries(self) -> LearnerConfig:
@@ -290,6 +310,20 @@ class StreamSpecConfig(BaseModel):
     feature_shape: tuple[int, ...] = (28, 28)
     dtype: Literal["uint8", "float32"] = "uint8"
     num_classes: int = Field(10, ge=2)
+
+    _shape_from_text = field_validator("feature_shape", mode="before")(_ints_from_text)
+
+    @model_validator(mode="after")
+    def _is_a_spec(self) -> StreamSpecConfig:
+        try:
+            self.to_spec()
+        except ConfigError as err:
+            raise ValueError(str(err)) from err
+        return self
+
+    def to_spec(self) -> StreamSpec:
+        """The validated contract (ingest's `StreamSpec` is its one definition)."""
+        return StreamSpec(self.feature_shape, self.dtype, self.num_classes)
 
 
 class CheckpointConfig(BaseModel):

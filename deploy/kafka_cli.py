@@ -7,9 +7,8 @@ from typing import Any
 
 import click
 
-from deploy.config import ServiceConfig, read_config_file, validated
+from deploy.config import ServiceConfig, StreamSpecConfig, read_config_file, validated
 from ingest.kafka import KafkaSettings
-from ingest.schema import StreamSpec
 
 # Flags of `serve` and where they land in the nested service config.
 SERVE_OVERRIDES = {
@@ -233,8 +232,10 @@ def record(
 
     if max_messages is None and until_idle is None:
         raise click.UsageError("give --max-messages or --until-idle, or recording never ends")
-    shape = tuple(int(d) for d in feature_shape.split(","))
-    spec = StreamSpec(shape, dtype, num_classes)  # type: ignore[arg-type]
+    spec = validated(
+        StreamSpecConfig,
+        {"feature_shape": feature_shape, "dtype": dtype, "num_classes": num_classes},
+    ).to_spec()
     settings = KafkaSettings(bootstrap_servers, security_protocol=security_protocol)
     written = record_topic(settings, topic, Path(out), spec, max_messages, until_idle, progress)
     click.echo(f"recorded {written} messages from {topic} to {out}")

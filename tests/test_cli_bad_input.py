@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from deploy.cli import cli
-from ingest.errors import DataError
+from ingest.errors import ConfigError, DataError
 from ingest.recorded import StreamReader, StreamWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +103,40 @@ def test_truncated_stream_writes_its_report_then_fails(
     # Damaged regions are not messages: the rejected line counts only rejected messages.
     rejected = next(line for line in allowed.output.splitlines() if line.startswith("rejected"))
     assert rejected.split() == ["rejected", "0"]
+
+
+# --- 2. malformed learner and spec settings fail at start-up --------------------------
+
+
+def test_record_with_a_malformed_feature_shape_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "r.scs"
+    args = ["record", "--topic", "t", "--out", str(out), "--max-messages", "1"]
+    message = one_line_error(run_cli([*args, "--feature-shape", "abc"]))
+    assert "feature_shape.0: Input should be a valid integer" in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--model", "os:getcwd"], "model factory 'os:getcwd' failed when called with"),
+        (["--model", "getcwd"], "model must be mlp, cnn or 'package.module:function'"),
+        (["--hidden", "0"], "hidden.0: Input should be greater than or equal to 1"),
+    ],
+)
+def test_replay_rejects_a_model_it_cannot_build(
+    digits_stream: Path, tmp_path: Path, flags: list[str], expected: str
+) -> None:
+    report = tmp_path / "r.json"
+    result = invoke(["replay", "--stream", str(digits_stream), "--report", str(report), *flags])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert expected in str(result.exception) and "\n" not in str(result.exception)
+    assert not report.exists()
+
+
+def test_serve_config_rejects_a_zero_width_model_before_connecting(tmp_path: Path) -> None:
+    config = tmp_path / "service.yaml"
+    config.write_text("learner:\n  hidden: [0]\nspec:\n  feature_shape: [8, 0]\n")
+    message = one_line_error(run_cli(["serve", "--config", str(config)]))
+    assert "learner.hidden.0: Input should be greater than or equal to 1" in message
+    assert "feature_shape must be positive dims" in message
