@@ -11,6 +11,7 @@ import click
 from deploy.config import ReplayConfig, read_config_file, validated
 from deploy.kafka_cli import demo, publish, record, serve
 from deploy.logs import LogFormat, configure_logging
+from deploy.outputs import check_dir, check_file
 from ingest.errors import StreamclError
 
 ENV_PREFIX = "STREAMCL"
@@ -191,6 +192,7 @@ def stream_make(**opts: Any) -> None:
         samples_per_task=opts["samples_per_task"],
         seed=opts["seed"],
     )
+    check_file(opts["out"], "stream")
     built = build(load(opts["dataset"], opts["data_dir"]), scenario)
     sidecar = write(built, opts["out"])
     click.echo(
@@ -521,6 +523,10 @@ def replay(
     from evaluation.report import write_plots
 
     config = validated(ReplayConfig, opts)
+    check_file(config.report, "report")
+    check_dir(config.plots, "plots")
+    check_file(metrics_out, "metrics")
+    check_file(config.checkpoint, "checkpoint")
     report = run_replay(config, progress=progress)
     for line in summary_lines(report):
         click.echo(line)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from deploy.config import ServiceConfig, StreamSpecConfig, read_config_file, validated
+from deploy.outputs import check_file
 from ingest.kafka import KafkaSettings
 
 # Flags of `serve` and where they land in the nested service config.
@@ -133,7 +134,10 @@ def serve(config_file: str | None, **overrides: Any) -> None:
     from deploy.serve import run_service
     from deploy.session import summary_lines
 
-    report = run_service(service_config(config_file, overrides))
+    config = service_config(config_file, overrides)
+    check_file(config.report, "report")
+    check_file(config.audit_log, "audit log")
+    report = run_service(config)
     for line in summary_lines(report):
         click.echo(line)
 
@@ -236,6 +240,7 @@ def record(
         StreamSpecConfig,
         {"feature_shape": feature_shape, "dtype": dtype, "num_classes": num_classes},
     ).to_spec()
+    check_file(out, "stream")
     settings = KafkaSettings(bootstrap_servers, security_protocol=security_protocol)
     written = record_topic(settings, topic, Path(out), spec, max_messages, until_idle, progress)
     click.echo(f"recorded {written} messages from {topic} to {out}")

@@ -140,3 +140,39 @@ def test_serve_config_rejects_a_zero_width_model_before_connecting(tmp_path: Pat
     message = one_line_error(run_cli(["serve", "--config", str(config)]))
     assert "learner.hidden.0: Input should be greater than or equal to 1" in message
     assert "feature_shape must be positive dims" in message
+
+
+# --- 3. output paths are checked before the run ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "path", "expected"),
+    [
+        ("--report", "/proc/nope/r.json", "cannot write the report to /proc/nope/r.json"),
+        ("--plots", "/dev/null/x", "cannot write the plots to /dev/null/x"),
+        ("--metrics-out", "/dev/null/m.prom", "cannot write the metrics to /dev/null/m.prom"),
+    ],
+)
+def test_replay_checks_its_output_paths_before_learning(
+    digits_stream: Path, flag: str, path: str, expected: str
+) -> None:
+    result = invoke(["replay", "--no-progress", "--stream", str(digits_stream), flag, path])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert expected in str(result.exception)
+    assert "final average accuracy" not in result.output  # failed before the run
+
+
+def test_serve_checks_its_report_path_before_connecting(tmp_path: Path) -> None:
+    # Port 9 (discard) on loopback: nothing listens, so a late check would fail on Kafka.
+    args = ["serve", "--bootstrap-servers", "127.0.0.1:9", "--report", "/proc/nope/r.json"]
+    message = one_line_error(run_cli([*args, "--checkpoint-dir", str(tmp_path / "c")]))
+    assert "cannot write the report to /proc/nope/r.json: No such file or directory" in message
+
+
+def test_a_checked_output_path_leaves_no_file(digits_stream: Path, tmp_path: Path) -> None:
+    report = tmp_path / "deep" / "r.json"
+    result = invoke(
+        ["replay", "--stream", str(digits_stream), "--report", str(report), "--model", "x:y"]
+    )
+    assert isinstance(result.exception, ConfigError)
+    assert report.parent.is_dir() and not report.exists()
