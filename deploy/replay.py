@@ -3,7 +3,8 @@
 A replay can stop after N messages and save itself (`stop_after`, `checkpoint`), and a
 later process can `resume` it: learner, session (pending partial batch included) and
 the stream position are restored, so the finished report equals an uninterrupted run's.
-The checkpoint holds tensors and plain containers only (`torch.load(weights_only=True)`).
+The checkpoint is a streamcl checkpoint (learner/checkpoint.py): tensors and plain
+containers only, with a content checksum verified on load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from deploy.config import ReplayConfig
@@ -25,12 +25,14 @@ from ingest.errors import ConfigError, DataError
 from ingest.heldout import HeldOut
 from ingest.recorded import CorruptFrame, StreamReader
 from ingest.schema import Origin, Rejected
-from learner.checkpoint import CheckpointError, write_atomically
+from learner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
 # Where outputs go and how a run was split: not part of what the run computes.
+REPLAY_KEYS = {"config", "position", "learner", "session"}
+"""What `save` writes, and `restore` needs."""
 RUN_ONLY_SETTINGS = {"report", "plots", "stop_after", "checkpoint", "resume", "allow_partial"}
 
 
@@ -175,7 +177,7 @@ def save(
         "learner": learner.state_dict(),
         "session": session.state_dict(),
     }
-    write_atomically(path, lambda f: torch.save(state, f))
+    write_checkpoint(path, state)
     log.info("replay checkpoint written path=%s position=%d", path, position)
     return path
 
@@ -183,10 +185,9 @@ def save(
 def restore(config: ReplayConfig, learner: OnlineLearner, session: LearningSession) -> int:
     """Load `config.resume` into learner and session; returns the stream position."""
     path = Path(str(config.resume))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable, truncated or not a checkpoint at all
-        raise CheckpointError(f"cannot load replay checkpoint {path}: {err}") from err
+    state = read_checkpoint(path)
+    if not set(state) >= REPLAY_KEYS:
+        raise CheckpointError(f"{path} is a streamcl checkpoint, but not one of a replay")
     expected = config.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS)
     if state["config"] != expected:
         changed = sorted(k for k in expected if state["config"].get(k) != expected[k])

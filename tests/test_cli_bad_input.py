@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner, Result
 
 from deploy.cli import cli
 from ingest.errors import ConfigError, DataError
 from ingest.recorded import StreamReader, StreamWriter
+from learner.checkpoint import CheckpointError, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +179,41 @@ def test_a_checked_output_path_leaves_no_file(digits_stream: Path, tmp_path: Pat
     )
     assert isinstance(result.exception, ConfigError)
     assert report.parent.is_dir() and not report.exists()
+
+
+# --- 4. --resume of something that is not a replay checkpoint --------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"hello, not a checkpoint\n", "torch cannot read it"),
+        (b"", "it is empty, truncated or damaged"),
+        (pickle.dumps({"x": 1}), "it holds more than tensors and plain containers"),
+    ],
+)
+def test_resume_of_a_file_that_is_not_a_checkpoint_says_so(
+    digits_stream: Path, tmp_path: Path, content: bytes, expected: str
+) -> None:
+    bogus = tmp_path / "run.pt"
+    bogus.write_bytes(content)
+    proc = run_cli(["replay", "--stream", str(digits_stream), "--resume", str(bogus)])
+    message = one_line_error(proc)
+    assert f"{bogus} is not a streamcl checkpoint: {expected}" in message
+    assert "weights_only" not in proc.stderr and "Warning" not in proc.stderr
+
+
+def test_resume_of_a_plain_torch_file_or_a_service_checkpoint(
+    digits_stream: Path, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain.pt"
+    torch.save({"model": torch.zeros(3)}, plain)
+    service = tmp_path / "service.pt"
+    write_checkpoint(service, {"offsets": [], "learner": {}})
+    for path, expected in [
+        (plain, "is not a streamcl checkpoint (streamcl-checkpoint/1)"),
+        (service, "is a streamcl checkpoint, but not one of a replay"),
+    ]:
+        result = invoke(["replay", "--stream", str(digits_stream), "--resume", str(path)])
+        assert isinstance(result.exception, CheckpointError), result.output
+        assert expected in str(result.exception)
