@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 import click
 
 from deploy.config import ReplayConfig, read_config_file, validated
+from deploy.envvars import PREFIX as ENV_PREFIX
+from deploy.envvars import apply_rule, check_environment
 from deploy.kafka_cli import demo, publish, record, serve
 from deploy.logs import LogFormat, configure_logging
 from deploy.outputs import check_dir, check_file
 from ingest.errors import StreamclError
-
-ENV_PREFIX = "STREAMCL"
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -103,6 +104,7 @@ def cli(ctx: click.Context, log_level: str | None, log_format: LogFormat) -> Non
     """
     service = ctx.invoked_subcommand in SERVICE_COMMANDS
     configure_logging(log_level or ("INFO" if service else "WARNING"), log_format)
+    check_environment(ctx, ENV_RULE, os.environ)
 
 
 @cli.group()
@@ -575,6 +577,7 @@ cli.add_command(serve)
 cli.add_command(publish)
 cli.add_command(record)
 cli.add_command(demo)
+ENV_RULE = apply_rule(cli)
 
 
 def main() -> None:

@@ -217,3 +217,42 @@ def test_resume_of_a_plain_torch_file_or_a_service_checkpoint(
         result = invoke(["replay", "--stream", str(digits_stream), "--resume", str(path)])
         assert isinstance(result.exception, CheckpointError), result.output
         assert expected in str(result.exception)
+
+
+# --- 5. one naming rule for environment variables ----------------------------------------
+
+
+def test_serve_reads_its_config_file_from_streamcl_serve_config(tmp_path: Path) -> None:
+    config = tmp_path / "service.yaml"
+    config.write_text("kafka:\n  bootstrap_serverz: 127.0.0.1:9\n")
+    # A short timeout: if the variable were ignored, serve would fail on Kafka quickly.
+    env = {"STREAMCL_SERVE_CONFIG": str(config), "STREAMCL_SERVE_CONNECT_TIMEOUT": "1"}
+    result = invoke(["serve"], env=env)
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "bootstrap_serverz" in str(result.exception)
+
+    old = invoke(["serve"], env={"STREAMCL_SERVE_CONFIG_FILE": str(config), **env})
+    assert "STREAMCL_SERVE_CONFIG_FILE is deprecated: use STREAMCL_SERVE_CONFIG" in old.output
+    del env["STREAMCL_SERVE_CONFIG"]
+    old = invoke(["serve"], env={"STREAMCL_SERVE_CONFIG_FILE": str(config), **env})
+    assert isinstance(old.exception, ConfigError), old.output  # the old name still works
+    assert "bootstrap_serverz" in str(old.exception)
+
+
+def test_every_variable_is_named_after_its_flag() -> None:
+    replay_help = invoke(["replay", "--help"]).output
+    assert "STREAMCL_REPLAY_TASK_IDS" in replay_help and "USE_TASK_IDS" not in replay_help
+    serve_help = invoke(["serve", "--help"]).output
+    assert "STREAMCL_SERVE_CONFIG]" in serve_help and "CONFIG_FILE" not in serve_help
+
+
+def test_unknown_streamcl_variables_are_warned_about_with_the_closest_name() -> None:
+    env = {"STREAMCL_REPLAY_MEMROY": "3", "STREAMCL_REQUIRE_DATA": "1", "STREAMCL_DATA": "/x"}
+    result = invoke(["stream", "make", "--help"], env=env)
+    assert result.exit_code == 0
+    warnings = [line for line in result.output.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, result.output
+    assert (
+        "unknown environment variable STREAMCL_REPLAY_MEMROY ignored "
+        "(did you mean STREAMCL_REPLAY_MEMORY?)" in warnings[0]
+    )
