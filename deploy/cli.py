@@ -126,8 +126,9 @@ def stream() -> None:
     type=click.Path(file_okay=False),
     default=None,
     show_envvar=True,
-    help="Directory with the Fashion-MNIST IDX files (else $STREAMCL_DATA, then "
-    "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).",
+    help="Directory with the Fashion-MNIST IDX files (else $STREAMCL_DATA; with neither, "
+    "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist). A named "
+    "directory without the files is an error.",
 )
 @click.option(
     "--scenario",

@@ -256,3 +256,20 @@ def test_unknown_streamcl_variables_are_warned_about_with_the_closest_name() -> 
         "unknown environment variable STREAMCL_REPLAY_MEMROY ignored "
         "(did you mean STREAMCL_REPLAY_MEMORY?)" in warnings[0]
     )
+
+
+# --- 6. a data directory the user named must hold the data -------------------------------
+
+
+def test_stream_make_with_an_empty_data_dir_or_a_missing_streamcl_data(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "s.scs"
+    args = ["stream", "make", "--tasks", "5", "--samples-per-task", "10", "--out", str(out)]
+    result = invoke([*args, "--data-dir", str(empty)])
+    assert isinstance(result.exception, DataError), result.output
+    assert f"--data-dir {empty} lacks train-images-idx3-ubyte" in str(result.exception)
+    result = invoke(args, env={"STREAMCL_DATA": str(tmp_path / "nowhere")})
+    assert isinstance(result.exception, DataError), result.output
+    assert f"$STREAMCL_DATA {tmp_path / 'nowhere'} does not exist" in str(result.exception)
+    assert not out.exists()
