@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -26,11 +27,24 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
         settings = read_config_file(value)
     except StreamclError as err:
         raise click.BadParameter(str(err)) from err
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(settings) - known)
+    params = {p.name: p for p in ctx.command.params if p.expose_value}
+    unknown = sorted(set(settings) - set(params))
     if unknown:
-        raise click.BadParameter(f"unknown settings in {value}: {', '.join(unknown)}")
+        hints = [_unknown_hint(key, sorted(k for k in params if k)) for key in unknown]
+        raise click.BadParameter(f"unknown settings in {value}: {', '.join(hints)}")
+    for key, setting in settings.items():
+        try:  # here, so that an error names the file and key rather than the flag
+            params[key].type_cast_value(ctx, setting)
+        except click.BadParameter as err:
+            raise click.BadParameter(f"{value}: {key}: {err.message}") from err
     ctx.default_map = {**(ctx.default_map or {}), **settings}
+
+
+def _unknown_hint(key: str, known: list[str]) -> str:
+    if key == "learner":
+        return "learner (this command takes the learner's settings at the top level)"
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 class IntList(click.ParamType):

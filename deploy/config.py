@@ -6,6 +6,7 @@ underscores; flags and their environment variables override it.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from pathlib import Path
@@ -241,15 +242,56 @@ class ReplayConfig(LearnerConfig):
         return self
 
 
-def validated(model: type[BaseModel], values: dict[str, Any]) -> Any:
-    """Build `model` from `values`, turning pydantic's error into a `ConfigError`."""
+def validated(model: type[BaseModel], values: dict[str, Any], source: str | None = None) -> Any:
+    """Build `model` from `values`, turning pydantic's error into a one-line `ConfigError`.
+
+    `source` names the file the values came from. An unknown key is answered with where
+    it belongs (a section of `model` that has it) or the closest known key.
+    """
     try:
         return model(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from err
+        problems = "; ".join(_problem(model, error) for error in err.errors())
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"invalid settings{where}: {problems}") from err
+
+
+def _problem(model: type[BaseModel], error: Any) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: {unknown_key_hint(model, loc)}"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def unknown_key_hint(model: type[BaseModel], loc: tuple[str, ...]) -> str:
+    """Say where an unknown key at `loc` belongs, or which known key it resembles."""
+    parent: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = parent.model_fields.get(part) if parent is not None else None
+        parent = _section(field.annotation) if field is not None else None
+    if parent is None:
+        return "unknown setting"
+    name = loc[-1]
+    prefix = ".".join(loc[:-1])
+    for section, field in parent.model_fields.items():
+        nested = _section(field.annotation)
+        if nested is not None and name in _keys(nested):
+            place = f"{prefix}.{section}" if prefix else section
+            return f"not a setting here; it belongs under {place}: ({place}.{name})"
+    close = difflib.get_close_matches(name, sorted(_keys(parent)), n=1)
+    return f"unknown setting (did you mean {close[0]}?)" if close else "unknown setting"
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _keys(model: type[BaseModel]) -> set[str]:
+    """Field names and their aliases (`lambda` for `lambda_`)."""
+    return {field.alias or name for name, field in model.model_fields.items()}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

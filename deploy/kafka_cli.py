@@ -39,7 +39,7 @@ def service_config(config_file: str | None, overrides: dict[str, Any]) -> Servic
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
-    return validated(ServiceConfig, raw)  # type: ignore[no-any-return]
+    return validated(ServiceConfig, raw, config_file)  # type: ignore[no-any-return]
 
 
 log_every_option = click.option(

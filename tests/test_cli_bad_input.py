@@ -273,3 +273,47 @@ def test_stream_make_with_an_empty_data_dir_or_a_missing_streamcl_data(tmp_path:
     assert isinstance(result.exception, DataError), result.output
     assert f"$STREAMCL_DATA {tmp_path / 'nowhere'} does not exist" in str(result.exception)
     assert not out.exists()
+
+
+# --- 7. config errors say where a key belongs, and name the file -------------------------
+
+
+def test_serve_given_a_flat_replay_style_config_says_where_keys_belong(tmp_path: Path) -> None:
+    config = tmp_path / "flat.yaml"
+    config.write_text("strategy: er\nlearner:\n  memroy: 10\nbootstrap_servers: h:1\n")
+    result = invoke(["serve", "--config", str(config)])
+    assert isinstance(result.exception, ConfigError), result.output
+    message = str(result.exception)
+    assert message.startswith(f"invalid settings in {config}: ")
+    assert "strategy: not a setting here; it belongs under learner: (learner.strategy)" in message
+    assert "bootstrap_servers: not a setting here; it belongs under kafka:" in message
+    assert "learner.memroy: unknown setting (did you mean memory?)" in message
+    assert "Extra inputs are not permitted" not in message
+
+
+def test_serve_config_of_a_wrong_type_names_the_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "service.yaml"
+    config.write_text("learner:\n  ewc:\n    lambda: lots\n")
+    result = invoke(["serve", "--config", str(config)])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert f"invalid settings in {config}: learner.ewc.lambda: Input should be a valid number" in (
+        str(result.exception)
+    )
+
+
+def test_replay_config_errors_name_the_file_and_key_not_the_flag(
+    digits_stream: Path, tmp_path: Path
+) -> None:
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text(f"stream: {digits_stream}\nmemory: abc\n")
+    result = invoke(["replay", "--config", str(wrong_type)])
+    assert result.exit_code == 2
+    assert f"{wrong_type}: memory: 'abc' is not a valid integer range" in result.output
+    assert "'--memory'" not in result.output
+
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(f"stream: {digits_stream}\nmemroy: 10\nlearner:\n  lr: 0.1\n")
+    result = invoke(["replay", "--config", str(unknown)])
+    assert result.exit_code == 2
+    assert "memroy (did you mean memory?)" in result.output
+    assert "learner (this command takes the learner's settings at the top level)" in result.output
