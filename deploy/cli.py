@@ -95,6 +95,7 @@ SERVICE_COMMANDS = ("serve", "demo")
 
 
 @click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
+@click.version_option(package_name="streamcl", prog_name="streamcl")
 @click.option(
     "--log-level",
     default=None,
@@ -216,6 +217,31 @@ def stream_make(**opts: Any) -> None:
         f"wrote {built.meta['num_messages']} messages to {opts['out']} "
         f"(held-out set: {sidecar}, {len(built.heldout.labels)} samples)"
     )
+
+
+@stream.command("inspect")
+@click.argument("stream_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--heldout",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Held-out set with the label-noise ground truth (default: FILE.eval.npz, if any).",
+)
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
+def stream_inspect(stream_file: str, heldout: str | None, as_json: bool) -> None:
+    """Show a stream file's header, spec, counts per class and task, noise and damage.
+
+    Every frame is decoded as a replay would; the file is only read.
+    """
+    from ingest.inventory import take_inventory
+
+    inventory = take_inventory(stream_file, heldout)
+    if as_json:
+        click.echo(json.dumps(inventory.to_dict(), indent=2))
+    else:
+        for line in inventory.lines():
+            click.echo(line)
 
 
 # --- Avalanche bridge: `stream import` / `stream export` (issue 13) ---

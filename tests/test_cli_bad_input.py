@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pickle
@@ -15,9 +16,11 @@ import torch
 from click.testing import CliRunner, Result
 
 from deploy.cli import cli
+from ingest import heldout as heldout_io
 from ingest.errors import ConfigError, DataError
 from ingest.recorded import StreamReader, StreamWriter
 from learner.checkpoint import CheckpointError, write_checkpoint
+from tests.test_replay import write_damaged_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -317,3 +320,42 @@ def test_replay_config_errors_name_the_file_and_key_not_the_flag(
     assert result.exit_code == 2
     assert "memroy (did you mean memory?)" in result.output
     assert "learner (this command takes the learner's settings at the top level)" in result.output
+
+
+# --- 8. --version and `stream inspect` ---------------------------------------------------
+
+
+def test_version() -> None:
+    result = invoke(["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"streamcl, version {importlib.metadata.version('streamcl')}"
+
+
+def test_stream_inspect_counts_classes_tasks_and_label_noise(tmp_path: Path) -> None:
+    out = tmp_path / "noisy.scs"
+    made = invoke(["stream", "make", "--dataset", "digits", "--noise", "0.3", "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    result = invoke(["stream", "inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    truth = heldout_io.load(heldout_io.sidecar_path(out)).train_corrupted
+    assert info["corrupted_labels"] == int(truth.sum()) > 0
+    assert sum(info["per_class"].values()) == info["messages_valid"] == 1348
+    assert sum(info["per_task"].values()) == 1348 and len(info["per_task"]) == 5
+    assert info["header"]["noise"] == 0.3 and info["spec"]["feature_shape"] == [8, 8]
+    assert info["stream_damage"]["problem"] is None
+
+
+def test_stream_inspect_lists_invalid_messages_and_damaged_regions(
+    digits_stream: Path, tmp_path: Path
+) -> None:
+    damaged = tmp_path / "damaged.scs"
+    expected = write_damaged_stream(digits_stream, damaged)
+    result = invoke(["stream", "inspect", str(damaged)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert f"rejected      {sum(expected.values())} {dict(sorted(expected.items()))}" in lines
+    assert "label noise   unknown (no held-out sidecar with ground truth)" in lines
+    damage = [line for line in lines if line.startswith("  byte ")]
+    assert len(damage) == 3 and all(line.endswith("checksum mismatch") for line in damage)
+    assert any(line.startswith("damage        3 damaged region(s)") for line in lines)
