@@ -283,6 +283,7 @@ def stream_import(
     """
     from ingest.importers import from_npz, write
 
+    check_file(out, "stream")
     if source.endswith(".npz"):
         if benchmark_args:
             raise click.UsageError("--benchmark-args is for an Avalanche SOURCE, not a .npz")
@@ -333,6 +334,7 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     """Write a recorded stream (e.g. one taken with `streamcl record`) for Avalanche."""
     from ingest.exporters import export_npz
 
+    check_file(out, "export")
     done = export_npz(stream_file, out, heldout, window)
     skipped = f", skipped {dict(done.skipped)}" if done.skipped else ""
     click.echo(

@@ -175,6 +175,22 @@ def test_serve_checks_its_report_path_before_connecting(tmp_path: Path) -> None:
     assert "cannot write the report to /proc/nope/r.json: No such file or directory" in message
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stream", "make", "--dataset", "digits"],
+        ["stream", "import", "in.npz"],
+        ["record", "--topic", "t", "--max-messages", "1"],
+    ],
+)
+def test_stream_writers_check_out_before_reading_anything(args: list[str]) -> None:
+    result = invoke([*args, "--out", "/dev/null/s.scs"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "cannot write the stream to /dev/null/s.scs: File exists (/dev/null)" in str(
+        result.exception
+    )
+
+
 def test_a_checked_output_path_leaves_no_file(digits_stream: Path, tmp_path: Path) -> None:
     report = tmp_path / "deep" / "r.json"
     result = invoke(
