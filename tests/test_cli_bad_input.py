@@ -56,9 +56,7 @@ def cut_stream(source: Path, target: Path, keep_bytes: int) -> None:
 def frame_boundary(path: Path, after_frames: int) -> int:
     """Byte position of frame `after_frames` (0-based), found by its marker."""
     raw = path.read_bytes()
-    with StreamReader(path) as reader:
-        start = reader._data_start
-    position = start
+    position = raw.index(b"SCFR")  # the first frame (the header is JSON, without markers)
     for _ in range(after_frames):
         position = raw.index(b"SCFR", position + 1)
     return position
