@@ -214,9 +214,19 @@ def test_resume_of_a_file_that_is_not_a_checkpoint_says_so(
 ) -> None:
     bogus = tmp_path / "run.pt"
     bogus.write_bytes(content)
+    result = invoke(["replay", "--stream", str(digits_stream), "--resume", str(bogus)])
+    assert isinstance(result.exception, CheckpointError), result.output
+    assert str(result.exception).startswith(f"{bogus} is not a streamcl checkpoint: {expected}")
+
+
+def test_resume_of_a_pickle_is_one_line_without_torchs_advice(
+    digits_stream: Path, tmp_path: Path
+) -> None:
+    """torch's own text advises weights_only=False: arbitrary code execution."""
+    bogus = tmp_path / "run.pt"
+    bogus.write_bytes(pickle.dumps({"x": 1}))
     proc = run_cli(["replay", "--stream", str(digits_stream), "--resume", str(bogus)])
-    message = one_line_error(proc)
-    assert f"{bogus} is not a streamcl checkpoint: {expected}" in message
+    assert f"{bogus} is not a streamcl checkpoint" in one_line_error(proc)
     assert "weights_only" not in proc.stderr and "Warning" not in proc.stderr
 
 
