@@ -232,8 +232,8 @@ def record_report(metrics: ServiceMetrics, report: dict[str, Any]) -> None:
     metrics.samples.labels("held_out").inc(report.get("samples_held_out", 0))
     for reason, count in report["rejected_by_reason"].items():
         metrics.rejected.labels(reason).inc(count)
-        if reason != "corrupt_frame":
-            metrics.samples.labels("rejected").inc(count)
+        metrics.samples.labels("rejected").inc(count)
+    metrics.rejected.labels("corrupt_frame").inc(report.get("corrupt_frames", 0))
     metrics.updates.inc(report["updates"])
     metrics.model_version.set(report["updates"])
     metrics.evaluations.inc(len(report["evaluation_points"]))

@@ -197,9 +197,6 @@ class LearningSession:
     def report(self, corrupt_frames: int = 0) -> dict[str, Any]:
         """Metrics and the accounting of every message (timings are added by the caller)."""
         kind = self.group_kind if self.matrix.num_groups else "none"
-        reasons = dict(self.rejected)
-        if corrupt_frames:
-            reasons["corrupt_frame"] = corrupt_frames
         return {
             **metric_section(self.matrix, self.prequential, self.final_probe, kind, self.curve),
             "samples_seen": self.samples_seen,
@@ -214,8 +211,9 @@ class LearningSession:
                 self.final_probe.per_class if self.final_probe else np.zeros(0),
                 self.class_counts,
             ),
+            # Damaged file regions are not messages: counted apart from the rejected ones.
             "corrupt_frames": corrupt_frames,
-            "rejected_by_reason": dict(sorted(reasons.items())),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
             "updates": self.learner.updates,
         }
 
