@@ -360,6 +360,17 @@ class KafkaConfig(BaseModel):
     connect_timeout_s: float = Field(
         30.0, gt=0, description="at start-up, fail when no bootstrap server answers in this time"
     )
+    side_topic_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="partitions of the dead-letter and quarantine topics when streamcl "
+        "creates them; default: as many as the source topic (1 if it does not exist yet). "
+        "A message from source partition p goes to partition p mod this count, so each "
+        "keeps its source order",
+    )
+    side_topic_replication: int = Field(
+        -1, description="replication factor of topics streamcl creates; -1: the broker's default"
+    )
     rebalance: Literal["cooperative", "eager"] = Field(
         "cooperative",
         description="group protocol: cooperative (cooperative-sticky: a join or leave moves "

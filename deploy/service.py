@@ -41,6 +41,7 @@ from ingest.kafka import (
     KafkaSourceError,
     Offsets,
     UnreadableBatchError,
+    ensure_topic,
     wait_for_bootstrap,
 )
 from ingest.offsets import Reset, read_topic_state
@@ -131,12 +132,11 @@ class Service:
         self.metrics.checkpoint_age_limit.set(config.checkpoint.max_age_seconds)
         self.metrics.track_checkpoint_age(self._checkpoint_age)
         self._check_space()
-        dead_letter_topic = (
+        self.dead_letters = self._side_sink(
             config.kafka.dead_letter_topic or config.kafka.topic + DEAD_LETTER_SUFFIX
         )
-        self.dead_letters = DeadLetterSink(settings, dead_letter_topic)
-        self.quarantine_sink = DeadLetterSink(
-            settings, config.kafka.quarantine_topic or config.kafka.topic + QUARANTINE_SUFFIX
+        self.quarantine_sink = self._side_sink(
+            config.kafka.quarantine_topic or config.kafka.topic + QUARANTINE_SUFFIX
         )
         self._filter_counts = dict(self.session.filtering.counts)
         self.source = KafkaSource(
@@ -414,6 +414,15 @@ class Service:
         if self.learner.updates == self._updates_at_checkpoint:
             return 0.0
         return time.monotonic() - self.last_checkpoint_at
+
+    def _side_sink(self, topic: str) -> DeadLetterSink:
+        """A sink for dead letters or quarantined samples, its topic created if missing."""
+        kafka = self.config.kafka
+        settings = kafka_settings(self.config)
+        partitions = ensure_topic(
+            settings, topic, kafka.side_topic_partitions, kafka.side_topic_replication, kafka.topic
+        )
+        return DeadLetterSink(settings, topic, partitions)
 
     def _check_space(self) -> None:
         """Warn when the checkpoint volume cannot hold keep + 1 checkpoints.

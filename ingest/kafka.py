@@ -425,18 +425,50 @@ def _numbers(partitions: Iterable[TopicPartition]) -> list[int]:
     return sorted(tp.partition for tp in partitions)
 
 
+def ensure_topic(
+    settings: KafkaSettings, name: str, partitions: int | None, replication: int, like: str
+) -> int:
+    """Create topic `name` unless it exists; return its partition count.
+
+    Not left to the broker's auto-creation, whose partition count is the broker's choice
+    (Tansu's is 4). `partitions` None: as many as topic `like` (the source) has.
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**settings.common())
+    try:
+        if partitions is None:
+            described = admin.describe_topics([like])
+            partitions = max(1, len(described[0]["partitions"])) if described else 1
+        try:
+            admin.create_topics([NewTopic(name, partitions, replication)])
+            log.info("topic created topic=%s partitions=%d", name, partitions)
+        except TopicAlreadyExistsError:
+            pass
+        described = admin.describe_topics([name])
+        return len(described[0]["partitions"]) if described else partitions
+    except KafkaError as err:
+        raise KafkaSourceError(f"cannot create or describe topic {name}: {err}") from err
+    finally:
+        admin.close()
+
+
 class DeadLetterSink:
     """Send rejected messages, unchanged, to a dead-letter topic with the reason in headers.
 
     The original key, headers and timestamp are kept; streamcl's headers come after the
-    original ones (a reader taking the last value of a name gets streamcl's).
+    original ones (a reader taking the last value of a name gets streamcl's). A message
+    from source partition p goes to partition p mod `partitions`, so the dead letters of
+    one source partition keep its order whatever their keys (None: the producer's choice).
 
     `flush` blocks until every sent message is acknowledged and raises if any failed:
     callers flush before committing offsets, so a rejected message is never lost.
     """
 
-    def __init__(self, settings: KafkaSettings, topic: str):
+    def __init__(self, settings: KafkaSettings, topic: str, partitions: int | None = None):
         self.topic = topic
+        self.partitions = partitions
         self._pending: list[Any] = []
         config = {
             "acks": "all",
@@ -478,9 +510,17 @@ class DeadLetterSink:
             payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
         timestamp = timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else None
         value = None if rejected.reason == TOMBSTONE else payload  # a tombstone stays one
+        partition = None
+        if self.partitions is not None and rejected.origin is not None:
+            partition = rejected.origin.partition % self.partitions
         self._pending.append(
             self._producer.send(
-                self.topic, value=value, key=key, headers=headers, timestamp_ms=timestamp
+                self.topic,
+                value=value,
+                key=key,
+                headers=headers,
+                timestamp_ms=timestamp,
+                partition=partition,
             )
         )
 

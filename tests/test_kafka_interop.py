@@ -36,7 +36,7 @@ from tests.service_helpers import (
 
 
 def read_all(broker: EmbeddedBroker, topic: str) -> list[Any]:
-    """Every record of partition 0 of `topic`, from the beginning (headers, key, timestamp)."""
+    """Every record of every partition of `topic`, from the beginning (headers, key, timestamp)."""
     consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
     try:
         wait_until(lambda: bool(consumer.partitions_for_topic(topic)), 10, f"topic {topic}")
@@ -245,6 +245,40 @@ def test_a_dead_letter_keeps_key_headers_and_timestamp(
         assert added["streamcl-detail"]
         assert added["source-topic"] == topic.encode()
         assert (added["source-partition"], added["source-offset"]) == (b"0", str(offset).encode())
+
+
+def test_side_topics_are_created_like_the_source_and_keep_each_partitions_order(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    topic = unique_topic("dlq-order")
+    memory_broker.create_topic(topic, partitions=3)
+    client = KafkaProducer(bootstrap_servers=memory_broker.bootstrap_servers, acks="all")
+    for partition in range(3):
+        for n in range(4):  # keys that hash anywhere: the source partition decides
+            client.send(topic, b"\x00junk", key=f"k{n}-{partition}".encode(), partition=partition)
+    client.flush(timeout=10)
+    client.close(timeout=5)
+
+    report = run_service(service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE))
+    assert report["rejected_by_reason"] == {"garbage": 12}
+
+    consumer = KafkaConsumer(bootstrap_servers=memory_broker.bootstrap_servers)
+    try:  # created with the source's 3 partitions, not the broker's auto-created 4
+        assert consumer.partitions_for_topic(topic + ".dlq") == {0, 1, 2}
+        assert consumer.partitions_for_topic(topic + ".quarantine") == {0, 1, 2}
+    finally:
+        consumer.close()
+    dead = read_all(memory_broker, topic + ".dlq")
+    placed = [
+        (
+            r.partition,
+            int(dict(r.headers)["source-partition"]),
+            int(dict(r.headers)["source-offset"]),
+        )
+        for r in dead
+    ]
+    assert placed == [(p, p, offset) for p in range(3) for offset in range(4)]
 
 
 def test_empty_tombstone_and_bom_values_through_the_broker(
