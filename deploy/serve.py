@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from contextlib import nullcontext
 from types import FrameType
 from typing import Any
 
+from deploy import distributed
 from deploy.config import ServiceConfig
 from deploy.http import ServiceHttp
 from deploy.lock import checkpoint_lock
@@ -27,19 +29,28 @@ def run_service(config: ServiceConfig, stop: threading.Event | None = None) -> d
     """
     stop = stop or threading.Event()
     previous = _install_signal_handlers(stop)
+    report_path = config.report
     try:
-        with checkpoint_lock(config.checkpoint.dir):
-            report = _serve(config, stop)
+        if distributed.launched():
+            with distributed.process_group(config) as (rank, world):
+                report_path = distributed.rank_path(config.report, rank)
+                # Rank 0 alone writes the checkpoint directory.
+                lock = checkpoint_lock(config.checkpoint.dir) if rank == 0 else nullcontext()
+                with lock:
+                    report = _serve(distributed.RankService(config, rank, world), stop)
+        else:
+            with checkpoint_lock(config.checkpoint.dir):
+                report = _serve(Service(config), stop)
     finally:
         _restore_signal_handlers(previous)
-    if config.report is not None:
-        config.report.parent.mkdir(parents=True, exist_ok=True)
-        config.report.write_text(strictjson.dumps(report, indent=2) + "\n")
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(strictjson.dumps(report, indent=2) + "\n")
     return report
 
 
-def _serve(config: ServiceConfig, stop: threading.Event) -> dict[str, Any]:
-    service = Service(config)
+def _serve(service: Service, stop: threading.Event) -> dict[str, Any]:
+    config = service.config
     try:
         http = _listen(service, config)
     except BaseException:

@@ -144,7 +144,7 @@ class Service:
             config.kafka.topic,
             config.kafka.group_id,
             self.spec,
-            on_revoke=self.checkpoint,
+            on_revoke=self._on_revoke,
             rebalance=config.kafka.rebalance,
             on_unreadable=config.kafka.on_unreadable,
         )
@@ -290,6 +290,10 @@ class Service:
             session.pending,
         )
         return self.report(time.monotonic() - started)
+
+    def _on_revoke(self) -> object:
+        """Partitions are being taken away: checkpoint and commit what was learned of them."""
+        return self.checkpoint()
 
     def _resume_offsets(self, checkpoint: Offsets | None) -> Offsets:
         """Reconcile the checkpoint with the group's commits and each partition's log."""

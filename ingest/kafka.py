@@ -307,6 +307,22 @@ class KafkaSource:
     def assignment(self) -> list[int]:
         return sorted(tp.partition for tp in self._consumer.assignment())
 
+    def partition_count(self) -> int:
+        """Partitions of the topic according to the cluster's metadata (0: unknown yet)."""
+        return len(self._consumer.partitions_for_topic(self.topic) or ())
+
+    def rewind(self, arrivals: list[Arrival]) -> None:
+        """Seek back to the first of `arrivals` on each partition: as if never polled."""
+        first: dict[int, int] = {}
+        for arrival in arrivals:
+            origin = arrival.item.origin
+            if origin is not None:
+                first[origin.partition] = min(first.get(origin.partition, origin.offset), origin.offset)
+        assigned = {tp.partition: tp for tp in self._consumer.assignment()}
+        for partition, offset in first.items():
+            if partition in assigned:
+                self._consumer.seek(assigned[partition], offset)
+
     def close(self) -> None:
         """Leave the group; the caller has already checkpointed and committed."""
         self._on_revoke = None  # closing revokes everything: nothing left to save

@@ -1,0 +1,490 @@
+"""Scale-out: `streamcl serve` as several learner ranks over one topic's partitions.
+
+Launch with `torchrun --nproc-per-node N -m deploy.cli serve --config service.yaml` (or any
+launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT). Kafka and
+torch.distributed do all the coordinating: every rank is one member of the service's
+consumer group, so the group protocol spreads the partitions over the ranks, and the
+ranks train one model through collectives (gloo on CPU, NCCL on CUDA).
+
+Gradients: an explicit all-reduce in an optimizer step pre-hook, not
+DistributedDataParallel. DDP all-reduces inside `backward` and needs every rank to run the
+same number of backward passes on the same module; our loop runs a task-loss backward and a
+separate penalty backward (EWC), skips the step when the noise filter holds back a whole
+batch, and a rank whose partitions run dry has no batch at all. Here every optimizer step of
+any rank is one all-reduce of one flat buffer (all gradients, a "contributes" flag and a
+"working" flag): ranks that step contribute their gradients, the rest contribute zeros and
+apply the same averaged step, so every rank holds bit-identical parameters and optimizer
+state. Each tick (one poll and what it learns) ends with every rank repeating zero
+all-reduces until no rank is working (`GradientSync.finish_tick`), so ranks that learned
+different numbers of batches never wait on each other's collectives. The average is over
+contributing ranks, so one rank alone learns exactly as the single-process service does.
+
+Budgets: the configured `learner.batch_size`, `learner.memory` and replay draws are global;
+rank r takes an even share (`share`), so one global step averages as many arriving samples
+and replay draws as a single process would learn in one step, and the ranks' memories
+together never exceed the budget. Each rank keeps its own class-balanced memory of its own
+partitions; with samples spread over partitions by key (or round robin), every rank sees
+every class, so class balance holds per rank and therefore globally.
+
+Checkpoints: one global checkpoint after all ranks reach the same tick: rank 0 gathers every
+rank's learner state (its memory, filters, quarantine), session counters and handled
+offsets, writes one file with one copy of the (identical) model and optimizer, and only
+once it is durable does each rank commit its own partitions' offsets. A restart with the
+same rank count gives rank r its own state back; every rank seeks whichever partitions the
+group assigns it to the checkpoint's offsets, so nothing is skipped. Partitions change owner
+only by rebalancing: if the assignment changes after the group settled (a rank died or
+joined), the ranks stop with an error and the launcher (torchrun's elastic restart) starts
+the group again from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deploy.config import LearnerConfig, ServiceConfig
+from deploy.service import Service, _check_compatible, _one_line
+from ingest.errors import ConfigError, StreamclError
+from ingest.kafka import KafkaSourceError, Offsets
+from learner.checkpoint import CheckpointError
+from learner.loop import OnlineLearner
+
+log = logging.getLogger(__name__)
+CHECKPOINT_KIND = "streamcl-distributed/1"
+SETTLE_TIMEOUT_S = 120.0
+"""How long the ranks wait for the consumer group to give every partition an owner."""
+SETTLED_TICKS = 3
+"""Consecutive unchanged assignments, covering every partition, that count as settled."""
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+"""A rank stuck this long in a collective fails (the launcher restarts the group)."""
+
+
+class DistributedError(StreamclError):
+    """The ranks cannot go on together (the group's assignment changed, bad rank count)."""
+
+
+def launched() -> bool:
+    """True under torchrun (or a launcher setting its variables) with more than one rank
+    or an explicit RANK: then `serve` runs as one rank of a group."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def share(total: int, rank: int, world: int) -> int:
+    """Rank `rank`'s even share of `total` (the first `total % world` ranks get one more)."""
+    return total // world + (1 if rank < total % world else 0)
+
+
+def rank_path(path: Path | None, rank: int) -> Path | None:
+    """Rank 0 keeps `path`; rank r writes beside it as `<stem>.rank<r><suffix>`."""
+    if path is None or rank == 0:
+        return path
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def rank_config(config: ServiceConfig, rank: int, world: int) -> ServiceConfig:
+    """The settings one rank runs with: its share of the budgets, its own files and port."""
+    learner = config.learner
+    if learner.batch_size < world or learner.memory < world:
+        raise ConfigError(
+            f"learner.batch_size ({learner.batch_size}) and learner.memory ({learner.memory}) "
+            f"are global budgets split over the ranks: each must be at least the number of "
+            f"ranks ({world})"
+        )
+    if "packnet" in learner.parts:
+        raise ConfigError(
+            "strategy packnet keeps per-rank pruning masks that change the weights after each "
+            "step: it cannot run on several ranks; use er and/or ewc"
+        )
+    ranked = learner.model_copy(
+        update={
+            "batch_size": share(learner.batch_size, rank, world),
+            "memory": share(learner.memory, rank, world),
+            "replay_size": share(learner.replay_draws, rank, world),
+        }
+    )
+    http = config.http
+    port = http.port + rank if http.port else 0
+    return config.model_copy(
+        update={
+            "learner": ranked,
+            "http": http.model_copy(update={"port": port}),
+            "audit_log": rank_path(config.audit_log, rank),
+            "report": rank_path(config.report, rank),
+        }
+    )
+
+
+class GradientSync:
+    """Average gradients over the ranks at every optimizer step (see the module docstring)."""
+
+    def __init__(self, learner: OnlineLearner):
+        self.learner = learner
+        self.params = [p for p in learner.model.parameters() if p.requires_grad]
+        self.device = learner.device
+        self.communication_seconds = 0.0
+        self.collectives = 0
+        self._idle = False
+        learner.optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, _optimizer: object, _args: object, _kwargs: object) -> None:
+        if not self._idle:  # a working rank's own step: contribute its gradients
+            self._exchange(contributes=True)
+
+    def _exchange(self, contributes: bool) -> bool:
+        """All-reduce gradients and flags; set the averaged gradients. False: nobody worked."""
+        grads = [
+            p.grad.reshape(-1) if contributes and p.grad is not None else torch.zeros_like(p).view(-1)
+            for p in self.params
+        ]
+        flags = torch.full((2,), float(contributes), dtype=grads[0].dtype, device=self.device)
+        buffer = torch.cat([*grads, flags])
+        began = time.perf_counter()
+        dist.all_reduce(buffer)
+        self.communication_seconds += time.perf_counter() - began
+        self.collectives += 1
+        contributors = int(buffer[-2].item())
+        if contributors == 0:
+            return False
+        averaged = buffer[:-2] / contributors
+        start = 0
+        for p in self.params:
+            size = p.numel()
+            p.grad = averaged[start : start + size].view_as(p).clone()
+            start += size
+        return True
+
+    def finish_tick(self) -> None:
+        """Join the other ranks' remaining steps (applying each) until no rank is working."""
+        learner = self.learner
+        self._idle = True
+        try:
+            while self._exchange(contributes=False):
+                for strategy in learner.strategies:
+                    strategy.before_step(learner.model)
+                learner.optimizer.step()
+                for strategy in learner.strategies:
+                    strategy.after_step(learner.model)
+                learner.updates += 1
+        finally:
+            self._idle = False
+
+    def broadcast_model(self) -> None:
+        """Give every rank rank 0's parameters and buffers (identical start)."""
+        for tensor in self.learner.model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What all ranks agreed at the end of a tick."""
+
+    stop: bool
+    finished: bool
+    checkpoint: bool
+    rebalanced: bool
+
+
+def agree(device: torch.device, *, stop: bool, idle: bool, due: bool, moved: bool) -> Decision:
+    """One small all-reduce: stop if any rank must, finish when all are idle."""
+    world = dist.get_world_size()
+    votes = torch.tensor([float(stop), float(idle), float(due), float(moved)], device=device)
+    dist.all_reduce(votes)
+    finished = int(votes[1].item()) == world
+    return Decision(
+        stop=votes[0].item() > 0 or finished,
+        finished=finished,
+        checkpoint=votes[2].item() > 0,
+        rebalanced=votes[3].item() > 0,
+    )
+
+
+def model_digest(learner: OnlineLearner) -> str:
+    """SHA-256 of the parameters' and buffers' bytes: equal on ranks with identical models."""
+    digest = hashlib.sha256()
+    for name, tensor in learner.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RankService(Service):
+    """One rank: a `Service` whose steps, checkpoints and stopping are agreed by all ranks."""
+
+    def __init__(self, config: ServiceConfig, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.global_learner: LearnerConfig = config.learner
+        super().__init__(rank_config(config, rank, world))
+        self.sync = GradientSync(self.learner)
+        self._settled: list[int] | None = None
+        self._revoked = False
+
+    def _on_revoke(self) -> object:
+        # A collective checkpoint cannot run on one rank's rebalance thread: flag it, and
+        # the ranks stop together (`run`); the launcher restarts from the last checkpoint.
+        self._revoked = True
+        return None
+
+    def _checkpoint_due(self, now: float) -> bool:
+        return False  # decided by all ranks at the end of each tick (`agree`)
+
+    def restore(self) -> Offsets | None:
+        """Rank 0 reads the newest checkpoint and hands every rank its part."""
+        restored = self.checkpoints.load_latest() if self.rank == 0 else None
+        box: list[Any] = [None if restored is None else (str(restored.path), restored.state)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return None
+        path, state = Path(box[0][0]), box[0][1]
+        if state.get("kind") != CHECKPOINT_KIND:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a single-process service: start the ranks "
+                f"from an empty checkpoint.dir or serve it with one process"
+            )
+        _check_compatible(json.loads(state["learner_config"]), self.global_learner, path)
+        ranks = state["ranks"]
+        if len(ranks) != self.world:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {len(ranks)} ranks; this group has "
+                f"{self.world}: restart with --nproc-per-node {len(ranks)}"
+            )
+        mine = ranks[self.rank]
+        self.learner.load_state_dict(
+            {**mine["learner"], "model": state["model"], "optimizer": state["optimizer"]}
+        )
+        self.session.load_state_dict(mine["session"])
+        self._filter_counts = dict(self.session.filtering.counts)
+        self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
+        self.metrics.model_version.set(self.learner.updates)
+        offsets = _union([[tuple(o) for o in r["offsets"]] for r in ranks])
+        log.info(
+            "restored checkpoint path=%s rank=%d ranks=%d updates=%d offsets=%s",
+            path,
+            self.rank,
+            self.world,
+            self.learner.updates,
+            offsets,
+        )
+        return offsets
+
+    def run(self, stop: threading.Event) -> dict[str, Any]:
+        started = time.monotonic()
+        resume = self._resume_offsets(self.restore())
+        self.sync.broadcast_model()
+        self.source.start(resume)
+        self._settle()
+        self.ready = True
+        kafka = self.config.kafka
+        self._learned_at_start = self.session.samples_learned
+        idle_since = time.monotonic()
+        while True:
+            arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            now = time.monotonic()
+            self.last_progress = now
+            self.metrics.last_poll.set(time.time())
+            self._export_lag()
+            with self.model_lock:
+                if not arrivals and self.session.pending:
+                    self.session.flush()
+                if arrivals:
+                    idle_since = now
+                    if self._first_arrival is None:
+                        self._first_arrival = now
+                    self._handle(arrivals)
+                self.sync.finish_tick()
+            moved = self._revoked or self.source.assignment() != self._settled
+            decision = agree(
+                self.learner.device,
+                stop=stop.is_set(),
+                idle=self._idle(now - idle_since),
+                due=Service._checkpoint_due(self, now),
+                moved=moved,
+            )
+            if decision.rebalanced:
+                raise DistributedError(
+                    "the consumer group's assignment changed while learning (a rank left or "
+                    "joined): restart the group; it resumes from the last checkpoint"
+                )
+            if decision.finished:
+                log.info("every rank is idle with no lag: stopping")
+                with self.model_lock:
+                    self.session.flush()
+                    self.sync.finish_tick()
+                    self.session.evaluate()
+            if decision.stop:
+                break
+            if decision.checkpoint:
+                self.checkpoint()
+        self._final_checkpoint()
+        return self.report(time.monotonic() - started)
+
+    def _idle(self, idle_seconds: float) -> bool:
+        limit = self.config.until_idle
+        if limit is None or idle_seconds < limit:
+            return False
+        return not self.source.assignment() or self._idle_enough(idle_seconds)
+
+    def _settle(self) -> None:
+        """Poll without learning until the group gives every partition one owner, stably.
+
+        A rank that starts early first gets every partition; what it learned of those the
+        group then moves would be learned twice. Records fetched meanwhile are rewound.
+        """
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        kafka = self.config.kafka
+        stable, last = 0, None
+        while stable < SETTLED_TICKS:
+            arrivals = self.source.poll(kafka.poll_timeout_ms, 1)
+            self.source.rewind(arrivals)
+            mine = self.source.assignment()
+            votes = torch.tensor(
+                [len(mine), float(bool(mine)), float(mine != last), self.source.partition_count()],
+                dtype=torch.float64,
+            )
+            dist.all_reduce(votes)
+            total, owners, changed, counted = (int(v) for v in votes.tolist())
+            partitions = counted // self.world
+            settled = partitions > 0 and total == partitions and owners == min(self.world, partitions)
+            stable = stable + 1 if settled and not changed else 0
+            last = mine
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"the consumer group did not give each of the topic's partitions one owner "
+                    f"within {SETTLE_TIMEOUT_S:.0f} s (assigned {total} of {partitions}): check "
+                    f"that every rank uses group {kafka.group_id!r} and nothing else consumes in it"
+                )
+        self._settled = last
+        self._revoked = False
+        log.info("rank %d of %d owns partitions %s", self.rank, self.world, last)
+
+    def checkpoint(self) -> bool:
+        """All ranks: flush side topics, gather state to rank 0, write, then commit.
+
+        Collective: every rank calls it at the same tick. Returns False on every rank (and
+        commits nothing) when any rank's dead letters or rank 0's write failed.
+        """
+        began = time.monotonic()
+        with self.model_lock:
+            flushed = True
+            try:
+                self.dead_letters.flush()
+                self.quarantine_sink.flush()
+            except KafkaSourceError as err:
+                self._checkpoint_failed(f"dead letters not delivered error={_one_line(err)}")
+                flushed = False
+            offsets = dict(self.source.handled)
+            learner_state = self.learner.state_dict()
+            del learner_state["model"], learner_state["optimizer"]
+            part = {
+                "flushed": flushed,
+                "learner": learner_state,
+                "session": self.session.state_dict(),
+                "offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())],
+            }
+            parts: list[Any] | None = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(part, parts, dst=0)
+            outcome: list[Any] = [None]
+            if parts is not None:
+                outcome[0] = self._write(parts)
+            dist.broadcast_object_list(outcome, src=0)
+            if outcome[0] is None:
+                return False
+            self._updates_at_checkpoint = self.learner.updates
+        self.source.commit(offsets)
+        self.checkpoint_retry.succeeded()
+        self.last_checkpoint_at = time.monotonic()
+        self.checkpoint_seconds = self.last_checkpoint_at - began
+        self.metrics.checkpointed(self.checkpoint_seconds)
+        log.info(
+            "checkpoint path=%s rank=%d updates=%d offsets=%s seconds=%.3f",
+            outcome[0],
+            self.rank,
+            self.learner.updates,
+            offsets,
+            self.checkpoint_seconds,
+        )
+        return True
+
+    def _write(self, parts: list[dict[str, Any]]) -> str | None:
+        """Rank 0: one file for all ranks; its path, or None when it must not be committed."""
+        if not all(part.pop("flushed") for part in parts):
+            return None
+        state = {
+            "kind": CHECKPOINT_KIND,
+            "model": self.learner.model.state_dict(),
+            "optimizer": self.learner.optimizer.state_dict(),
+            "ranks": parts,
+            "learner_config": self.global_learner.model_dump_json(),
+        }
+        try:
+            path = self.checkpoints.save(state)
+        except Exception as err:  # as Service.checkpoint: commit nothing, retry later
+            self._checkpoint_failed(f"dir={self.checkpoints.directory} error={_one_line(err)}")
+            return None
+        self.metrics.checkpoint_bytes.set(path.stat().st_size)
+        return str(path)
+
+    def report(self, wall_seconds: float) -> dict[str, Any]:
+        """This rank's report plus, on rank 0, every rank's key figures and the totals."""
+        report = super().report(wall_seconds)
+        sync = self.sync
+        report["distributed"] = {
+            "rank": self.rank,
+            "world_size": self.world,
+            "partitions": self._settled or [],
+            "model_sha256": model_digest(self.learner),
+            "optimizer_steps": self.learner.updates,
+            "collectives": sync.collectives,
+            "communication_seconds": sync.communication_seconds,
+        }
+        mine = {
+            **report["distributed"],
+            "samples_learned": report["samples_learned"],
+            "samples_seen": report["samples_seen"],
+            "samples_per_second": report["samples_per_second"],
+        }
+        everyone: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, everyone, dst=0)
+        if everyone is not None:
+            report["ranks"] = everyone
+            report["samples_learned_all_ranks"] = sum(r["samples_learned"] for r in everyone)
+            report["samples_seen_all_ranks"] = sum(r["samples_seen"] for r in everyone)
+        return report
+
+
+def _union(offsets: list[list[tuple[Any, ...]]]) -> Offsets:
+    """Every rank's handled offsets in one map; a partition in several takes the furthest."""
+    out: Offsets = {}
+    for rank_offsets in offsets:
+        for topic, partition, offset in rank_offsets:
+            key = (str(topic), int(partition))
+            out[key] = max(out.get(key, 0), int(offset))
+    return out
+
+
+@contextmanager
+def process_group(config: ServiceConfig) -> Iterator[tuple[int, int]]:
+    """Join the process group from the launcher's variables; yields (rank, world size)."""
+    cuda = config.learner.device != "cpu" and torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log.info("rank %d of %d joined the process group backend=%s", rank, world, backend)
+    try:
+        yield rank, world
+    finally:
+        dist.destroy_process_group()
