@@ -58,7 +58,7 @@ import torch.distributed as dist
 from deploy.config import LearnerConfig, ServiceConfig
 from deploy.service import Service, _check_compatible, _one_line
 from ingest.errors import ConfigError, StreamclError
-from ingest.kafka import KafkaSourceError, Offsets
+from ingest.kafka import Arrival, KafkaSourceError, Offsets
 from learner.checkpoint import CheckpointError
 from learner.loop import OnlineLearner
 
@@ -146,7 +146,9 @@ class GradientSync:
     def _exchange(self, contributes: bool) -> bool:
         """All-reduce gradients and flags; set the averaged gradients. False: nobody worked."""
         grads = [
-            p.grad.reshape(-1) if contributes and p.grad is not None else torch.zeros_like(p).view(-1)
+            p.grad.reshape(-1)
+            if contributes and p.grad is not None
+            else torch.zeros_like(p).view(-1)
             for p in self.params
         ]
         flags = torch.full((2,), float(contributes), dtype=grads[0].dtype, device=self.device)
@@ -228,6 +230,7 @@ class RankService(Service):
         self.global_learner: LearnerConfig = config.learner
         super().__init__(rank_config(config, rank, world))
         self.sync = GradientSync(self.learner)
+        self.batch_size = self.config.learner.batch_size  # this rank's share
         self._settled: list[int] | None = None
         self._revoked = False
 
@@ -289,8 +292,15 @@ class RankService(Service):
         kafka = self.config.kafka
         self._learned_at_start = self.session.samples_learned
         idle_since = time.monotonic()
+        backlog: list[Arrival] = []
         while True:
-            arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            if len(backlog) < kafka.max_records:  # keep fetching ahead; never wait on a backlog
+                timeout = 0 if backlog else kafka.poll_timeout_ms
+                backlog += self.source.poll(timeout, kafka.max_records - len(backlog))
+            # About one batch per tick: the ranks' steps pair up in the same all-reduce
+            # (each global step averages every rank's batch) instead of one rank running
+            # ahead alone through a large poll.
+            arrivals, backlog = backlog[: self.batch_size], backlog[self.batch_size :]
             now = time.monotonic()
             self.last_progress = now
             self.metrics.last_poll.set(time.time())
@@ -308,7 +318,7 @@ class RankService(Service):
             decision = agree(
                 self.learner.device,
                 stop=stop.is_set(),
-                idle=self._idle(now - idle_since),
+                idle=not backlog and self._idle(now - idle_since),
                 due=Service._checkpoint_due(self, now),
                 moved=moved,
             )
@@ -356,7 +366,9 @@ class RankService(Service):
             dist.all_reduce(votes)
             total, owners, changed, counted = (int(v) for v in votes.tolist())
             partitions = counted // self.world
-            settled = partitions > 0 and total == partitions and owners == min(self.world, partitions)
+            settled = (
+                partitions > 0 and total == partitions and owners == min(self.world, partitions)
+            )
             stable = stable + 1 if settled and not changed else 0
             last = mine
             if time.monotonic() > deadline:

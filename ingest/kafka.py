@@ -317,7 +317,9 @@ class KafkaSource:
         for arrival in arrivals:
             origin = arrival.item.origin
             if origin is not None:
-                first[origin.partition] = min(first.get(origin.partition, origin.offset), origin.offset)
+                first[origin.partition] = min(
+                    first.get(origin.partition, origin.offset), origin.offset
+                )
         assigned = {tp.partition: tp for tp in self._consumer.assignment()}
         for partition, offset in first.items():
             if partition in assigned:

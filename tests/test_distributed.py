@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka.admin import KafkaAdminClient
 
 from deploy.broker import EmbeddedBroker
 from deploy.config import ServiceConfig
@@ -17,12 +18,17 @@ from deploy.distributed import rank_config, rank_path, share
 from deploy.serve import run_service
 from ingest.errors import ConfigError
 from ingest.recorded import Frame, StreamReader
-from tests.brokers import unique_topic
+from learner.checkpoint import CheckpointStore
+from tests.brokers import FAST_GROUP, unique_topic
 from tests.service_helpers import PLAIN_LEARNER, learned_offsets, produce, service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 DIGITS = 1348
+SMALL = 1024
+"""Bytes per record batch and per partition fetch (~10 digits): every consumer reads its
+partitions interleaved, close to the stream's order, whatever the rank count."""
+INTERLEAVED = {"consumer": {**FAST_GROUP, "max_partition_fetch_bytes": SMALL}}
 
 
 def test_shares_split_the_global_budgets_exactly() -> None:
@@ -43,13 +49,29 @@ def test_budgets_smaller_than_the_rank_count_are_refused() -> None:
         rank_config(config, 0, 3)
 
 
-def publish_round_robin(broker: EmbeddedBroker, topic: str, stream: Path) -> None:
-    """Sample i goes to partition i % 4: every partition keeps the stream's task order."""
+def digits_payloads(stream: Path) -> list[bytes]:
     with StreamReader(stream) as reader:
         payloads = [frame.payload for frame in reader if isinstance(frame, Frame)]
     assert len(payloads) == DIGITS
+    return payloads
+
+
+def publish_round_robin(
+    broker: EmbeddedBroker, topic: str, payloads: list[bytes], first: int = 0
+) -> None:
+    """Sample i goes to partition i % 4: every partition keeps the stream's task order."""
     for partition in range(PARTITIONS):
-        produce(broker, topic, payloads[partition::PARTITIONS], partition=partition)
+        mine = [p for i, p in enumerate(payloads, first) if i % PARTITIONS == partition]
+        produce(broker, topic, mine, partition=partition, batch_size=SMALL)
+
+
+def group_offsets(broker: EmbeddedBroker, group: str) -> dict[int, int]:
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        offsets = admin.list_group_offsets(group)[group]
+        return {tp.partition: meta.offset for tp, meta in offsets.items()}
+    finally:
+        admin.close()
 
 
 def torchrun(config: ServiceConfig, workdir: Path, ranks: int) -> list[dict[str, Any]]:
@@ -61,38 +83,61 @@ def torchrun(config: ServiceConfig, workdir: Path, ranks: int) -> list[dict[str,
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc-per-node={ranks}", "-m", "deploy.cli", "serve", "--config", str(path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
+    (workdir / "torchrun.log").write_text(done.stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     assert config.report is not None
     return [json.loads(rank_path(config.report, r).read_text()) for r in range(ranks)]  # type: ignore[union-attr]
 
 
-def test_two_ranks_learn_every_offset_once_into_identical_models(
+def test_two_ranks_learn_every_offset_once_into_identical_models_and_resume(
     memory_broker: EmbeddedBroker, digits_stream: Path, tmp_path: Path
 ) -> None:
     topic = unique_topic("scale")
     memory_broker.create_topic(topic, partitions=PARTITIONS)
-    publish_round_robin(memory_broker, topic, digits_stream)
+    payloads = digits_payloads(digits_stream)
+    half = DIGITS // 2
+    publish_round_robin(memory_broker, topic, payloads[:half])
     heldout = str(digits_stream) + ".eval.npz"
     learner = {"memory": 1000, **PLAIN_LEARNER}
     common: dict[str, Any] = {"until_idle": 1.5, "heldout": heldout, "learner": learner}
     two = service_config(
-        memory_broker, topic, tmp_path / "two", report=str(tmp_path / "two/report.json"), **common
+        memory_broker,
+        topic,
+        tmp_path,
+        kafka={"group_id": f"two-{topic}", **INTERLEAVED},
+        report=str(tmp_path / "report.json"),
+        **common,
     )
-    reports = torchrun(two, tmp_path / "two", ranks=2)
+    first = torchrun(two, tmp_path, ranks=2)
+    assert first[0]["samples_learned_all_ranks"] == half
+    checkpoints = CheckpointStore(two.checkpoint.dir).load_latest()
+    assert checkpoints is not None and len(checkpoints.state["ranks"]) == 2
+    assert all(len(rank["offsets"]) for rank in checkpoints.state["ranks"])
+
+    publish_round_robin(memory_broker, topic, payloads[half:], first=half)
+    reports = torchrun(two, tmp_path, ranks=2)  # resumes from the global checkpoint
 
     # Every rank applied the same averaged steps: bit-identical parameters.
     digests = {r["distributed"]["model_sha256"] for r in reports}
     assert len(digests) == 1
     owned = sorted(p for r in reports for p in r["distributed"]["partitions"])
     assert owned == list(range(PARTITIONS))  # each partition had exactly one owner
-    learned = learned_offsets(tmp_path / "two/audit.jsonl")
-    learned += learned_offsets(tmp_path / "two/audit.rank1.jsonl")
+    learned = learned_offsets(tmp_path / "audit.jsonl")
+    learned += learned_offsets(tmp_path / "audit.rank1.jsonl")
     assert sum(learned.values()) == DIGITS and set(learned.values()) == {1}
-    assert reports[0]["samples_learned_all_ranks"] == DIGITS
+    assert reports[0]["samples_learned_all_ranks"] == DIGITS  # counters resumed too
+    ends = {p: len(range(p, DIGITS, PARTITIONS)) for p in range(PARTITIONS)}
+    assert group_offsets(memory_broker, f"two-{topic}") == ends
 
     one = service_config(
-        memory_broker, topic, tmp_path / "one", kafka={"group_id": f"one-{topic}"}, **common
+        memory_broker,
+        topic,
+        tmp_path / "one",
+        kafka={"group_id": f"one-{topic}", **INTERLEAVED},
+        **common,
     )
     single = run_service(one)
-    # Measured on this stream (seed 0): one rank 0.XXX, two ranks 0.XXX.
-    assert abs(reports[0]["final_average_accuracy"] - single["final_average_accuracy"]) <= 0.02
+    # Seed to seed, this 1,348-sample stream moves one rank's accuracy by up to 13 points
+    # (seeds 0-3: 0.595, 0.719, 0.730, 0.722) and two ranks' minus one rank's by -4.7 to
+    # +10 points (mean +2.2): benchmarks/scale.py measures the gap; this bounds collapse.
+    assert reports[0]["final_average_accuracy"] >= single["final_average_accuracy"] - 0.08
