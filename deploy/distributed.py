@@ -59,6 +59,7 @@ from deploy.config import LearnerConfig, ServiceConfig
 from deploy.service import Service, _check_compatible, _one_line
 from ingest.errors import ConfigError, StreamclError
 from ingest.kafka import Arrival, KafkaSourceError, Offsets
+from ingest.schema import Batch
 from learner.checkpoint import CheckpointError
 from learner.loop import OnlineLearner
 
@@ -135,6 +136,7 @@ class GradientSync:
         self.params = [p for p in learner.model.parameters() if p.requires_grad]
         self.device = learner.device
         self.communication_seconds = 0.0
+        self.joining_seconds = 0.0  # in finish_tick: others' steps and the closing round
         self.collectives = 0
         self._idle = False
         learner.optimizer.register_step_pre_hook(self._before_step)
@@ -172,6 +174,7 @@ class GradientSync:
         """Join the other ranks' remaining steps (applying each) until no rank is working."""
         learner = self.learner
         self._idle = True
+        began = time.perf_counter()
         try:
             while self._exchange(contributes=False):
                 for strategy in learner.strategies:
@@ -182,6 +185,7 @@ class GradientSync:
                 learner.updates += 1
         finally:
             self._idle = False
+            self.joining_seconds += time.perf_counter() - began
 
     def broadcast_model(self) -> None:
         """Give every rank rank 0's parameters and buffers (identical start)."""
@@ -231,6 +235,7 @@ class RankService(Service):
         super().__init__(rank_config(config, rank, world))
         self.sync = GradientSync(self.learner)
         self.batch_size = self.config.learner.batch_size  # this rank's share
+        self.learn_seconds = 0.0  # in own learn calls, their all-reduces included
         self._settled: list[int] | None = None
         self._revoked = False
 
@@ -239,6 +244,10 @@ class RankService(Service):
         # the ranks stop together (`run`); the launcher restarts from the last checkpoint.
         self._revoked = True
         return None
+
+    def _learned(self, batch: Batch, update_seconds: float) -> None:
+        self.learn_seconds += update_seconds
+        super()._learned(batch, update_seconds)
 
     def _checkpoint_due(self, now: float) -> bool:
         return False  # decided by all ranks at the end of each tick (`agree`)
@@ -452,6 +461,7 @@ class RankService(Service):
         """This rank's report plus, on rank 0, every rank's key figures and the totals."""
         report = super().report(wall_seconds)
         sync = self.sync
+        stepping = self.learn_seconds + sync.joining_seconds
         report["distributed"] = {
             "rank": self.rank,
             "world_size": self.world,
@@ -460,6 +470,9 @@ class RankService(Service):
             "optimizer_steps": self.learner.updates,
             "collectives": sync.collectives,
             "communication_seconds": sync.communication_seconds,
+            # Of the time spent in steps (own batches and joined ones), the all-reduces'
+            # share, waiting for slower ranks included.
+            "communication_share": sync.communication_seconds / stepping if stepping else 0.0,
         }
         mine = {
             **report["distributed"],
