@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,13 @@ from ingest.errors import ConfigError
 from ingest.recorded import Frame, StreamReader
 from learner.checkpoint import CheckpointStore
 from tests.brokers import FAST_GROUP, unique_topic
-from tests.service_helpers import PLAIN_LEARNER, learned_offsets, produce, service_config
+from tests.service_helpers import (
+    PLAIN_LEARNER,
+    learned_offsets,
+    produce,
+    service_config,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -141,3 +148,60 @@ def test_two_ranks_learn_every_offset_once_into_identical_models_and_resume(
     # (seeds 0-3: 0.595, 0.719, 0.730, 0.722) and two ranks' minus one rank's by -4.7 to
     # +10 points (mean +2.2): benchmarks/scale.py measures the gap; this bounds collapse.
     assert reports[0]["final_average_accuracy"] >= single["final_average_accuracy"] - 0.08
+
+
+def rank_pid(launcher: subprocess.Popen[str], rank: int) -> int | None:
+    """The pid of the worker torchrun started as `rank` (from its environment)."""
+    agent = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    for pid in agent.read_text().split() if agent.exists() else []:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+def test_a_rank_killed_mid_stream_restarts_the_group_from_the_last_checkpoint(
+    memory_broker: EmbeddedBroker, digits_stream: Path, tmp_path: Path
+) -> None:
+    topic = unique_topic("scalekill")
+    memory_broker.create_topic(topic, partitions=PARTITIONS)
+    publish_round_robin(memory_broker, topic, digits_payloads(digits_stream))
+    config = service_config(
+        memory_broker,
+        topic,
+        tmp_path,
+        until_idle=1.5,
+        kafka={"group_id": f"kill-{topic}", **INTERLEAVED},
+        learner={"memory": 200, **PLAIN_LEARNER},
+        report=str(tmp_path / "report.json"),
+    )
+    path = tmp_path / "service.json"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1"]
+    command += ["--nproc-per-node=2", "-m", "deploy.cli", "serve", "--config", str(path)]
+    log_file = (tmp_path / "torchrun.log").open("w")
+    launcher = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file, text=True)
+    try:
+        checkpoints = CheckpointStore(config.checkpoint.dir)
+        wait_until(lambda: len(checkpoints.paths()) >= 2, 90, "a second global checkpoint")
+        victim = rank_pid(launcher, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        assert launcher.wait(timeout=120) == 0
+    finally:
+        launcher.kill()
+        log_file.close()
+    report = json.loads((tmp_path / "report.json").read_text())
+    # The restarted group resumed the counters and offsets of the last checkpoint.
+    assert report["samples_learned_all_ranks"] == DIGITS
+    learned = learned_offsets(tmp_path / "audit.jsonl")
+    learned += learned_offsets(tmp_path / "audit.rank1.jsonl")
+    assert set(learned) == {(i % PARTITIONS, i // PARTITIONS) for i in range(DIGITS)}
+    # Learned twice at most, and only what came after the last checkpoint before the kill.
+    relearned = sum(n - 1 for n in learned.values())
+    assert max(learned.values()) <= 2 and relearned <= 2 * config.checkpoint.every_updates * 10
+    assert len({r["model_sha256"] for r in report["ranks"]}) == 1
