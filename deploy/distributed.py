@@ -31,10 +31,16 @@ rank's learner state (its memory, filters, quarantine), session counters and han
 offsets, writes one file with one copy of the (identical) model and optimizer, and only
 once it is durable does each rank commit its own partitions' offsets. A restart with the
 same rank count gives rank r its own state back; every rank seeks whichever partitions the
-group assigns it to the checkpoint's offsets, so nothing is skipped. Partitions change owner
-only by rebalancing: if the assignment changes after the group settled (a rank died or
-joined), the ranks stop with an error and the launcher (torchrun's elastic restart) starts
-the group again from the last checkpoint.
+group assigns it to the checkpoint's offsets, so nothing is skipped. With another rank count
+(2 -> 1, 1 -> 2, ...): the model, optimizer and offsets are shared anyway; the ranks'
+memories are pooled and dealt again (item j to new rank j mod N, each rank admitting them
+through its own selection up to its new share); new rank r continues old rank r's filters
+and counters (new ranks start fresh), and old ranks beyond the new count must hold no
+pending or quarantined samples (else a one-line error asks for the old count first).
+
+Failures: partitions change owner only by rebalancing. If the assignment changes after the
+group settled (a rank died or joined), the ranks stop with an error and the launcher
+(torchrun's elastic restart) starts the group again from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -65,7 +72,7 @@ from learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "streamcl-distributed/1"
-SETTLE_TIMEOUT_S = 120.0
+SETTLE_TIMEOUT_S = 60.0
 """How long the ranks wait for the consumer group to give every partition an owner."""
 SETTLED_TICKS = 3
 """Consecutive unchanged assignments, covering every partition, that count as settled."""
@@ -267,16 +274,14 @@ class RankService(Service):
             )
         _check_compatible(json.loads(state["learner_config"]), self.global_learner, path)
         ranks = state["ranks"]
-        if len(ranks) != self.world:
-            raise CheckpointError(
-                f"checkpoint {path} was written by {len(ranks)} ranks; this group has "
-                f"{self.world}: restart with --nproc-per-node {len(ranks)}"
+        if len(ranks) == self.world:
+            mine = ranks[self.rank]
+            self.learner.load_state_dict(
+                {**mine["learner"], "model": state["model"], "optimizer": state["optimizer"]}
             )
-        mine = ranks[self.rank]
-        self.learner.load_state_dict(
-            {**mine["learner"], "model": state["model"], "optimizer": state["optimizer"]}
-        )
-        self.session.load_state_dict(mine["session"])
+            self.session.load_state_dict(mine["session"])
+        else:
+            self._respread(path, state)
         self._filter_counts = dict(self.session.filtering.counts)
         self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
         self.metrics.model_version.set(self.learner.updates)
@@ -290,6 +295,46 @@ class RankService(Service):
             offsets,
         )
         return offsets
+
+    def _respread(self, path: Path, state: dict[str, Any]) -> None:
+        """Resume a checkpoint of another rank count (see the rule in the module docstring)."""
+        ranks = state["ranks"]
+        retired = [
+            r for r, part in enumerate(ranks[self.world :], self.world) if _holds_samples(part)
+        ]
+        if retired:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {len(ranks)} ranks and ranks {retired} hold "
+                f"pending or quarantined samples that cannot move: resume with "
+                f"--nproc-per-node {len(ranks)} until the stream is idle, then change the count"
+            )
+        fresh = self.learner.state_dict()
+        base = ranks[self.rank]["learner"] if self.rank < len(ranks) else fresh
+        strategies = [dict(s) for s in base["strategies"]]
+        for mine, empty in zip(strategies, fresh["strategies"], strict=True):
+            if "buffer" in mine:  # memories are pooled and dealt again below
+                mine["buffer"] = empty["buffer"]
+        self.learner.load_state_dict(
+            {
+                **base,
+                "strategies": strategies,
+                "model": state["model"],
+                "optimizer": state["optimizer"],
+                "updates": state["ranks"][0]["learner"]["updates"],
+            }
+        )
+        if self.rank < len(ranks):
+            self.session.load_state_dict(ranks[self.rank]["session"])
+        if self.memory is not None:
+            features, labels, tasks = _pooled_memory(ranks, self.rank, self.world)
+            self.memory.add(features, labels, tasks)
+        log.info(
+            "re-spread a checkpoint of %d ranks over %d: rank %d holds %d memory items",
+            len(ranks),
+            self.world,
+            self.rank,
+            0 if self.memory is None else len(self.memory),
+        )
 
     def run(self, stop: threading.Event) -> dict[str, Any]:
         started = time.monotonic()
@@ -468,6 +513,7 @@ class RankService(Service):
             "partitions": self._settled or [],
             "model_sha256": model_digest(self.learner),
             "optimizer_steps": self.learner.updates,
+            "memory_items": 0 if self.memory is None else len(self.memory),
             "collectives": sync.collectives,
             "communication_seconds": sync.communication_seconds,
             # Of the time spent in steps (own batches and joined ones), the all-reduces'
@@ -487,6 +533,28 @@ class RankService(Service):
             report["samples_learned_all_ranks"] = sum(r["samples_learned"] for r in everyone)
             report["samples_seen_all_ranks"] = sum(r["samples_seen"] for r in everyone)
         return report
+
+
+def _holds_samples(part: dict[str, Any]) -> bool:
+    quarantine = part["learner"]["quarantine"]
+    held = int(quarantine["count"]) if quarantine is not None else 0
+    return held > 0 or int(part["session"]["pending"]["count"]) > 0
+
+
+def _pooled_memory(
+    ranks: list[dict[str, Any]], rank: int, world: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every old rank's replay items in one pool; this rank's are every `world`-th one."""
+    stores = [
+        s["buffer"]["store"]
+        for part in ranks
+        for s in part["learner"]["strategies"]
+        if "buffer" in s
+    ]
+    features = torch.cat([s["features"] for s in stores])[rank::world].numpy()
+    labels = torch.cat([s["labels"] for s in stores])[rank::world].numpy()
+    tasks = torch.cat([s["tasks"] for s in stores])[rank::world].numpy()
+    return features, labels, tasks
 
 
 def _union(offsets: list[list[tuple[Any, ...]]]) -> Offsets:

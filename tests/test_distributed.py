@@ -205,3 +205,36 @@ def test_a_rank_killed_mid_stream_restarts_the_group_from_the_last_checkpoint(
     relearned = sum(n - 1 for n in learned.values())
     assert max(learned.values()) <= 2 and relearned <= 2 * config.checkpoint.every_updates * 10
     assert len({r["model_sha256"] for r in report["ranks"]}) == 1
+
+
+def test_resume_with_another_rank_count_two_to_one_to_two(
+    memory_broker: EmbeddedBroker, digits_stream: Path, tmp_path: Path
+) -> None:
+    topic = unique_topic("scalecount")
+    memory_broker.create_topic(topic, partitions=PARTITIONS)
+    payloads = digits_payloads(digits_stream)
+    config = service_config(
+        memory_broker,
+        topic,
+        tmp_path,
+        until_idle=1.5,
+        kafka={"group_id": f"count-{topic}", **INTERLEAVED},
+        learner={"memory": 200, **PLAIN_LEARNER},
+        report=str(tmp_path / "report.json"),
+    )
+    thirds = [0, DIGITS // 3, 2 * DIGITS // 3, DIGITS]
+    memory_items = []
+    for part, ranks in enumerate((2, 1, 2)):
+        publish_round_robin(
+            memory_broker, topic, payloads[thirds[part] : thirds[part + 1]], first=thirds[part]
+        )
+        reports = torchrun(config, tmp_path, ranks=ranks)
+        assert len({r["distributed"]["model_sha256"] for r in reports}) == 1
+        memory_items.append(sum(r["distributed"]["memory_items"] for r in reports))
+    learned = learned_offsets(tmp_path / "audit.jsonl")
+    learned += learned_offsets(tmp_path / "audit.rank1.jsonl")
+    assert sum(learned.values()) == DIGITS and set(learned.values()) == {1}
+    ends = {p: len(range(p, DIGITS, PARTITIONS)) for p in range(PARTITIONS)}
+    assert group_offsets(memory_broker, f"count-{topic}") == ends
+    # The global memory budget (200) is full after each run: pooled and dealt, never lost.
+    assert memory_items == [200, 200, 200]
