@@ -87,7 +87,10 @@ def torchrun(config: ServiceConfig, workdir: Path, ranks: int) -> list[dict[str,
     path = workdir / "service.json"
     path.write_text(json.dumps(config.model_dump(mode="json")))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    # One elastic restart, as in production: kafka-python 3.0 now and then leaves a joining
+    # consumer without partitions (seen 1 in ~10 runs here); the ranks then fail to settle
+    # (SETTLE_TIMEOUT_S) and torchrun restarts the group from its checkpoint.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1"]
     command += [f"--nproc-per-node={ranks}", "-m", "deploy.cli", "serve", "--config", str(path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
     (workdir / "torchrun.log").write_text(done.stderr)
