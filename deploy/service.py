@@ -208,7 +208,7 @@ class Service:
         self.metrics.last_checkpoint.set(restored.path.stat().st_mtime)
         self.metrics.checkpoint_bytes.set(restored.path.stat().st_size)
         if self.learner.detector is not None:
-            self._drift_events_seen = len(self.learner.detector.events)
+            self._drift_events_seen = self.learner.detector.event_count
         if self.session.matrix.rows:
             self._evaluated(self.session)
         log.info(
@@ -324,11 +324,15 @@ class Service:
                     self.metrics.samples.labels("rejected").inc()
                     self.metrics.rejected.labels(item.reason).inc()
                 else:
+                    key = None
                     if item.origin is not None:
+                        # Recorded before offer(): a full batch is learned inside it.
                         key = (item.origin.partition, item.origin.offset)
                         self._arrival_ms[key] = arrival.timestamp_ms
                     if not self.session.offer(item):
                         self.metrics.samples.labels("held_out").inc()
+                        if key is not None:  # diverted to the probe: never learned
+                            self._arrival_ms.pop(key, None)
                 if item.origin is not None:
                     self.source.mark_handled(item.origin)
             if self._checkpoint_due(time.monotonic()):
@@ -468,9 +472,9 @@ class Service:
         self._last_learned = time.monotonic()
         m = self.metrics
         detector = self.learner.detector
-        if detector is not None and len(detector.events) > self._drift_events_seen:
-            m.drift_events.inc(len(detector.events) - self._drift_events_seen)
-            self._drift_events_seen = len(detector.events)
+        if detector is not None and detector.event_count > self._drift_events_seen:
+            m.drift_events.inc(detector.event_count - self._drift_events_seen)
+            self._drift_events_seen = detector.event_count
         self._export_filtering()
         m.updates.inc(self.learner.steps_per_batch)
         m.update_seconds.observe(update_seconds)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from evaluation.probes import ProbeResult, evaluate
 from evaluation.report import head_tail, metric_section
 from evaluation.reservoir import ProbeReservoir
-from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+from evaluation.tracker import RECENT_POINTS, AccuracyMatrix, PrequentialAccuracy
 from ingest.heldout import HeldOut
 from ingest.schema import NO_TASK, Batch, Origin, Sample
 from learner.loop import LearnResult, OnlineLearner
@@ -65,7 +65,8 @@ class LearningSession:
         self.samples_learned = 0
         self.samples_held_out = 0
         self.class_counts = np.zeros(learner.spec.num_classes, dtype=np.int64)
-        self.curve: list[dict[str, float]] = []
+        # The latest evaluation points only: a service evaluates for weeks.
+        self.curve: deque[dict[str, float]] = deque(maxlen=RECENT_POINTS)
         self.final_probe: ProbeResult | None = None
         self.evaluation_seconds = 0.0
         self._pending: list[Sample] = []
@@ -200,7 +201,9 @@ class LearningSession:
         if corrupt_frames:
             reasons["corrupt_frame"] = corrupt_frames
         return {
-            **metric_section(self.matrix, self.prequential, self.final_probe, kind, self.curve),
+            **metric_section(
+                self.matrix, self.prequential, self.final_probe, kind, list(self.curve)
+            ),
             "samples_seen": self.samples_seen,
             "samples_learned": self.samples_learned,
             "samples_rejected": self.samples_rejected,
@@ -262,7 +265,8 @@ class LearningSession:
         self._next_eval = int(state["next_eval"])
         self.prequential.load_state_dict(state["prequential"])
         self.matrix.load_state_dict(state["matrix"])
-        self.curve = [{k: float(v) for k, v in point.items()} for point in state["curve"]]
+        self.curve.clear()
+        self.curve.extend({k: float(v) for k, v in point.items()} for point in state["curve"])
         self._evaluated_at = int(state["evaluated_at"])
         probe = state["final_probe"]
         self.final_probe = (

@@ -16,6 +16,7 @@ from ingest.errors import ConfigError
 from ingest.schema import NO_TASK, Batch, Sample, StreamSpec
 from learner.drift import BoundaryDetector
 from learner.filters import NoiseFilter, embed_inputs
+from learner.history import EventLog
 from learner.losses import TrainingLoss
 from learner.quarantine import Held, Quarantine
 from learner.strategies import Boundary, Strategy, UpdateBatch
@@ -111,7 +112,7 @@ class OnlineLearner:
         self.updates = 0
         self.samples = 0
         self.task = NO_TASK
-        self.boundaries: list[Boundary] = []
+        self.boundaries: EventLog[Boundary] = EventLog()  # counts, and the latest kept
         self._since_boundary = 0
 
     @property
@@ -371,7 +372,8 @@ class OnlineLearner:
             "samples": self.samples,
             "task": self.task,
             "since_boundary": self._since_boundary,
-            "boundaries": [[b.sample, b.reason, b.next_task] for b in self.boundaries],
+            "boundaries": self.boundaries.state_dict(),
+            "recent_boundaries": [[b.sample, b.reason, b.next_task] for b in self.boundaries],
             "detector": self.detector.state_dict() if self.detector is not None else None,
             "loss": self.loss.state_dict(),
             "noise_filter": self.noise_filter.state_dict()
@@ -389,7 +391,10 @@ class OnlineLearner:
         self.samples = int(state["samples"])
         self.task = int(state["task"])
         self._since_boundary = int(state["since_boundary"])
-        self.boundaries = [Boundary(int(s), str(r), int(t)) for s, r, t in state["boundaries"]]
+        self.boundaries.load_state_dict(
+            state["boundaries"],
+            (Boundary(int(s), str(r), int(t)) for s, r, t in state["recent_boundaries"]),
+        )
         if (self.detector is None) != (state["detector"] is None):
             raise ConfigError("checkpoint and learner disagree on having a boundary detector")
         if self.detector is not None:
