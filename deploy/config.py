@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from ingest.errors import ConfigError
+from learner.tasks import DEFAULT_TASK_WINDOW
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -159,6 +160,12 @@ class LearnerConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     seed: int = 0
     use_task_ids: bool = Field(True, description="False hides the stream's task ids")
+    task_window: int = Field(
+        DEFAULT_TASK_WINDOW,
+        ge=1,
+        description="samples: a task id not seen for this long starts a task (a boundary); "
+        "flips between tasks seen within it are interleaved partitions, not changes",
+    )
     ewc: EwcConfig = Field(default_factory=EwcConfig)
     packnet: PackNetConfig = Field(default_factory=PackNetConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)

@@ -76,6 +76,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         detector=build_detector(config, spec),
         consolidate_every=config.ewc.consolidate_every if "ewc" in config.parts else None,
         use_task_ids=config.use_task_ids,
+        task_window=config.task_window,
         loss=build_loss(config, spec),
         noise_filter=build_noise_filter(config, spec, replay_buffer(strategies)),
         quarantine=Quarantine(

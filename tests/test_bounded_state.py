@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from deploy.config import DetectorConfig, LearnerConfig
@@ -12,7 +14,9 @@ from deploy.session import LearningSession
 from deploy.wiring import build_learner
 from evaluation.reservoir import ProbeReservoir
 from evaluation.tracker import RECENT_POINTS
+from ingest.errors import ConfigError
 from ingest.schema import NO_TASK, Origin, Sample, StreamSpec
+from learner.tasks import TaskFollower
 
 SPEC = StreamSpec((4,), "float32", 4)
 TINY = LearnerConfig(
@@ -74,3 +78,65 @@ def test_checkpoint_size_and_structures_stop_growing_after_warm_up() -> None:
     # Equal up to the pickled width of growing counters and torch's 64-byte alignment;
     # before, the detector's signal list alone grew by 4 bytes a sample (12 KB per 3,000).
     assert max(sizes[1:]) - min(sizes[1:]) <= 64, (sizes, quarantined)
+
+
+def fetch_order(per_partition: list[list[int]], seed: int = 0) -> list[tuple[int, int]]:
+    """(partition, task) per sample as a consumer reads them: partitions in turns, each
+    turn a fetch of 50 to 1,500 records (kafka-python returns one partition's fetch at a
+    time; 1,500 is about 1 MiB of 784-byte samples)."""
+    rng = np.random.default_rng(seed)
+    positions = [0] * len(per_partition)
+    order = []
+    while any(p < len(tasks) for p, tasks in zip(positions, per_partition, strict=True)):
+        for partition, tasks in enumerate(per_partition):
+            take = int(rng.integers(50, 1_501))
+            chunk = tasks[positions[partition] : positions[partition] + take]
+            order += [(partition, task) for task in chunk]
+            positions[partition] += len(chunk)
+    return order
+
+
+def test_interleaved_partitions_record_only_real_task_changes() -> None:
+    # Four partitions, each with its own task at the same time; halfway, each partition
+    # moves on to a new task (0..3, then 4..7). The real task changes: the arrivals of
+    # tasks 1-7 (task 0 opens the stream), whatever the fetch order.
+    per_partition = [[p] * 3_000 + [4 + p] * 3_000 for p in range(4)]
+    order = fetch_order(per_partition)
+    flips = sum(a[1] != b[1] for a, b in itertools.pairwise(order))
+    assert flips > 20  # what the old rule (every change of id) recorded as boundaries
+    rng = np.random.default_rng(1)
+    session = LearningSession(
+        build_learner(TINY.model_copy(update={"detector": DetectorConfig()}), SPEC),
+        None,
+        batch_size=10,
+        probe=ProbeReservoir(0.02, 20, SPEC.num_classes, SPEC.feature_shape, SPEC.dtype),
+    )
+    for index, (partition, task) in enumerate(order):
+        label = int(rng.integers(0, 4))
+        features = (np.eye(4)[label] * 3 + rng.normal(size=4)).astype(np.float32)
+        session.offer(Sample(features, label, task, index, 0, Origin("t", partition, index)))
+    boundaries = list(session.learner.boundaries)
+    # Tolerance 0: the rule is exact on task ids, for any fetch order within the window.
+    assert sorted(b.next_task for b in boundaries) == [1, 2, 3, 4, 5, 6, 7]
+    assert session.learner.boundaries.by_reason == {"task": 7}
+    # Each boundary is one evaluation (no eval_every here), not one per flip.
+    assert session.matrix.evaluations == 7
+
+
+def test_task_follower_finds_sequential_changes_where_the_id_changes() -> None:
+    """Tasks one after another (replay): boundaries where the id changes, as before."""
+    tasks = [NO_TASK] * 5 + [0] * 300 + [1] * 40 + [NO_TASK] * 3 + [2] * 500 + [3] * 7 + [4] * 9
+    follower = TaskFollower(window=100)
+    arrivals = [i for i, task in enumerate(tasks) if follower.arrives(task)]
+    assert arrivals == [305, 348, 848, 855]
+    # A task back within the window is interleaving; back after it, a new start.
+    follower = TaskFollower(window=100)
+    back = [0] * 10 + [1] * 50 + [0] * 10 + [1] * 200 + [0] * 5
+    arrivals = [i for i, task in enumerate(back) if follower.arrives(task)]
+    assert arrivals == [10, 270]
+    resumed = TaskFollower(window=100)
+    resumed.load_state_dict(follower.state_dict())
+    assert resumed.state_dict() == follower.state_dict()
+    assert [resumed.arrives(t) for t in (0, 1, 2)] == [False, False, True]
+    with pytest.raises(ConfigError, match="task_window must be >= 1 sample, got 0"):
+        TaskFollower(window=0)
