@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import io
 import itertools
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from deploy.broker import EmbeddedBroker
 from deploy.config import DetectorConfig, LearnerConfig
+from deploy.service import Service
 from deploy.session import LearningSession
+from deploy.transfer import publish_stream
 from deploy.wiring import build_learner
 from evaluation.reservoir import ProbeReservoir
 from evaluation.tracker import RECENT_POINTS
 from ingest.errors import ConfigError
+from ingest.kafka import KafkaSettings
 from ingest.schema import NO_TASK, Origin, Sample, StreamSpec
 from learner.tasks import TaskFollower
+from tests.brokers import memory_broker, unique_topic  # noqa: F401
+from tests.service_helpers import service_config
 
 SPEC = StreamSpec((4,), "float32", 4)
 TINY = LearnerConfig(
@@ -140,3 +148,25 @@ def test_task_follower_finds_sequential_changes_where_the_id_changes() -> None:
     assert [resumed.arrives(t) for t in (0, 1, 2)] == [False, False, True]
     with pytest.raises(ConfigError, match="task_window must be >= 1 sample, got 0"):
         TaskFollower(window=0)
+
+
+def test_serve_keeps_no_arrival_time_of_messages_diverted_to_the_probe(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    digits_stream: Path,
+    tmp_path: Path,
+) -> None:
+    topic = unique_topic("probe")
+    memory_broker.create_topic(topic, partitions=1)
+    publish_stream(digits_stream, KafkaSettings(memory_broker.bootstrap_servers), topic)
+    config = service_config(
+        memory_broker, topic, tmp_path, until_idle=1.0, probe={"fraction": 0.2, "per_class": 30}
+    )
+    service = Service(config)
+    try:
+        report = service.run(threading.Event())
+    finally:
+        service.close()
+    assert report["samples_seen"] == 1348 and report["samples_held_out"] > 100
+    # Learned samples' arrival times are used and dropped; diverted ones must not stay
+    # (before: one entry per diverted message, for ever).
+    assert service._arrival_ms == {}
