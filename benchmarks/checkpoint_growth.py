@@ -4,15 +4,16 @@
     PYTHONPATH=/path/to/other/checkout python benchmarks/checkpoint_growth.py --label main
 
 A tiny learner (4 features, 4 classes, MLP-8, ER with 100 items, Page-Hinkley on the
-error, noise filters on, one thread) learns a stationary task-free stream through the
-learning session `serve` uses, in batches of 100, with a 1% diverted probe scored every
-1,000 samples. At each mark it saves what `serve` checkpoints (learner and session
-state) with the service's checkpoint store (atomic write, SHA-256) five times, and
-restores it into a fresh learner and session five times; medians are recorded. A
-stationary stream is the case that grew most: no drift event ever cleared the
-detector's per-sample signal list. Run it from this checkout and, with PYTHONPATH, from
-another to compare. Writes benchmarks/results/checkpoint_growth.json (one entry per
---label).
+error, one thread) learns a stationary task-free stream through the learning session
+`serve` uses, in batches of 100, with a 1% diverted probe scored every 1,000 samples.
+Noise filters are off: their quarantine is bounded by its capacity but holds a
+content-dependent number of samples, which would blur the figure. At each mark it
+saves what `serve` checkpoints (learner and session state) with the service's
+checkpoint store (atomic write, SHA-256) five times, and restores it into a fresh
+learner and session five times; medians are recorded. A stationary stream is the case
+that grew most: no drift event ever cleared the detector's per-sample signal list. Run
+it from this checkout and, with PYTHONPATH, from another to compare. Writes
+benchmarks/results/checkpoint_growth.json (one entry per --label).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.config import DetectorConfig, LearnerConfig
+from deploy.config import DetectorConfig, LearnerConfig, NoiseConfig
 from deploy.session import LearningSession
 from deploy.wiring import build_learner
 from evaluation.reservoir import ProbeReservoir
@@ -45,6 +46,7 @@ CONFIG = LearnerConfig(
     device="cpu",
     threads=1,
     detector=DetectorConfig(kind="page-hinkley"),
+    noise=NoiseConfig(small_loss=False),
 )
 EVAL_EVERY = 1000
 REPEATS = 5
@@ -87,6 +89,7 @@ def measure(live: LearningSession, directory: Path) -> dict[str, Any]:
         restores.append(time.perf_counter() - started)
     return {
         "samples_seen": live.samples_seen,
+        "pending": live.pending,
         # Every evaluation (older code kept every row, so its row count is the total).
         "evaluations": getattr(live.matrix, "evaluations", len(live.matrix.rows)),
         "checkpoint_bytes": path.stat().st_size,
