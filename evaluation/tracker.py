@@ -103,6 +103,14 @@ class AccuracyMatrix:
         finished = self.seen & ~self._newest
         return np.where(finished, self._forgetting(), np.nan)
 
+    def undefined_groups(self) -> np.ndarray:
+        """Seen groups `[k]` whose accuracy was undefined (NaN: no probe sample) at a point
+        the summaries use: the latest, their best before it, or their last trained."""
+        if not self.rows:
+            return np.zeros(0, dtype=np.int64)
+        nan = np.isnan(self.rows[-1]) | np.isnan(self._best) | np.isnan(self._at_learned)
+        return np.flatnonzero(self.seen & nan)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "rows": [row.tolist() for row in self.rows],
