@@ -10,7 +10,8 @@ Noise filters are off: their quarantine is bounded by its capacity but holds a
 content-dependent number of samples, which would blur the figure. At each mark it
 saves what `serve` checkpoints (learner and session state) with the service's
 checkpoint store (atomic write, SHA-256) five times, and restores it into a fresh
-learner and session five times; medians are recorded. A stationary stream is the case
+learner and session five times (after learning the partial batch: up to 99 pending
+samples would vary the size); medians are recorded. A stationary stream is the case
 that grew most: no drift event ever cleared the detector's per-sample signal list. Run
 it from this checkout and, with PYTHONPATH, from another to compare. Writes
 benchmarks/results/checkpoint_growth.json (one entry per --label).
@@ -89,7 +90,6 @@ def measure(live: LearningSession, directory: Path) -> dict[str, Any]:
         restores.append(time.perf_counter() - started)
     return {
         "samples_seen": live.samples_seen,
-        "pending": live.pending,
         # Every evaluation (older code kept every row, so its row count is the total).
         "evaluations": getattr(live.matrix, "evaluations", len(live.matrix.rows)),
         "checkpoint_bytes": path.stat().st_size,
@@ -112,6 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mark in marks:
             feed(live, live.samples_seen, mark - live.samples_seen, rng)
+            live.flush()  # a partial batch (0-99 samples) would vary the size
             points.append(measure(live, Path(tmp)))
             print(json.dumps(points[-1]), flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

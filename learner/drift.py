@@ -1,7 +1,8 @@
 """Task-boundary detection for task-free streams: drift in the error signal, unseen classes.
 
-The change test itself is river's (`PageHinkley` in its one-sided "up" mode, or `ADWIN`);
-this module decides what to feed it and which of its alarms are boundaries:
+The change test itself is river's (`PageHinkley` in its one-sided "up" mode, restated
+below with the same arithmetic, or `ADWIN`); this module decides what to feed it and
+which of its alarms are boundaries:
 
 - the signal is per sample, test-then-train: 0/1 error of the prediction made before the
   update (`signal="error"`), or its cross-entropy (`signal="loss"`);
