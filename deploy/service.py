@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,6 +52,8 @@ from learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
+REPORTED_LATENCIES = 100_000
+"""Arrival-to-update latencies the final report's p50/p99 are taken over (the latest)."""
 # Settings that change what a checkpoint's tensors mean; a mismatch is a start-up error.
 SHAPING_FIELDS = (
     "strategy",
@@ -151,7 +154,8 @@ class Service:
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
         self.ready = False
-        self.latencies_ms: list[float] = []
+        # The report's percentiles: the latest arrivals (Prometheus' histogram has them all).
+        self.latencies_ms: deque[float] = deque(maxlen=REPORTED_LATENCIES)
         self.checkpoint_seconds = 0.0
         self.last_checkpoint_at = time.monotonic()
         self._arrival_ms: dict[tuple[int, int], int] = {}
@@ -510,8 +514,7 @@ class Service:
                 arrived = self._arrival_ms.pop((origin.partition, origin.offset), None)
                 if arrived is not None:
                     m.arrival_to_update.observe(max(0.0, now_ms - arrived) / 1000)
-                    if len(self.latencies_ms) < 1_000_000:
-                        self.latencies_ms.append(now_ms - arrived)
+                    self.latencies_ms.append(now_ms - arrived)
         if self._audit is not None:
             pairs = [[o.partition, o.offset] for o in batch.origins if o is not None]
             self._audit.write(
