@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from kafka import KafkaProducer
 
 from deploy.broker import EmbeddedBroker
 from deploy.config import DetectorConfig, LearnerConfig
@@ -19,11 +21,12 @@ from deploy.transfer import publish_stream
 from deploy.wiring import build_learner
 from evaluation.reservoir import ProbeReservoir
 from evaluation.tracker import RECENT_POINTS
+from ingest.codec import encode
 from ingest.errors import ConfigError
 from ingest.kafka import KafkaSettings
 from ingest.schema import NO_TASK, Origin, Sample, StreamSpec
 from learner.tasks import TaskFollower
-from tests.brokers import memory_broker, unique_topic  # noqa: F401
+from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import service_config
 
 SPEC = StreamSpec((4,), "float32", 4)
@@ -170,3 +173,47 @@ def test_serve_keeps_no_arrival_time_of_messages_diverted_to_the_probe(
     # Learned samples' arrival times are used and dropped; diverted ones must not stay
     # (before: one entry per diverted message, for ever).
     assert service._arrival_ms == {}
+
+
+def test_serve_on_four_partitions_with_different_tasks_records_the_real_changes(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The real broker and consumer: partition p carries task p, then task 4 + p."""
+    topic = unique_topic("tasks")
+    memory_broker.create_topic(topic, partitions=4)
+    producer = KafkaProducer(bootstrap_servers=memory_broker.bootstrap_servers)
+    rng = np.random.default_rng(0)
+    per_phase = 300
+    for partition in range(4):
+        for offset in range(2 * per_phase):
+            task = partition if offset < per_phase else 4 + partition
+            label = int(rng.integers(0, 10))
+            features = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            sample = Sample(features, label, task, partition * 10_000 + offset, 0)
+            producer.send(topic, encode(sample), partition=partition)
+    producer.flush()
+    producer.close()
+    config = service_config(
+        memory_broker,
+        topic,
+        tmp_path,
+        until_idle=1.0,
+        # Small fetches (about 20 records per partition per turn) interleave the tasks.
+        kafka={"consumer": {**FAST_GROUP, "max_partition_fetch_bytes": 2048}},
+    )
+    service = Service(config)
+    try:
+        report = service.run(threading.Event())
+    finally:
+        service.close()
+    assert report["samples_seen"] == 8 * per_phase
+    order = [
+        p if o < per_phase else 4 + p
+        for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+        for p, o in json.loads(line)["learned"]
+    ]
+    flips = sum(a != b for a, b in itertools.pairwise(order))
+    assert flips > 20, flips  # the fetch order did interleave the partitions
+    # Tolerance 0: the arrivals of tasks 1-7, not one boundary per flip.
+    assert report["task_boundaries_by_reason"] == {"task": 7}
