@@ -154,6 +154,16 @@ class LearnerConfig(BaseModel):
     steps_per_batch: int = Field(1, ge=1)
     memory: int = Field(1000, ge=1, description="replay memory capacity in items")
     memory_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
+    memory_retrieval: Literal["uniform", "class-balanced", "neighbours"] = Field(
+        "uniform", description="how replay draws from memory (memory/retrieval.py)"
+    )
+    memory_dedup: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="refresh a same-class item closer than this share of the class's "
+        "typical nearest distance instead of storing a near duplicate; 0 off",
+    )
     replay_size: int | None = Field(None, ge=0, description="replay draws per step; None = batch")
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
@@ -191,6 +201,11 @@ class LearnerConfig(BaseModel):
                 "detector.kind is none"
             )
         return self
+
+    @property
+    def memory_indexed(self) -> bool:
+        """Whether the replay memory needs its FAISS index (something queries it)."""
+        return self.noise.knn or self.memory_retrieval == "neighbours" or self.memory_dedup > 0
 
     @property
     def parts(self) -> tuple[str, ...]:

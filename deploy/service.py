@@ -56,6 +56,8 @@ SHAPING_FIELDS = (
     "optimizer",
     "memory",
     "memory_policy",
+    "memory_retrieval",
+    "memory_dedup",
     "ewc",
     "packnet",
     "detector",

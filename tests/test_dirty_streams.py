@@ -132,9 +132,15 @@ def test_every_part_switches_off(noisy_digits: Path) -> None:
     assert [f.name for f in knn_only.noise_filter.filters] == ["knn"]
 
 
-def test_filtered_replay_resumes_to_the_same_report(noisy_digits: Path, tmp_path: Path) -> None:
-    """Quarantine, windows and priors are in the checkpoint: stop, resume, same report."""
-    settings = {**DIGITS, "stream": noisy_digits}
+@pytest.mark.parametrize(
+    "memory", [{}, {"memory_retrieval": "neighbours", "memory_dedup": 0.3}], ids=["plain", "faiss"]
+)
+def test_filtered_replay_resumes_to_the_same_report(
+    noisy_digits: Path, tmp_path: Path, memory: dict[str, Any]
+) -> None:
+    """Quarantine, windows and priors are in the checkpoint: stop, resume, same report.
+    With neighbour retrieval and dedup, the memory's FAISS index is rebuilt on resume."""
+    settings = {**DIGITS, **memory, "stream": noisy_digits}
     straight = run_replay(ReplayConfig(**settings), progress=False)
     checkpoint = tmp_path / "run.pt"
     run_replay(ReplayConfig(**settings, stop_after=700, checkpoint=checkpoint), progress=False)

@@ -1,0 +1,171 @@
+"""The FAISS-indexed memory: index and store agree, exact search, round trips, policies."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.errors import ConfigError
+from learner.filters import input_embedding
+from memory.buffer import ReplayBuffer
+from memory.index import EmbeddingIndex
+from memory.retrieval import draw_slots
+
+
+def indexed(capacity: int = 50, dim: int = 6, **kwargs: object) -> ReplayBuffer:
+    return ReplayBuffer(
+        capacity, (dim,), "float32", num_classes=4, embed=input_embedding("float32"), **kwargs
+    )  # type: ignore[arg-type]
+
+
+def rows(n: int, dim: int = 6, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def brute_force(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ keys.T), axis=1, kind="stable")[:, :k]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(0, 19), st.integers(1, 5), st.booleans()), min_size=1, max_size=60
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_index_follows_every_write_and_searches_exactly(
+    ops: list[tuple[int, int, bool]], seed: int
+) -> None:
+    """Random overwrites (with non-finite rows now and then): the FAISS ids are exactly the
+    finite slots, and search equals brute force over them."""
+    rng = np.random.default_rng(seed)
+    index = EmbeddingIndex(20, 4)
+    reference = np.full((20, 4), np.nan, dtype=np.float32)
+    for start, n, poison in ops:
+        slots = (start + np.arange(n)) % 20
+        values = rng.normal(size=(n, 4)).astype(np.float32)
+        if poison:
+            values[0, 1] = np.inf
+        index.write(slots, values)
+        reference[slots] = values
+    finite = np.flatnonzero(np.isfinite(reference).all(axis=1))
+    assert index.ntotal == len(finite)
+    np.testing.assert_array_equal(np.flatnonzero(index.indexed), finite)
+    queries = rng.normal(size=(3, 4)).astype(np.float32)
+    _, found = index.search(queries, 5)
+    expected = finite[brute_force(reference[finite], queries, 5)]
+    k = min(5, len(finite))
+    np.testing.assert_array_equal(found[:, :k], expected)
+    assert (found[:, k:] == -1).all()
+
+
+def test_non_finite_embedding_is_stored_but_not_indexed_and_counted() -> None:
+    buffer = indexed(10)
+    features = rows(3)
+    features[1, 2] = np.nan
+    buffer.add(features, np.array([0, 1, 2]), np.zeros(3, np.int64))
+    assert len(buffer) == 3 and buffer.index is not None
+    assert buffer.index.non_finite == 1 and buffer.index.ntotal == 2
+    _, labels = buffer.search(input_embedding("float32")(rows(4, seed=9)), 3)
+    assert set(labels[:, :2].flatten().tolist()) <= {0, 2} and (labels[:, 2] == -1).all()
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class-balanced"])
+def test_buffer_labels_and_index_agree_after_a_stream(policy: str) -> None:
+    buffer = indexed(30, policy=policy)
+    for step in range(40):
+        buffer.add(rows(7, seed=step), np.arange(7) % 4, np.full(7, step))
+    assert buffer.index is not None
+    embed = input_embedding("float32")
+    np.testing.assert_allclose(buffer.index.embeddings, embed(buffer.store.features), atol=1e-6)
+    queries = embed(rows(5, seed=99))
+    scores, labels = buffer.search(queries, 4)
+    order = brute_force(embed(buffer.store.features), queries, 4)
+    np.testing.assert_array_equal(labels, buffer.store.labels[order])
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_state_round_trip_rebuilds_the_index_and_draws_the_same() -> None:
+    a = indexed(30, retrieval="neighbours", dedup=0.5)
+    for step in range(20):
+        a.add(rows(7, seed=step), np.arange(7) % 4, np.full(7, step))
+    saved = io.BytesIO()
+    torch.save(a.state_dict(), saved)
+    saved.seek(0)
+    b = indexed(30, retrieval="neighbours", dedup=0.5)
+    b.load_state_dict(torch.load(saved, weights_only=True))
+    near, near_labels = rows(10, seed=77), np.arange(10) % 4
+    for buffer in (a, b):  # both continue the stream identically
+        buffer.add(rows(7, seed=50), np.arange(7) % 4, np.full(7, 50))
+    draws = [
+        x.sample(16, torch.Generator().manual_seed(3), near=near, near_labels=near_labels)
+        for x in (a, b)
+    ]
+    assert torch.equal(draws[0].tasks, draws[1].tasks)
+    np.testing.assert_array_equal(a.store.tasks[: len(a)], b.store.tasks[: len(b)])
+    assert a.index is not None and b.index is not None and b.index.ntotal == len(b)
+    np.testing.assert_array_equal(a.typical, b.typical)
+
+
+def test_dedup_refreshes_near_duplicates_instead_of_filling_the_memory() -> None:
+    """One class's arrivals are tiny jitters of 3 prototypes, another's are spread out:
+    with dedup the jittered class stops taking slots; without it, it fills its share."""
+    rng = np.random.default_rng(0)
+    prototypes = rng.normal(size=(3, 6)).astype(np.float32)
+
+    def feed(buffer: ReplayBuffer) -> None:
+        for step in range(60):
+            twins = prototypes[step % 3] + rng.normal(0, 1e-3, size=(5, 6)).astype(np.float32)
+            spread = rng.normal(size=(5, 6)).astype(np.float32)
+            labels = np.array([0] * 5 + [1] * 5)
+            buffer.add(np.concatenate([twins, spread]), labels, np.full(10, step))
+
+    plain, dedup = indexed(100), indexed(100, dedup=0.3)
+    feed(plain)
+    feed(dedup)
+    assert plain.class_counts(4)[0] == 50
+    # The first batch of each prototype is stored (twins within one batch are not caught),
+    # every later one refreshes: 3 x 5 items, while the spread class takes the rest.
+    assert dedup.class_counts(4)[0] == 15
+    assert dedup.class_counts(4)[1] == 85
+    assert dedup.refreshed > 200
+
+
+def test_class_balanced_retrieval_evens_out_an_imbalanced_memory() -> None:
+    labels = np.array([0] * 90 + [1] * 10)
+    slots = draw_slots("class-balanced", 2000, labels, torch.Generator().manual_seed(0))
+    share = (labels[slots.numpy()] == 1).mean()
+    assert 0.45 < share < 0.55  # binomial sd at n=2000 is 0.011
+    uniform = draw_slots("uniform", 2000, labels, torch.Generator().manual_seed(0))
+    assert (labels[uniform.numpy()] == 1).mean() < 0.15
+
+
+def test_neighbour_retrieval_draws_other_class_items_near_the_batch() -> None:
+    buffer = indexed(40, retrieval="neighbours")
+    rng = np.random.default_rng(1)
+    centres = np.eye(6, dtype=np.float32)[:4] * 5
+    labels = np.arange(40) % 4
+    buffer.add(
+        centres[labels] + rng.normal(0, 0.3, size=(40, 6)).astype(np.float32), labels, labels
+    )
+    # A batch of class 0 arriving next to class 2's items: half the draws come from class 2.
+    near = centres[[2] * 10] + rng.normal(0, 0.3, size=(10, 6)).astype(np.float32)
+    draw = buffer.sample(20, torch.Generator().manual_seed(0), near=near, near_labels=np.zeros(10))
+    assert (draw.labels[:10] == 2).all()
+    assert set(draw.labels[10:].tolist()) != {2}  # the uniform half
+
+
+def test_indexed_options_need_an_embedding_and_sane_values() -> None:
+    with pytest.raises(ConfigError, match="need an embedding"):
+        ReplayBuffer(10, (2,), retrieval="neighbours")
+    with pytest.raises(ConfigError, match=r"dedup must be in \[0, 1\)"):
+        indexed(10, dedup=1.5)
+    with pytest.raises(ConfigError, match="retrieval must be uniform"):
+        indexed(10, retrieval="mir")
+    with pytest.raises(ConfigError, match="no embedding index"):
+        ReplayBuffer(10, (2,)).search(np.zeros((1, 2), np.float32), 1)
