@@ -436,6 +436,14 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     "(half the draws among other-class items nearest the incoming batch, via FAISS).",
 )
 @click.option(
+    "--predict-head",
+    type=click.Choice(["softmax", "ncm", "knn"]),
+    default=None,
+    show_envvar=True,
+    help="Predict (evaluation, /predict) with the model's softmax (default) or from the "
+    "replay memory: nearest class mean (ncm) or nearest-neighbour vote (knn).",
+)
+@click.option(
     "--memory-dedup",
     type=click.FloatRange(min=0, max=1, max_open=True),
     default=None,

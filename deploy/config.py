@@ -164,6 +164,11 @@ class LearnerConfig(BaseModel):
         description="refresh a same-class item closer than this share of the class's "
         "typical nearest distance instead of storing a near duplicate; 0 off",
     )
+    predict_head: Literal["softmax", "ncm", "knn"] = Field(
+        "softmax",
+        description="predict with the model (softmax) or from the replay memory's "
+        "exemplars: nearest class mean (ncm) or a 10-nearest-neighbour vote (knn)",
+    )
     replay_size: int | None = Field(None, ge=0, description="replay draws per step; None = batch")
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
@@ -202,10 +207,21 @@ class LearnerConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _memory_head_has_memory(self) -> LearnerConfig:
+        if self.predict_head != "softmax" and "er" not in self.parts:
+            raise ValueError(f"predict_head {self.predict_head} needs the er strategy's memory")
+        return self
+
     @property
     def memory_indexed(self) -> bool:
         """Whether the replay memory needs its FAISS index (something queries it)."""
-        return self.noise.knn or self.memory_retrieval == "neighbours" or self.memory_dedup > 0
+        return (
+            self.noise.knn
+            or self.memory_retrieval == "neighbours"
+            or self.memory_dedup > 0
+            or self.predict_head != "softmax"
+        )
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -56,8 +56,6 @@ SHAPING_FIELDS = (
     "optimizer",
     "memory",
     "memory_policy",
-    "memory_retrieval",
-    "memory_dedup",
     "ewc",
     "packnet",
     "detector",

@@ -66,6 +66,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     strategies = build_strategies(config, spec, device)
+    memory = replay_buffer(strategies)
     learner = OnlineLearner(
         model,
         optimizer,
@@ -77,12 +78,14 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         consolidate_every=config.ewc.consolidate_every if "ewc" in config.parts else None,
         use_task_ids=config.use_task_ids,
         loss=build_loss(config, spec),
-        noise_filter=build_noise_filter(config, spec, replay_buffer(strategies)),
+        noise_filter=build_noise_filter(config, spec, memory),
         quarantine=Quarantine(
             config.quarantine.capacity,
             config.quarantine.recheck_after,
             config.quarantine.max_checks,
         ),
+        head=config.predict_head,
+        memory=memory,
     )
     log.info("learner built strategy=%s model=%s device=%s", config.strategy, config.model, device)
     return learner

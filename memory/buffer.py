@@ -20,6 +20,7 @@ import torch
 
 from ingest.errors import ConfigError
 from memory.index import EMPTY, EmbeddingIndex
+from memory.nearest import Head, class_means, knn_scores, ncm_scores
 from memory.retrieval import Retrieval, draw_slots
 from memory.selectors import SKIP, ClassBalancedSelector, Policy, ReservoirSelector, Selector
 from memory.store import ExemplarStore
@@ -192,6 +193,23 @@ class ReplayBuffer:
         missing = slots < 0
         labels = np.where(missing, -1, self.store.labels[slots.clip(0)])
         return np.where(missing, -np.inf, scores).astype(np.float32), labels
+
+    def predict_scores(self, features: np.ndarray, head: Head, k: int = 10) -> np.ndarray:
+        """`[N, C]` class scores for `[N, *shape]` features from the stored items alone:
+        `ncm` (nearest class mean) or `knn` (similarity-weighted vote of `k` neighbours)."""
+        if self.index is None or self.embed is None:
+            raise ConfigError("memory has no embedding index: build it with an embed callable")
+        queries = self.embed(features)
+        if head == "ncm":
+            size = self.store.size
+            kept = self.index.indexed[:size]
+            means = class_means(
+                self.index.embeddings[:size][kept], self.store.labels[:size][kept], self.num_classes
+            )
+            return ncm_scores(queries, means)
+        if head == "knn":
+            return knn_scores(*self.search(queries, k), self.num_classes)
+        raise ConfigError(f"memory head must be ncm or knn, got {head!r}")
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.store.labels[: self.store.size], minlength=num_classes)

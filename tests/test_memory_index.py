@@ -169,3 +169,28 @@ def test_indexed_options_need_an_embedding_and_sane_values() -> None:
         indexed(10, retrieval="mir")
     with pytest.raises(ConfigError, match="no embedding index"):
         ReplayBuffer(10, (2,)).search(np.zeros((1, 2), np.float32), 1)
+
+
+def test_memory_heads_predict_from_the_stored_exemplars() -> None:
+    """Two clusters per class in 6-D; queries near a cluster get its class from both heads,
+    and the class scores are probabilities."""
+    rng = np.random.default_rng(2)
+    centres = np.eye(6, dtype=np.float32) * 4
+    labels = np.array([0, 0, 1, 1, 2, 3] * 8)
+    cluster = np.tile(np.arange(6), 8)
+    buffer = indexed(60)
+    items = centres[cluster] + rng.normal(0, 0.2, size=(48, 6)).astype(np.float32)
+    buffer.add(items, labels, np.zeros(48, np.int64))
+    queries = centres[[0, 3, 4, 5]] + rng.normal(0, 0.2, size=(4, 6)).astype(np.float32)
+    for head in ("ncm", "knn"):
+        scores = buffer.predict_scores(queries, head)  # type: ignore[arg-type]
+        assert scores.shape == (4, 4)
+        np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+        assert scores.argmax(axis=1).tolist() == [0, 1, 2, 3]
+
+
+def test_ncm_ignores_classes_without_items() -> None:
+    buffer = indexed(10)
+    buffer.add(np.eye(6, dtype=np.float32)[:2], np.array([1, 3]), np.zeros(2, np.int64))
+    scores = buffer.predict_scores(np.eye(6, dtype=np.float32)[:2], "ncm")
+    assert scores[:, [0, 2]].max() == 0.0 and scores.argmax(axis=1).tolist() == [1, 3]
