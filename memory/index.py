@@ -1,19 +1,21 @@
-"""A FAISS index over fixed slots: slot `s` of a store is FAISS id `s`, so the two agree.
+"""A FAISS index over fixed slots: slot `s` of a store is row/id `s`, so the two agree.
 
 Embeddings are unit rows, searched by inner product (cosine similarity). Exact flat
 search only: at the budgets this service runs (1k-100k items, batch-sized queries) a
-query costs O(items x dim) and stays in milliseconds (benchmarks/memory.py), with no
-training and exact answers; IVF/HNSW would add approximation and, for HNSW, no removal.
+query costs O(items x dim) with no training and exact answers (benchmarks/
+replay_memory.py has the figures); IVF would add approximation, HNSW cannot delete.
 
-Keeping ids and slots in step:
-- CPU (default): `IndexIDMap2(IndexFlatIP)`. Overwriting slots removes their old ids
-  (one `remove_ids` per write: O(items), a compaction of the flat array) and adds the
-  new rows with the same ids.
-- GPU (faiss built with GPU support and `device="cuda"`): GPU flat indexes cannot remove,
-  so writes only mark the index stale and the next search rebuilds it from the host copy
-  of the embeddings (O(items x dim) host-to-device per search after a write).
-The index itself is never saved: `rebuild` recreates it from the embeddings, which the
-owner recomputes from its stored items on load.
+Keeping rows and slots in step:
+- CPU (default): an `IndexFlatIP` holding all `capacity` rows from the start, whose row
+  storage *is* `embeddings` (a numpy view of FAISS's buffer): overwriting a slot is a
+  row copy, O(dim), with no remove/add and no second copy of the vectors. Slots holding
+  nothing (not yet filled, or a non-finite embedding) are masked out of searches with
+  an `IDSelectorBitmap`; the mask is skipped once every slot is indexed.
+- GPU (faiss built with GPU support and `device="cuda"`): GPU flat indexes cannot remove
+  or overwrite, so writes go to a host array and mark the index stale; the next search
+  rebuilds it (O(items x dim) host-to-device per search after a write).
+The index itself is never saved: the owner recomputes embeddings from its stored items
+on load and writes them again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from ingest.errors import ConfigError
 
 EMPTY = -1
-"""Slot reported for a missing neighbour (fewer items stored than asked for)."""
+"""Slot reported for a missing neighbour (fewer items indexed than asked for)."""
 
 
 def gpu_available() -> bool:
@@ -50,12 +52,22 @@ class EmbeddingIndex:
         if device == "cuda" and not gpu_available():
             raise ConfigError("FAISS GPU index requested but faiss has no GPU support here")
         self.device = device
-        self.embeddings = np.zeros((capacity, dim), dtype=np.float32)
         self.indexed = np.zeros(capacity, dtype=bool)
         self.non_finite = 0
         self._gpu = faiss.StandardGpuResources() if device == "cuda" else None
         self._stale = False
-        self._index = self._empty()
+        self.embeddings: np.ndarray
+        self._index: faiss.Index
+        if self._gpu is None:
+            self._index = faiss.IndexFlatIP(dim)
+            self._index.add(np.zeros((capacity, dim), dtype=np.float32))
+            # FAISS's own row storage, written in place; lives as long as self._index.
+            self.embeddings = faiss.rev_swig_ptr(self._index.get_xb(), capacity * dim).reshape(
+                capacity, dim
+            )
+        else:
+            self._index = faiss.GpuIndexFlatIP(self._gpu, dim)
+            self.embeddings = np.zeros((capacity, dim), dtype=np.float32)
 
     @property
     def backend(self) -> str:
@@ -66,73 +78,55 @@ class EmbeddingIndex:
         return int(self.embeddings.shape[1])
 
     @property
-    def ntotal(self) -> int:
-        """Rows in the FAISS index (equals the indexed slots once a search has run)."""
-        return int(self._index.ntotal)
+    def count(self) -> int:
+        """Slots a search can return."""
+        return int(self.indexed.sum())
 
     @property
     def nbytes(self) -> int:
-        """Host copy plus the index's own rows (a flat index stores every vector once)."""
-        return (
-            self.embeddings.nbytes
-            + self.indexed.nbytes
-            + int(self.indexed.sum())
-            * 4
-            * (
-                self.dim + 2  # vector + 64-bit id
-            )
-        )
-
-    def _empty(self) -> faiss.Index:
-        if self._gpu is not None:
-            return faiss.GpuIndexFlatIP(self._gpu, self.dim)
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        """The vectors (stored once on CPU; host copy plus device copy on GPU) and the mask."""
+        copies = 1 if self._gpu is None else 2
+        return copies * self.embeddings.nbytes + self.indexed.nbytes
 
     def write(self, slots: np.ndarray, embeddings: np.ndarray) -> None:
         """Overwrite distinct `slots` `[n]` with `embeddings` `[n, dim]`."""
         slots = np.asarray(slots, dtype=np.int64)
-        rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+        rows = np.asarray(embeddings, dtype=np.float32)
         finite = np.asarray(np.isfinite(rows).all(axis=1))
         self.non_finite += int((~finite).sum())
-        if self._gpu is None:
-            old = slots[self.indexed[slots]]
-            if len(old):
-                self._index.remove_ids(old)
-            if finite.any():
-                self._index.add_with_ids(rows[finite], slots[finite])
-        else:
-            self._stale = True
         self.embeddings[slots] = np.where(finite[:, None], rows, 0.0)
         self.indexed[slots] = finite
+        self._stale = self._gpu is not None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` by inner product: scores `[B, k]` float32 and slots `[B, k]` (`EMPTY` pads)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self._stale:
-            self.rebuild()
-        if not len(queries) or k < 1:
-            return np.zeros((len(queries), max(k, 0)), np.float32), np.full(
-                (len(queries), max(k, 0)), EMPTY, np.int64
-            )
-        scores, slots = self._index.search(queries, k)
-        if self._gpu is not None:  # GPU rows are positions among the indexed slots
-            order = np.flatnonzero(self.indexed)
-            slots = np.where(slots >= 0, order[slots.clip(0)], EMPTY)
+        k = max(k, 0)
+        if not len(queries) or not k or not self.indexed.any():
+            return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), EMPTY)
+        if self._gpu is not None:
+            return self._search_gpu(queries, k)
+        if self.indexed.all():
+            scores, slots = self._index.search(queries, k)
+        else:
+            bitmap = np.packbits(self.indexed, bitorder="little")  # bit s = slot s
+            selector = faiss.IDSelectorBitmap(len(self.indexed), faiss.swig_ptr(bitmap))
+            params = faiss.SearchParameters()
+            params.sel = selector
+            scores, slots = self._index.search(queries, k, params=params)
         return scores, slots.astype(np.int64)
 
-    def rebuild(self) -> None:
-        """Recreate the FAISS index from the host copy (after a load, or when stale)."""
-        self._index = self._empty()
+    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         present = np.flatnonzero(self.indexed)
-        if len(present):
-            if self._gpu is not None:
-                self._index.add(self.embeddings[present])
-            else:
-                self._index.add_with_ids(self.embeddings[present], present.astype(np.int64))
-        self._stale = False
+        if self._stale:
+            self._index.reset()
+            self._index.add(self.embeddings[present])
+            self._stale = False
+        scores, rows = self._index.search(queries, k)  # rows: positions among `present`
+        return scores, np.where(rows >= 0, present[rows.clip(0)], EMPTY).astype(np.int64)
 
     def clear(self) -> None:
         self.indexed[:] = False
         self.embeddings[:] = 0.0
         self.non_finite = 0
-        self.rebuild()
+        self._stale = self._gpu is not None

@@ -165,7 +165,7 @@ def test_memory_heads_answer_from_the_memory_and_need_one(digits_stream: Path) -
     features = np.concatenate([b.features for b in batches])
     labels = np.concatenate([b.labels for b in batches])
     memory = learners["knn"].memory
-    assert memory is not None and memory.index is not None and memory.index.ntotal == len(memory)
+    assert memory is not None and memory.index is not None and memory.index.count == len(memory)
     for head, learner in learners.items():
         predicted = learner.predict(features)
         assert (predicted == labels).mean() > 0.5, head  # 10 classes: chance is 0.1

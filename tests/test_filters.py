@@ -65,7 +65,7 @@ def test_window_index_survives_a_state_round_trip() -> None:
     restored.load_state_dict(window.state_dict())
     queries = unit([[1, 0.1], [-1, 0.2], [0.1, 1]])
     assert torch.equal(IndexNeighbours(restored)(queries, 4), IndexNeighbours(window)(queries, 4))
-    assert restored.index.ntotal == 4  # the oldest arrival (label 0) was pushed out
+    assert restored.index.count == 4  # the oldest arrival (label 0) was pushed out
     assert 0 not in IndexNeighbours(restored)(queries, 4).flatten().tolist()
 
 

@@ -54,7 +54,7 @@ def test_index_follows_every_write_and_searches_exactly(
         index.write(slots, values)
         reference[slots] = values
     finite = np.flatnonzero(np.isfinite(reference).all(axis=1))
-    assert index.ntotal == len(finite)
+    assert index.count == len(finite)
     np.testing.assert_array_equal(np.flatnonzero(index.indexed), finite)
     queries = rng.normal(size=(3, 4)).astype(np.float32)
     _, found = index.search(queries, 5)
@@ -70,7 +70,7 @@ def test_non_finite_embedding_is_stored_but_not_indexed_and_counted() -> None:
     features[1, 2] = np.nan
     buffer.add(features, np.array([0, 1, 2]), np.zeros(3, np.int64))
     assert len(buffer) == 3 and buffer.index is not None
-    assert buffer.index.non_finite == 1 and buffer.index.ntotal == 2
+    assert buffer.index.non_finite == 1 and buffer.index.count == 2
     _, labels = buffer.search(input_embedding("float32")(rows(4, seed=9)), 3)
     assert set(labels[:, :2].flatten().tolist()) <= {0, 2} and (labels[:, 2] == -1).all()
 
@@ -108,7 +108,7 @@ def test_state_round_trip_rebuilds_the_index_and_draws_the_same() -> None:
     ]
     assert torch.equal(draws[0].tasks, draws[1].tasks)
     np.testing.assert_array_equal(a.store.tasks[: len(a)], b.store.tasks[: len(b)])
-    assert a.index is not None and b.index is not None and b.index.ntotal == len(b)
+    assert a.index is not None and b.index is not None and b.index.count == len(b)
     np.testing.assert_array_equal(a.typical, b.typical)
 
 
@@ -194,3 +194,31 @@ def test_ncm_ignores_classes_without_items() -> None:
     buffer.add(np.eye(6, dtype=np.float32)[:2], np.array([1, 3]), np.zeros(2, np.int64))
     scores = buffer.predict_scores(np.eye(6, dtype=np.float32)[:2], "ncm")
     assert scores[:, [0, 2]].max() == 0.0 and scores.argmax(axis=1).tolist() == [1, 3]
+
+
+def test_long_random_stream_keeps_buffer_and_index_in_agreement() -> None:
+    """20,000 arrivals of near-duplicate-prone data through a small deduplicating memory
+    (stores, evictions, refreshes, non-finite rows) with a query every batch: at the end
+    every indexed row is the embedding of its slot's item, and queries stay exact."""
+    rng = np.random.default_rng(5)
+    embed = input_embedding("float32")
+    buffer = indexed(64, policy="class-balanced", dedup=0.5)
+    prototypes = rng.normal(size=(40, 6)).astype(np.float32)
+    for step in range(2000):
+        pick = rng.integers(0, 40, 10)
+        features = prototypes[pick] + rng.normal(0, 0.05, size=(10, 6)).astype(np.float32)
+        if step % 97 == 0:
+            features[0, 0] = np.nan
+        buffer.add(features, pick % 4, np.full(10, step))
+        buffer.search(embed(features[1:]), 5)
+    assert buffer.index is not None and buffer.refreshed > 1000
+    finite = np.isfinite(buffer.store.features).all(axis=1)
+    np.testing.assert_array_equal(buffer.index.indexed, finite)
+    np.testing.assert_allclose(
+        buffer.index.embeddings[finite], embed(buffer.store.features[finite]), atol=1e-6
+    )
+    queries = embed(rng.normal(size=(8, 6)).astype(np.float32))
+    _, labels = buffer.search(queries, 6)
+    slots = np.flatnonzero(finite)
+    order = slots[brute_force(buffer.index.embeddings[slots], queries, 6)]
+    np.testing.assert_array_equal(labels, buffer.store.labels[order])
