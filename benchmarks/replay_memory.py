@@ -79,9 +79,10 @@ def latency(items: int, dim: int, steps: int = 200) -> dict[str, Any]:
     }
 
 
-def accuracy(stream: Path, seeds: list[int]) -> list[dict[str, Any]]:
+def accuracy(stream: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for name, settings in RUNS.items():
+    for name in names:
+        settings = RUNS[name]
         for seed in seeds:
             config = ReplayConfig(stream=stream, seed=seed, threads=1, memory=1000, **settings)
             report = run_replay(config, progress=False)
@@ -124,6 +125,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="learner seeds, comma separated")
     parser.add_argument("--samples-per-task", type=int, default=None, help="subset per task")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--only", default=None, help="rerun these runs (comma separated), keep the file's others"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     set_threads(1)
@@ -134,6 +138,7 @@ def main() -> None:
             [f"--seeds {args.seeds}"]
             + ([f"--samples-per-task {args.samples_per_task}"] if args.samples_per_task else [])
             + (["--skip-accuracy"] if args.skip_accuracy else [])
+            + ([f"--only '{args.only}'"] if args.only else [])
         ),
         "torch": torch.__version__,
         "latency": [latency(n, d) for n in (1000, 10_000, 100_000) for d in (128, 196)],
@@ -146,7 +151,12 @@ def main() -> None:
             stream = Path(tmp) / "split-fmnist.scs"
             scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=args.samples_per_task)
             write(build(load("fashion-mnist"), scenario), stream)
-            rows = accuracy(stream, seeds)
+            names = args.only.split(",") if args.only else list(RUNS)
+            rows = accuracy(stream, seeds, names)
+        if args.only and RESULTS.exists():  # keep the earlier runs of the other settings
+            earlier = json.loads(RESULTS.read_text())
+            rows = [r for r in earlier["runs"] if r["run"] not in names] + rows
+            result["command"] = f"{earlier['command']}; then {result['command']}"
         result["stream"] = (
             f"Split Fashion-MNIST 5x2, stream seed 0, "
             f"{args.samples_per_task or 'all'} samples per task"

@@ -224,7 +224,9 @@ class OnlineLearner:
         tasks = self._own_tasks(np.array([h.sample.task for h in examined], dtype=np.int64))
         labels = np.array([h.sample.label for h in examined], dtype=np.int64)
         was_training = self.model.training
-        passed = self.predict(features, tasks) == labels
+        # The model judges, whatever the predict head: a memory head would judge arrivals
+        # by the exemplars the filters let in, and the head would then shape training.
+        passed = self._logits(features, tasks, 4096).argmax(dim=1).numpy() == labels
         self.model.train(was_training)
         verdict = self.quarantine.settle(examined, passed, self.samples)
         return verdict.readmitted, verdict.rejected

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from deploy.config import LearnerConfig, ReplayConfig, validated
 from deploy.replay import run_replay
@@ -172,5 +173,10 @@ def test_memory_heads_answer_from_the_memory_and_need_one(digits_stream: Path) -
     np.testing.assert_array_equal(
         learners["knn"].predict(features), memory.predict_scores(features, "knn").argmax(axis=1)
     )
+    # The head only predicts: quarantine re-examination and training are the model's.
+    weights = [learner.model.state_dict() for learner in learners.values()]
+    for other in weights[1:]:
+        for name, tensor in weights[0].items():
+            assert torch.equal(tensor, other[name]), name
     with pytest.raises(ConfigError, match="predict_head knn needs the er strategy"):
         validated(LearnerConfig, {"strategy": "naive", "predict_head": "knn"})
