@@ -436,6 +436,14 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     "(half the draws among other-class items nearest the incoming batch, via FAISS).",
 )
 @click.option(
+    "--memory-condensed",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    help="Condensed exemplars (k-means centroids) kept per class, taken out of --memory "
+    "(0, the default, is off).",
+)
+@click.option(
     "--predict-head",
     type=click.Choice(["softmax", "ncm", "knn"]),
     default=None,

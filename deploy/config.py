@@ -164,6 +164,12 @@ class LearnerConfig(BaseModel):
         description="refresh a same-class item closer than this share of the class's "
         "typical nearest distance instead of storing a near duplicate; 0 off",
     )
+    memory_condensed: int = Field(
+        0,
+        ge=0,
+        description="k-means centroids kept per class as condensed exemplars, taken out "
+        "of `memory` (memory/condensed.py); 0 off",
+    )
     predict_head: Literal["softmax", "ncm", "knn"] = Field(
         "softmax",
         description="predict with the model (softmax) or from the replay memory's "

@@ -56,6 +56,7 @@ SHAPING_FIELDS = (
     "optimizer",
     "memory",
     "memory_policy",
+    "memory_condensed",
     "ewc",
     "packnet",
     "detector",

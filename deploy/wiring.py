@@ -114,6 +114,7 @@ def build_strategies(
                 embed=input_embedding(spec.dtype) if config.memory_indexed else None,
                 retrieval=config.memory_retrieval,
                 dedup=config.memory_dedup,
+                condensed=config.memory_condensed,
                 index_device=(
                     "cuda"
                     if device is not None and device.type == "cuda" and gpu_available()

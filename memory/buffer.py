@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ingest.errors import ConfigError
+from memory.condensed import CondensedSet
 from memory.index import EMPTY, EmbeddingIndex
 from memory.nearest import Head, class_means, knn_scores, ncm_scores
 from memory.retrieval import Retrieval, draw_slots
@@ -50,6 +51,9 @@ class ReplayBuffer:
     dedup: an arrival whose nearest same-class item is closer than `dedup` times the
     class's typical such distance refreshes (overwrites) that item instead of taking a
     slot through the selector; 0 turns it off. Needs the index.
+    condensed: k-means centroids kept per class (memory/condensed.py), taken out of
+    `capacity` (raw slots = capacity - num_classes x condensed) and replayed like raw
+    items, in proportion to their number; they are not in the index.
     """
 
     def __init__(
@@ -64,9 +68,15 @@ class ReplayBuffer:
         retrieval: Retrieval = "uniform",
         dedup: float = 0.0,
         index_device: Literal["cpu", "cuda"] = "cpu",
+        condensed: int = 0,
     ):
         if capacity < 1:
             raise ConfigError(f"memory capacity must be >= 1 item, got {capacity}")
+        if condensed < 0 or capacity - num_classes * condensed < 1:
+            raise ConfigError(
+                f"memory of {capacity} items cannot hold {condensed} condensed exemplars for "
+                f"each of {num_classes} classes and at least 1 raw item"
+            )
         if policy not in ("reservoir", "class-balanced"):
             raise ConfigError(f"memory policy must be reservoir or class-balanced, got {policy!r}")
         if retrieval not in ("uniform", "class-balanced", "neighbours"):
@@ -81,7 +91,12 @@ class ReplayBuffer:
         self.retrieval: Retrieval = retrieval
         self.dedup = dedup
         self.num_classes = num_classes
-        self.store = ExemplarStore(capacity, feature_shape, dtype)
+        self.store = ExemplarStore(capacity - num_classes * condensed, feature_shape, dtype)
+        self.condensed = (
+            CondensedSet(num_classes, condensed, feature_shape, dtype, seed=seed)
+            if condensed
+            else None
+        )
         self.selector: Selector = (
             ReservoirSelector(seed)
             if policy == "reservoir"
@@ -91,23 +106,28 @@ class ReplayBuffer:
         self.index: EmbeddingIndex | None = None
         if embed is not None:
             dim = embed(np.zeros((1, *feature_shape), dtype=dtype)).shape[1]
-            self.index = EmbeddingIndex(capacity, dim, index_device)
+            self.index = EmbeddingIndex(self.store.capacity, dim, index_device)
         self.typical = np.zeros(num_classes)  # running nearest same-class distance per class
         self.refreshed = 0  # arrivals that refreshed a near duplicate instead of a slot
 
     def __len__(self) -> int:
-        return self.store.size
+        return self.store.size + (len(self.condensed) if self.condensed is not None else 0)
 
     @property
     def capacity(self) -> int:
-        return self.store.capacity
+        extra = self.condensed.per_class * self.num_classes if self.condensed is not None else 0
+        return self.store.capacity + extra
 
     @property
     def nbytes(self) -> int:
-        return self.store.nbytes + (self.index.nbytes if self.index is not None else 0)
+        index = self.index.nbytes if self.index is not None else 0
+        condensed = self.condensed.nbytes if self.condensed is not None else 0
+        return self.store.nbytes + index + condensed
 
     def add(self, features: np.ndarray, labels: np.ndarray, tasks: np.ndarray) -> int:
         """Offer `[B, *shape]` exemplars; returns how many were stored (refreshes included)."""
+        if self.condensed is not None:
+            self.condensed.observe(features, labels, tasks)
         embeddings = self.embed(features) if self.embed is not None else None
         refresh = np.full(len(labels), SKIP, dtype=np.int64)
         if self.dedup > 0 and embeddings is not None:
@@ -171,16 +191,27 @@ class ReplayBuffer:
         queries = None
         if self.retrieval == "neighbours" and near is not None and self.embed is not None:
             queries = self.embed(near)
+        size, extra = self.store.size, len(self.condensed) if self.condensed is not None else 0
+        from_condensed = 0
+        if extra:  # each stored item, raw or condensed, equally likely to be drawn
+            from_condensed = int(
+                (torch.rand(n, generator=generator) * (size + extra) >= size).sum()
+            )
         slots = draw_slots(
             self.retrieval,
-            n,
-            self.store.labels[: self.store.size],
+            n - from_condensed,
+            self.store.labels[:size],
             generator,
             self.index,
             queries,
             near_labels,
         )
-        return Draw(*self.store.read(slots))
+        draw = self.store.read(slots)
+        if not from_condensed or self.condensed is None:
+            return Draw(*draw)
+        picks = torch.randint(0, extra, (from_condensed,), generator=generator).numpy()
+        condensed = [torch.from_numpy(a[picks]) for a in self.condensed.items()]
+        return Draw(*(torch.cat([a, b]) for a, b in zip(draw, condensed, strict=True)))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The `k` items nearest each query embedding `[B, D]`: similarities and labels `[B, k]`.
@@ -221,6 +252,7 @@ class ReplayBuffer:
             "selector": self.selector.state_dict(),
             "typical": torch.from_numpy(self.typical.copy()),
             "refreshed": self.refreshed,
+            **({"condensed": self.condensed.state_dict()} if self.condensed is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,6 +261,8 @@ class ReplayBuffer:
         if "typical" in state:  # checkpoints from before dedup existed lack it
             self.typical = state["typical"].numpy().copy()
             self.refreshed = int(state["refreshed"])
+        if self.condensed is not None:
+            self.condensed.load_state_dict(state["condensed"])
         if self.index is not None and self.embed is not None:
             self.index.clear()
             size = self.store.size

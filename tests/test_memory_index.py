@@ -222,3 +222,44 @@ def test_long_random_stream_keeps_buffer_and_index_in_agreement() -> None:
     slots = np.flatnonzero(finite)
     order = slots[brute_force(buffer.index.embeddings[slots], queries, 6)]
     np.testing.assert_array_equal(labels, buffer.store.labels[order])
+
+
+def test_condensed_centroids_find_the_clusters_of_each_class() -> None:
+    """Class 0 arrives from two tight clusters, class 1 from one: after a few stages the
+    two centroids of class 0 sit on its clusters, and replay draws include them."""
+    rng = np.random.default_rng(3)
+    a, b, c = (np.full(6, v, np.float32) for v in (-3.0, 3.0, 10.0))
+    buffer = ReplayBuffer(8, (6,), "float32", num_classes=2, condensed=2)  # 4 raw + 2 x 2
+    assert buffer.store.capacity == 4 and buffer.capacity == 8
+    for step in range(100):  # 100 arrivals per class: 2 stages of 40 (20 x 2 centroids)
+        centre = np.stack([a if step % 2 else b, c])
+        features = (centre + rng.normal(0, 0.1, size=(2, 6))).astype(np.float32)
+        buffer.add(features, np.array([0, 1]), np.array([step, step]))
+    assert buffer.condensed is not None and len(buffer) == 8
+    centroids = buffer.condensed.centroids
+    found = sorted(centroids[0].mean(axis=1).round().tolist())
+    assert found == [-3.0, 3.0]
+    np.testing.assert_allclose(centroids[1], 10.0, atol=0.2)
+    draw = buffer.sample(400, torch.Generator().manual_seed(0))
+    condensed_rows = np.isin(draw.features[:, 0].numpy(), centroids[:, :, 0].ravel())
+    assert 0.35 < condensed_rows.mean() < 0.65  # half the items are condensed (sd 0.025)
+
+
+def test_condensed_set_round_trips_and_guards_the_budget() -> None:
+    a = ReplayBuffer(30, (4,), "uint8", num_classes=3, condensed=2, seed=1)
+    rng = np.random.default_rng(0)
+    for step in range(50):
+        features = rng.integers(0, 255, size=(6, 4)).astype(np.uint8)
+        a.add(features, np.arange(6) % 3, np.full(6, step))
+    saved = io.BytesIO()
+    torch.save(a.state_dict(), saved)
+    saved.seek(0)
+    b = ReplayBuffer(30, (4,), "uint8", num_classes=3, condensed=2, seed=1)
+    b.load_state_dict(torch.load(saved, weights_only=True))
+    more = rng.integers(0, 255, size=(60, 4)).astype(np.uint8)
+    for buffer in (a, b):  # both continue the stream identically
+        buffer.add(more, np.arange(60) % 3, np.zeros(60, np.int64))
+    da, db = (x.sample(50, torch.Generator().manual_seed(2)) for x in (a, b))
+    assert torch.equal(da.features, db.features) and da.features.dtype == torch.uint8
+    with pytest.raises(ConfigError, match="cannot hold 10 condensed exemplars"):
+        ReplayBuffer(30, (4,), num_classes=3, condensed=10)
