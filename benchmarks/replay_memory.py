@@ -9,8 +9,10 @@ Latency: `EmbeddingIndex` (exact flat, CPU) at 1k / 10k / 100k items, dim 128 an
 rows) and one search of 10 queries for 10 neighbours, as one replay step does.
 Accuracy: `streamcl replay` on Split Fashion-MNIST 5x2, one pass, batch 10, memory 1000,
 defaults otherwise (class-balanced insertion, uniform retrieval, softmax), against one
-change at a time. The `knn`/`ncm` head runs train exactly as the default run does (the
-head only predicts), so their samples/s against the default's is the index's cost.
+change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars against
+one partly made of condensed exemplars (k-means centroids). The `knn`/`ncm` head runs
+train exactly as the default run does (the head only predicts), so their samples/s
+against the default's is the index's cost.
 Writes benchmarks/results/replay_memory.json.
 """
 
@@ -41,6 +43,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "insertion dedup 0.5": {"memory_dedup": 0.5},
     "head ncm": {"predict_head": "ncm"},
     "head knn": {"predict_head": "knn"},
+    "tiny: 100 raw": {"memory": 100},
+    "tiny: 50 raw + 5 condensed per class": {"memory": 100, "memory_condensed": 5},
+    "tiny: 10 raw + 9 condensed per class": {"memory": 100, "memory_condensed": 9},
 }
 
 
@@ -84,7 +89,8 @@ def accuracy(stream: Path, seeds: list[int], names: list[str]) -> list[dict[str,
     for name in names:
         settings = RUNS[name]
         for seed in seeds:
-            config = ReplayConfig(stream=stream, seed=seed, threads=1, memory=1000, **settings)
+            settings = {"memory": 1000, **settings}
+            config = ReplayConfig(stream=stream, seed=seed, threads=1, **settings)
             report = run_replay(config, progress=False)
             rows.append(
                 {
