@@ -84,6 +84,23 @@ def latency(items: int, dim: int, steps: int = 200) -> dict[str, Any]:
     }
 
 
+def index_cost(trials: int = 3) -> dict[str, Any]:
+    """ER-1000 samples/s with the memory's index off (default) and on (knn head: the same
+    training plus embedding and indexing every stored item), best of alternating trials
+    on a 2,000-per-task stream: the machine is shared, so only paired figures compare."""
+    best = {"index off": 0.0, "index on": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = Path(tmp) / "split-fmnist-2000.scs"
+        scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=2000)
+        write(build(load("fashion-mnist"), scenario), stream)
+        for _ in range(trials):
+            for name, head in (("index off", "softmax"), ("index on", "knn")):
+                config = ReplayConfig(stream=stream, threads=1, memory=1000, predict_head=head)
+                speed = run_replay(config, progress=False)["samples_per_second"]
+                best[name] = max(best[name], round(speed, 1))
+    return {"trials": trials, "best_samples_per_second": best}
+
+
 def accuracy(stream: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
@@ -130,7 +147,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2", help="learner seeds, comma separated")
     parser.add_argument("--samples-per-task", type=int, default=None, help="subset per task")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--skip-accuracy", action="store_true", help="keep the file's accuracy runs"
+    )
+    parser.add_argument("--index-cost", action="store_true", help="also time index on vs off")
     parser.add_argument(
         "--only", default=None, help="rerun these runs (comma separated), keep the file's others"
     )
@@ -145,12 +165,16 @@ def main() -> None:
             + ([f"--samples-per-task {args.samples_per_task}"] if args.samples_per_task else [])
             + (["--skip-accuracy"] if args.skip_accuracy else [])
             + ([f"--only '{args.only}'"] if args.only else [])
+            + (["--index-cost"] if args.index_cost else [])
         ),
         "torch": torch.__version__,
         "latency": [latency(n, d) for n in (1000, 10_000, 100_000) for d in (128, 196)],
     }
     for row in result["latency"]:
         print(json.dumps(row), flush=True)
+    if args.index_cost:
+        result["index_cost"] = index_cost()
+        print(json.dumps(result["index_cost"]), flush=True)
     if not args.skip_accuracy:
         seeds = [int(s) for s in args.seeds.split(",")]
         with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +193,10 @@ def main() -> None:
         )
         result["runs"] = rows
         result["summary"] = summarise(rows)
+    elif RESULTS.exists():  # keep the accuracy runs recorded earlier
+        earlier = json.loads(RESULTS.read_text())
+        result.update({k: earlier[k] for k in ("stream", "runs", "summary") if k in earlier})
+        result["command"] = f"{earlier['command']}; then {result['command']}"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")
