@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import difflib
+import os
 import sys
 from typing import Any
 
 import click
 
 from deploy.config import ReplayConfig, read_config_file, validated
+from deploy.envvars import PREFIX as ENV_PREFIX
+from deploy.envvars import apply_rule, check_environment
 from deploy.kafka_cli import demo, publish, record, serve
 from deploy.logs import LogFormat, configure_logging
+from deploy.outputs import check_dir, check_file
+from ingest import strictjson
 from ingest.errors import StreamclError
-
-ENV_PREFIX = "STREAMCL"
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -24,11 +27,24 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
         settings = read_config_file(value)
     except StreamclError as err:
         raise click.BadParameter(str(err)) from err
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(settings) - known)
+    params = {p.name: p for p in ctx.command.params if p.expose_value}
+    unknown = sorted(set(settings) - set(params))
     if unknown:
-        raise click.BadParameter(f"unknown settings in {value}: {', '.join(unknown)}")
+        hints = [_unknown_hint(key, sorted(k for k in params if k)) for key in unknown]
+        raise click.BadParameter(f"unknown settings in {value}: {', '.join(hints)}")
+    for key, setting in settings.items():
+        try:  # here, so that an error names the file and key rather than the flag
+            params[key].type_cast_value(ctx, setting)
+        except click.BadParameter as err:
+            raise click.BadParameter(f"{value}: {key}: {err.message}") from err
     ctx.default_map = {**(ctx.default_map or {}), **settings}
+
+
+def _unknown_hint(key: str, known: list[str]) -> str:
+    if key == "learner":
+        return "learner (this command takes the learner's settings at the top level)"
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 class IntList(click.ParamType):
@@ -79,6 +95,7 @@ SERVICE_COMMANDS = ("serve", "demo")
 
 
 @click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
+@click.version_option(package_name="streamcl", prog_name="streamcl")
 @click.option(
     "--log-level",
     default=None,
@@ -102,6 +119,7 @@ def cli(ctx: click.Context, log_level: str | None, log_format: LogFormat) -> Non
     """
     service = ctx.invoked_subcommand in SERVICE_COMMANDS
     configure_logging(log_level or ("INFO" if service else "WARNING"), log_format)
+    check_environment(ctx, ENV_RULE, os.environ)
 
 
 @cli.group()
@@ -123,8 +141,9 @@ def stream() -> None:
     type=click.Path(file_okay=False),
     default=None,
     show_envvar=True,
-    help="Directory with the Fashion-MNIST IDX files (else $STREAMCL_DATA, then "
-    "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).",
+    help="Directory with the Fashion-MNIST IDX files (else $STREAMCL_DATA; with neither, "
+    "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist). A named "
+    "directory without the files is an error.",
 )
 @click.option(
     "--scenario",
@@ -191,12 +210,38 @@ def stream_make(**opts: Any) -> None:
         samples_per_task=opts["samples_per_task"],
         seed=opts["seed"],
     )
+    check_file(opts["out"], "stream")
     built = build(load(opts["dataset"], opts["data_dir"]), scenario)
     sidecar = write(built, opts["out"])
     click.echo(
         f"wrote {built.meta['num_messages']} messages to {opts['out']} "
         f"(held-out set: {sidecar}, {len(built.heldout.labels)} samples)"
     )
+
+
+@stream.command("inspect")
+@click.argument("stream_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--heldout",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    help="Held-out set with the label-noise ground truth (default: FILE.eval.npz, if any).",
+)
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
+def stream_inspect(stream_file: str, heldout: str | None, as_json: bool) -> None:
+    """Show a stream file's header, spec, counts per class and task, noise and damage.
+
+    Every frame is decoded as a replay would; the file is only read.
+    """
+    from ingest.inventory import take_inventory
+
+    inventory = take_inventory(stream_file, heldout)
+    if as_json:
+        click.echo(strictjson.dumps(inventory.to_dict(), indent=2))
+    else:
+        for line in inventory.lines():
+            click.echo(line)
 
 
 # --- Avalanche bridge: `stream import` / `stream export` (issue 13) ---
@@ -238,6 +283,7 @@ def stream_import(
     """
     from ingest.importers import from_npz, write
 
+    check_file(out, "stream")
     if source.endswith(".npz"):
         if benchmark_args:
             raise click.UsageError("--benchmark-args is for an Avalanche SOURCE, not a .npz")
@@ -288,6 +334,7 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     """Write a recorded stream (e.g. one taken with `streamcl record`) for Avalanche."""
     from ingest.exporters import export_npz
 
+    check_file(out, "export")
     done = export_npz(stream_file, out, heldout, window)
     skipped = f", skipped {dict(done.skipped)}" if done.skipped else ""
     click.echo(
@@ -531,6 +578,14 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     help="Continue a run saved with --stop-after (same settings required).",
 )
 @click.option(
+    "--allow-partial",
+    is_flag=True,
+    default=False,
+    show_envvar=True,
+    help="Accept a damaged or truncated stream: learn from what is readable and exit 0 "
+    "(without it such a replay writes its report, then exits 2).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     show_envvar=True,
@@ -540,11 +595,15 @@ def replay(
     progress: bool | None, metrics_out: str | None, pushgateway: str | None, **opts: Any
 ) -> None:
     """Replay a recorded stream through the online learner and report the metrics."""
-    from deploy.replay import run_replay
+    from deploy.replay import check_outcome, run_replay
     from deploy.session import summary_lines
     from evaluation.report import write_plots
 
     config = validated(ReplayConfig, opts)
+    check_file(config.report, "report")
+    check_dir(config.plots, "plots")
+    check_file(metrics_out, "metrics")
+    check_file(config.checkpoint, "checkpoint")
     report = run_replay(config, progress=progress)
     for line in summary_lines(report):
         click.echo(line)
@@ -553,17 +612,21 @@ def replay(
         f"boundaries {report['task_boundaries_by_reason'] or ''}, "
         f"{report['drift_event_count']} drift event(s)"
     )
+    damage = report.get("stream_damage", {}).get("problem")
+    if damage:
+        click.echo(f"stream damage           {damage}")
     if "stopped_after" in report:
         click.echo(f"stopped after {report['stopped_after']} messages: {report['checkpoint']}")
     if config.report:
         config.report.parent.mkdir(parents=True, exist_ok=True)
-        config.report.write_text(json.dumps(report, indent=2) + "\n")
+        config.report.write_text(strictjson.dumps(report, indent=2) + "\n")
         click.echo(f"report: {config.report}")
     if config.plots:
         for path in write_plots(report, config.plots):
             click.echo(f"plot: {path}")
     if metrics_out or pushgateway:
         export_metrics(report, metrics_out, pushgateway)
+    check_outcome(report, config)
 
 
 def export_metrics(report: dict[str, Any], path: str | None, gateway: str | None) -> None:
@@ -589,6 +652,7 @@ cli.add_command(serve)
 cli.add_command(publish)
 cli.add_command(record)
 cli.add_command(demo)
+ENV_RULE = apply_rule(cli)
 
 
 def main() -> None:

@@ -6,9 +6,11 @@ underscores; flags and their environment variables override it.
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +24,7 @@ from pydantic import (
 )
 
 from ingest.errors import ConfigError
+from ingest.schema import StreamSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,6 +33,15 @@ else:  # pragma: no cover - exercised only on 3.10
 
 STRATEGY_PARTS = ("naive", "er", "ewc", "packnet")
 """What `strategy` may join with '+' (e.g. er+ewc); they compose in this order."""
+USER_MODEL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+"""A user model factory: `package.module:function`."""
+
+
+def _ints_from_text(value: Any) -> Any:
+    """Accept `28,28` (a flag or an environment variable) as well as a list."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
 
 
 class EwcConfig(BaseModel):
@@ -145,8 +157,8 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     strategy: str = Field("er", description="naive, or parts of er, ewc, packnet joined by +")
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)
+    model: str = Field("mlp", description="mlp, cnn or a factory 'package.module:function'")
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (256, 256)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -204,6 +216,15 @@ class LearnerConfig(BaseModel):
             raise ValueError(f"naive combines with nothing, got {value!r}")
         return "+".join(part for part in STRATEGY_PARTS if part in parts)
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value in ("mlp", "cnn") or USER_MODEL.fullmatch(value):
+            return value
+        raise ValueError(f"model must be mlp, cnn or 'package.module:function', got {value!r}")
+
+    _hidden_from_text = field_validator("hidden", mode="before")(_ints_from_text)
+
     @model_validator(mode="after")
     def _isolation_has_boundaries(self) -> LearnerConfig:
         if "packnet" in self.parts and not self.use_task_ids and self.detector.kind == "none":
@@ -260,6 +281,9 @@ class ReplayConfig(LearnerConfig):
     )
     checkpoint: Path | None = Field(None, description="where `stop_after` saves the run")
     resume: Path | None = Field(None, description="continue a run saved by `stop_after`")
+    allow_partial: bool = Field(
+        False, description="a damaged or truncated stream is a warning, not an error"
+    )
 
     @model_validator(mode="after")
     def _stop_needs_checkpoint(self) -> ReplayConfig:
@@ -268,15 +292,56 @@ class ReplayConfig(LearnerConfig):
         return self
 
 
-def validated(model: type[BaseModel], values: dict[str, Any]) -> Any:
-    """Build `model` from `values`, turning pydantic's error into a `ConfigError`."""
+def validated(model: type[BaseModel], values: dict[str, Any], source: str | None = None) -> Any:
+    """Build `model` from `values`, turning pydantic's error into a one-line `ConfigError`.
+
+    `source` names the file the values came from. An unknown key is answered with where
+    it belongs (a section of `model` that has it) or the closest known key.
+    """
     try:
         return model(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from err
+        problems = "; ".join(_problem(model, error) for error in err.errors())
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"invalid settings{where}: {problems}") from err
+
+
+def _problem(model: type[BaseModel], error: Any) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: {unknown_key_hint(model, loc)}"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def unknown_key_hint(model: type[BaseModel], loc: tuple[str, ...]) -> str:
+    """Say where an unknown key at `loc` belongs, or which known key it resembles."""
+    parent: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = parent.model_fields.get(part) if parent is not None else None
+        parent = _section(field.annotation) if field is not None else None
+    if parent is None:
+        return "unknown setting"
+    name = loc[-1]
+    prefix = ".".join(loc[:-1])
+    for section, field in parent.model_fields.items():
+        nested = _section(field.annotation)
+        if nested is not None and name in _keys(nested):
+            place = f"{prefix}.{section}" if prefix else section
+            return f"not a setting here; it belongs under {place}: ({place}.{name})"
+    close = difflib.get_close_matches(name, sorted(_keys(parent)), n=1)
+    return f"unknown setting (did you mean {close[0]}?)" if close else "unknown setting"
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _keys(model: type[BaseModel]) -> set[str]:
+    """Field names and their aliases (`lambda` for `lambda_`)."""
+    return {field.alias or name for name, field in model.model_fields.items()}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -324,8 +389,24 @@ class KafkaConfig(BaseModel):
     producer: dict[str, Any] = Field(default_factory=dict, description="extra producer settings")
     poll_timeout_ms: int = Field(200, ge=1)
     max_records: int = Field(500, ge=1)
+    on_unreadable: Literal["skip", "stop"] = Field(
+        "skip",
+        description="a record batch the client cannot decode: dead-letter its offset range "
+        "and skip it, or stop once with an error naming it",
+    )
     connect_timeout_s: float = Field(
         30.0, gt=0, description="at start-up, fail when no bootstrap server answers in this time"
+    )
+    side_topic_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="partitions of the dead-letter and quarantine topics when streamcl "
+        "creates them; default: as many as the source topic (1 if it does not exist yet). "
+        "A message from source partition p goes to partition p mod this count, so each "
+        "keeps its source order",
+    )
+    side_topic_replication: int = Field(
+        -1, description="replication factor of topics streamcl creates; -1: the broker's default"
     )
     rebalance: Literal["cooperative", "eager"] = Field(
         "cooperative",
@@ -343,6 +424,20 @@ class StreamSpecConfig(BaseModel):
     feature_shape: tuple[int, ...] = (28, 28)
     dtype: Literal["uint8", "float32"] = "uint8"
     num_classes: int = Field(10, ge=2)
+
+    _shape_from_text = field_validator("feature_shape", mode="before")(_ints_from_text)
+
+    @model_validator(mode="after")
+    def _is_a_spec(self) -> StreamSpecConfig:
+        try:
+            self.to_spec()
+        except ConfigError as err:
+            raise ValueError(str(err)) from err
+        return self
+
+    def to_spec(self) -> StreamSpec:
+        """The validated contract (ingest's `StreamSpec` is its one definition)."""
+        return StreamSpec(self.feature_shape, self.dtype, self.num_classes)
 
 
 class CheckpointConfig(BaseModel):

@@ -23,6 +23,7 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from deploy.config import HttpConfig
+from ingest import strictjson
 
 if TYPE_CHECKING:
     from deploy.service import Service
@@ -269,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(
         self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> None:
-        raw = json.dumps(body).encode()
+        raw = strictjson.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))

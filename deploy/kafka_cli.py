@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from deploy.config import ServiceConfig, read_config_file, validated
+from deploy.config import ServiceConfig, StreamSpecConfig, read_config_file, validated
+from deploy.outputs import check_file
 from ingest.kafka import KafkaSettings
-from ingest.schema import StreamSpec
 
 # Flags of `serve` and where they land in the nested service config.
 SERVE_OVERRIDES = {
@@ -40,7 +40,7 @@ def service_config(config_file: str | None, overrides: dict[str, Any]) -> Servic
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
-    return validated(ServiceConfig, raw)  # type: ignore[no-any-return]
+    return validated(ServiceConfig, raw, config_file)  # type: ignore[no-any-return]
 
 
 log_every_option = click.option(
@@ -137,6 +137,8 @@ def serve(config_file: str | None, **overrides: Any) -> None:
     from deploy.session import summary_lines
 
     config = service_config(config_file, overrides)
+    check_file(config.report, "report")
+    check_file(config.audit_log, "audit log")
     report = run_service(config)
     for line in summary_lines(report):
         click.echo(line)
@@ -245,8 +247,11 @@ def record(
 
     if max_messages is None and until_idle is None:
         raise click.UsageError("give --max-messages or --until-idle, or recording never ends")
-    shape = tuple(int(d) for d in feature_shape.split(","))
-    spec = StreamSpec(shape, dtype, num_classes)  # type: ignore[arg-type]
+    spec = validated(
+        StreamSpecConfig,
+        {"feature_shape": feature_shape, "dtype": dtype, "num_classes": num_classes},
+    ).to_spec()
+    check_file(out, "stream")
     settings = KafkaSettings(bootstrap_servers, security_protocol=security_protocol)
     written = record_topic(settings, topic, Path(out), spec, max_messages, until_idle, progress)
     click.echo(f"recorded {written} messages from {topic} to {out}")

@@ -7,12 +7,14 @@ the single-token ones into fields of their own, so a log pipeline can filter on
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, Literal
+
+from ingest import strictjson
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -37,7 +39,7 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return strictjson.dumps(doc, default=str)
 
 
 def fields(message: str) -> dict[str, Any]:
@@ -51,6 +53,8 @@ def fields(message: str) -> dict[str, Any]:
                 break
             except ValueError:
                 continue
+        if isinstance(value, float) and not math.isfinite(value):
+            value = raw  # "nan" stays text: JSON has no NaN
         out[key] = value
     return out
 

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from ingest.codec import REJECT_REASONS
+from ingest.kafka import UNREADABLE
 from ingest.offsets import OUT_OF_RANGE
 from learner.checkpoint import CHECKPOINT_LOAD_FAILURES
 
@@ -40,6 +41,12 @@ class ServiceMetrics:
             "streamcl_rejected_samples",
             "Messages rejected to the dead-letter topic, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.unreadable_batches = Counter(
+            "streamcl_unreadable_batches",
+            "Record batches the Kafka client could not decode (dead-lettered and skipped, or "
+            "the service stopped on them).",
             registry=r,
         )
         self.updates = Counter("streamcl_updates", "Optimizer steps taken.", registry=r)
@@ -176,7 +183,7 @@ class ServiceMetrics:
         ProcessCollector(registry=r)
         for outcome in OUTCOMES:
             self.samples.labels(outcome)
-        for reason in (*REJECT_REASONS, "corrupt_frame"):
+        for reason in (*REJECT_REASONS, "corrupt_frame", UNREADABLE):
             self.rejected.labels(reason)
         for decision in QUARANTINE_DECISIONS:
             self.quarantine_decisions.labels(decision)
@@ -225,14 +232,19 @@ def record_report(metrics: ServiceMetrics, report: dict[str, Any]) -> None:
     metrics.samples.labels("held_out").inc(report.get("samples_held_out", 0))
     for reason, count in report["rejected_by_reason"].items():
         metrics.rejected.labels(reason).inc(count)
-        if reason != "corrupt_frame":
-            metrics.samples.labels("rejected").inc(count)
+        metrics.samples.labels("rejected").inc(count)
+    metrics.rejected.labels("corrupt_frame").inc(report.get("corrupt_frames", 0))
     metrics.updates.inc(report["updates"])
     metrics.model_version.set(report["updates"])
     metrics.evaluations.inc(len(report["evaluation_points"]))
-    metrics.average_accuracy.set(report["final_average_accuracy"])
-    metrics.average_forgetting.set(report["average_forgetting"])
-    metrics.backward_transfer.set(report["backward_transfer"])
+    undefined = float("nan")  # null in the report (its null_reasons say why)
+    metrics.average_accuracy.set(_or(report["final_average_accuracy"], undefined))
+    metrics.average_forgetting.set(_or(report["average_forgetting"], undefined))
+    metrics.backward_transfer.set(_or(report["backward_transfer"], undefined))
     metrics.prequential.set(report["prequential_accuracy"])
     if report["accuracy_matrix"]:
         metrics.set_groups(report["accuracy_matrix"][-1], report["per_group_forgetting"])
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -3,7 +3,8 @@
 A replay can stop after N messages and save itself (`stop_after`, `checkpoint`), and a
 later process can `resume` it: learner, session (pending partial batch included) and
 the stream position are restored, so the finished report equals an uninterrupted run's.
-The checkpoint holds tensors and plain containers only (`torch.load(weights_only=True)`).
+The checkpoint is a streamcl checkpoint (learner/checkpoint.py): tensors and plain
+containers only, with a content checksum verified on load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from deploy.config import ReplayConfig
@@ -21,17 +21,19 @@ from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
 from ingest import heldout as heldout_io
 from ingest.codec import decode
-from ingest.errors import ConfigError
+from ingest.errors import ConfigError, DataError
 from ingest.heldout import HeldOut
 from ingest.recorded import CorruptFrame, StreamReader
 from ingest.schema import Origin, Rejected
-from learner.checkpoint import CheckpointError, write_atomically
+from learner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
 # Where outputs go and how a run was split: not part of what the run computes.
-RUN_ONLY_SETTINGS = {"report", "plots", "stop_after", "checkpoint", "resume"}
+REPLAY_KEYS = {"config", "position", "learner", "session"}
+"""What `save` writes, and `restore` needs."""
+RUN_ONLY_SETTINGS = {"report", "plots", "stop_after", "checkpoint", "resume", "allow_partial"}
 
 
 def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, Any]:
@@ -54,22 +56,24 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
             desc="replay",
             disable=None if progress is None else not progress,
         )
-        corrupt = position = 0
-        if config.resume is not None:
-            position, corrupt = restore(config, learner, session)
+        tally = reader.tally()
+        position = restore(config, learner, session) if config.resume is not None else 0
         resumed_at = position
         topic = str(config.stream)
         learn_started = time.perf_counter()
         for consumed, item in enumerate(bar):
-            if consumed < resumed_at:
-                continue
             if consumed == config.stop_after:
                 break
+            tally.count(item)
+            if consumed < resumed_at:
+                continue
             position = consumed + 1
             if isinstance(item, CorruptFrame):
-                corrupt += 1
                 log.warning(
-                    "corrupt frame skipped position=%d detail=%s", item.position, item.detail
+                    "corrupt frame skipped position=%d bytes=%d detail=%s",
+                    item.position,
+                    item.size,
+                    item.detail,
                 )
                 continue
             decoded = decode(item.payload, reader.spec, Origin(topic, 0, item.offset))
@@ -79,14 +83,16 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
                 session.offer(decoded)
         stopped = config.stop_after is not None and position == config.stop_after
         if stopped and config.checkpoint is not None:
-            save(config, learner, session, position, corrupt)
+            save(config, learner, session, position)
         else:
             session.flush()
             session.evaluate()
         # Probe evaluation is reported on its own; throughput counts the streaming work.
         learn_seconds = time.perf_counter() - learn_started - session.evaluation_seconds
     return {
-        **session.report(corrupt_frames=corrupt),
+        **session.report(corrupt_frames=len(tally.damaged)),
+        # A stopped run read only part of the file: whether the stream is whole is unknown.
+        **({} if stopped else {"stream_damage": tally.to_dict()}),
         **strategy_section(learner),
         **({"stopped_after": position, "checkpoint": str(config.checkpoint)} if stopped else {}),
         "samples_per_second": learner.samples / learn_seconds if learn_seconds else 0.0,
@@ -96,6 +102,33 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
         "config": config.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS),
         "environment": environment(learner),
     }
+
+
+def check_outcome(report: dict[str, Any], config: ReplayConfig) -> None:
+    """Fail a finished replay that learned nothing, or read a damaged stream unasked.
+
+    Called after the report is written, so a failed run still leaves its figures.
+    """
+    if "stopped_after" in report:
+        return
+    damage = report["stream_damage"]["problem"]
+    if report["samples_learned"] == 0:
+        seen = report["samples_seen"]
+        why = (
+            "it holds no readable message"
+            if seen == 0
+            else f"{seen} message(s) seen, {report['samples_rejected']} rejected as invalid "
+            f"{report['rejected_by_reason'] or ''}, {report['samples_quarantined']} in "
+            f"quarantine, {report['samples_rejected_noisy']} rejected as noisy"
+        )
+        raise DataError(
+            f"nothing learned from {config.stream}: {why}" + (f"; {damage}" if damage else "")
+        )
+    if damage and not config.allow_partial:
+        raise DataError(
+            f"stream {config.stream} is damaged: {damage}; learned {report['samples_learned']} "
+            f"samples from the rest (--allow-partial accepts a damaged stream)"
+        )
 
 
 def load_heldout(stream: Path, explicit: Path | None = None) -> HeldOut | None:
@@ -134,7 +167,6 @@ def save(
     learner: OnlineLearner,
     session: LearningSession,
     position: int,
-    corrupt: int,
 ) -> Path:
     """Write the run's state (learner, session, stream position) atomically to `checkpoint`."""
     path = Path(str(config.checkpoint))
@@ -142,24 +174,20 @@ def save(
     state = {
         "config": config.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS),
         "position": position,
-        "corrupt_frames": corrupt,
         "learner": learner.state_dict(),
         "session": session.state_dict(),
     }
-    write_atomically(path, lambda f: torch.save(state, f))
+    write_checkpoint(path, state)
     log.info("replay checkpoint written path=%s position=%d", path, position)
     return path
 
 
-def restore(
-    config: ReplayConfig, learner: OnlineLearner, session: LearningSession
-) -> tuple[int, int]:
-    """Load `config.resume` into learner and session; returns (position, corrupt frames)."""
+def restore(config: ReplayConfig, learner: OnlineLearner, session: LearningSession) -> int:
+    """Load `config.resume` into learner and session; returns the stream position."""
     path = Path(str(config.resume))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable, truncated or not a checkpoint at all
-        raise CheckpointError(f"cannot load replay checkpoint {path}: {err}") from err
+    state = read_checkpoint(path)
+    if not set(state) >= REPLAY_KEYS:
+        raise CheckpointError(f"{path} is a streamcl checkpoint, but not one of a replay")
     expected = config.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS)
     if state["config"] != expected:
         changed = sorted(k for k in expected if state["config"].get(k) != expected[k])
@@ -168,4 +196,4 @@ def restore(
         )
     learner.load_state_dict(state["learner"])
     session.load_state_dict(state["session"])
-    return int(state["position"]), int(state["corrupt_frames"])
+    return int(state["position"])

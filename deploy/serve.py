@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -13,6 +12,7 @@ from deploy.config import ServiceConfig
 from deploy.http import ServiceHttp
 from deploy.lock import checkpoint_lock
 from deploy.service import Service
+from ingest import strictjson
 from ingest.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def run_service(config: ServiceConfig, stop: threading.Event | None = None) -> d
         _restore_signal_handlers(previous)
     if config.report is not None:
         config.report.parent.mkdir(parents=True, exist_ok=True)
-        config.report.write_text(json.dumps(report, indent=2) + "\n")
+        config.report.write_text(strictjson.dumps(report, indent=2) + "\n")
     return report
 
 

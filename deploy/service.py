@@ -27,6 +27,7 @@ from deploy.resume import plan_resume
 from deploy.retry import Backoff
 from deploy.session import LearningSession, environment
 from deploy.wiring import build_learner, configure_threads
+from evaluation.report import metric_section
 from evaluation.reservoir import ProbeReservoir
 from ingest import heldout as heldout_io
 from ingest.codec import encode
@@ -39,6 +40,8 @@ from ingest.kafka import (
     KafkaSource,
     KafkaSourceError,
     Offsets,
+    UnreadableBatchError,
+    ensure_topic,
     wait_for_bootstrap,
 )
 from ingest.offsets import Reset, read_topic_state
@@ -130,12 +133,11 @@ class Service:
         self.metrics.checkpoint_age_limit.set(config.checkpoint.max_age_seconds)
         self.metrics.track_checkpoint_age(self._checkpoint_age)
         self._check_space()
-        dead_letter_topic = (
+        self.dead_letters = self._side_sink(
             config.kafka.dead_letter_topic or config.kafka.topic + DEAD_LETTER_SUFFIX
         )
-        self.dead_letters = DeadLetterSink(settings, dead_letter_topic)
-        self.quarantine_sink = DeadLetterSink(
-            settings, config.kafka.quarantine_topic or config.kafka.topic + QUARANTINE_SUFFIX
+        self.quarantine_sink = self._side_sink(
+            config.kafka.quarantine_topic or config.kafka.topic + QUARANTINE_SUFFIX
         )
         self._filter_counts = dict(self.session.filtering.counts)
         self.source = KafkaSource(
@@ -145,6 +147,7 @@ class Service:
             self.spec,
             on_revoke=self.checkpoint,
             rebalance=config.kafka.rebalance,
+            on_unreadable=config.kafka.on_unreadable,
         )
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
@@ -239,7 +242,13 @@ class Service:
         self._learned_at_start = self.session.samples_learned
         idle_since = time.monotonic()
         while not stop.is_set():
-            arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            try:
+                arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
+            except UnreadableBatchError:
+                # on_unreadable: stop. Keep what was learned before the batch, then stop once.
+                self.metrics.unreadable_batches.inc()
+                self._final_checkpoint()
+                raise
             now = time.monotonic()
             self.last_progress = now
             self.metrics.last_poll.set(time.time())
@@ -320,10 +329,12 @@ class Service:
             item = arrival.item
             with self.model_lock:
                 if isinstance(item, Rejected):
-                    self.dead_letters.send(item)
-                    self.session.reject(item.reason)
-                    self.metrics.samples.labels("rejected").inc()
-                    self.metrics.rejected.labels(item.reason).inc()
+                    self.dead_letters.send(item, arrival.key, arrival.headers, arrival.timestamp_ms)
+                    self.session.reject(item.reason, item.count)
+                    self.metrics.samples.labels("rejected").inc(item.count)
+                    self.metrics.rejected.labels(item.reason).inc(item.count)
+                    if item.last_offset is not None:
+                        self.metrics.unreadable_batches.inc()
                 else:
                     if item.origin is not None:
                         key = (item.origin.partition, item.origin.offset)
@@ -331,7 +342,8 @@ class Service:
                     if not self.session.offer(item):
                         self.metrics.samples.labels("held_out").inc()
                 if item.origin is not None:
-                    self.source.mark_handled(item.origin)
+                    last = item.last_offset if isinstance(item, Rejected) else None
+                    self.source.mark_handled(item.origin, last)
             if self._checkpoint_due(time.monotonic()):
                 self.checkpoint()
 
@@ -403,6 +415,15 @@ class Service:
         if self.learner.updates == self._updates_at_checkpoint:
             return 0.0
         return time.monotonic() - self.last_checkpoint_at
+
+    def _side_sink(self, topic: str) -> DeadLetterSink:
+        """A sink for dead letters or quarantined samples, its topic created if missing."""
+        kafka = self.config.kafka
+        settings = kafka_settings(self.config)
+        partitions = ensure_topic(
+            settings, topic, kafka.side_topic_partitions, kafka.side_topic_replication, kafka.topic
+        )
+        return DeadLetterSink(settings, topic, partitions)
 
     def _check_space(self) -> None:
         """Warn when the checkpoint volume cannot hold keep + 1 checkpoints.
@@ -575,12 +596,15 @@ class Service:
         directory = self.config.snapshot.dir
         if directory is None:
             return
+        session = self.session
+        section = metric_section(session.matrix, session.prequential, None, session.group_kind, [])
         meta = {
-            "samples_learned": self.session.samples_learned,
+            "samples_learned": session.samples_learned,
             "offsets": {f"{t}/{p}": o for (t, p), o in offsets.items()},
             "metrics": {
-                "prequential_accuracy": self.session.prequential.get(),
-                "average_accuracy": self.session.matrix.get().average_accuracy,
+                "prequential_accuracy": session.prequential.get(),
+                "average_accuracy": section["final_average_accuracy"],
+                "null_reasons": section["null_reasons"],
             },
             "spec": self.spec.to_dict(),
             "model": self.config.learner.model,

@@ -119,9 +119,10 @@ class LearningSession:
             self.flush()
         return True
 
-    def reject(self, reason: str) -> None:
-        self.samples_seen += 1
-        self.rejected[reason] += 1
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Account for `count` messages rejected for `reason` (an unreadable batch: several)."""
+        self.samples_seen += count
+        self.rejected[reason] += count
 
     def flush(self) -> None:
         """Learn whatever is pending (a partial batch at a boundary or before a checkpoint)."""
@@ -196,9 +197,6 @@ class LearningSession:
     def report(self, corrupt_frames: int = 0) -> dict[str, Any]:
         """Metrics and the accounting of every message (timings are added by the caller)."""
         kind = self.group_kind if self.matrix.num_groups else "none"
-        reasons = dict(self.rejected)
-        if corrupt_frames:
-            reasons["corrupt_frame"] = corrupt_frames
         return {
             **metric_section(self.matrix, self.prequential, self.final_probe, kind, self.curve),
             "samples_seen": self.samples_seen,
@@ -213,8 +211,9 @@ class LearningSession:
                 self.final_probe.per_class if self.final_probe else np.zeros(0),
                 self.class_counts,
             ),
+            # Damaged file regions are not messages: counted apart from the rejected ones.
             "corrupt_frames": corrupt_frames,
-            "rejected_by_reason": dict(sorted(reasons.items())),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
             "updates": self.learner.updates,
         }
 
@@ -407,10 +406,16 @@ def environment(learner: OnlineLearner) -> dict[str, Any]:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A short human-readable summary for the terminal."""
+    reasons = report.get("null_reasons", {})
+
+    def metric(key: str, form: str) -> str:
+        value = report[key]
+        return f"n/a ({reasons.get(key, 'undefined')})" if value is None else format(value, form)
+
     lines = [
-        f"final average accuracy  {report['final_average_accuracy']:.4f}",
-        f"average forgetting      {report['average_forgetting']:.4f}",
-        f"backward transfer       {report['backward_transfer']:+.4f}",
+        f"final average accuracy  {metric('final_average_accuracy', '.4f')}",
+        f"average forgetting      {metric('average_forgetting', '.4f')}",
+        f"backward transfer       {metric('backward_transfer', '+.4f')}",
         f"prequential accuracy    {report['prequential_accuracy']:.4f}",
         f"samples seen/learned    {report['samples_seen']} / {report['samples_learned']}",
         f"rejected                {report['samples_rejected']} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,21 @@ def metric_section(
     group_kind: str,
     curve: list[dict[str, float]],
 ) -> dict[str, Any]:
-    """The continual-learning metrics of a run, JSON-ready (NaN becomes null)."""
+    """The continual-learning metrics of a run, JSON-ready.
+
+    A metric that is undefined (NaN: a group trained on has no probe sample) is null,
+    and `null_reasons` says why, keyed by the metric's name.
+    """
     summary = matrix.get()
-    return {
+    scalars = {
         "final_average_accuracy": summary.average_accuracy,
         "average_forgetting": summary.average_forgetting,
         "backward_transfer": summary.backward_transfer,
+    }
+    why = _undefined_because(matrix, group_kind)
+    return {
+        **{key: None if math.isnan(value) else value for key, value in scalars.items()},
+        "null_reasons": {key: why for key, value in scalars.items() if math.isnan(value)},
         "group_kind": group_kind,
         "accuracy_matrix": _jsonable(matrix.matrix),
         "evaluation_points": list(matrix.points),
@@ -32,6 +42,18 @@ def metric_section(
         "prequential_accuracy": prequential.get(),
         "accuracy_curve": curve,
     }
+
+
+def _undefined_because(matrix: AccuracyMatrix, group_kind: str) -> str:
+    """Why a summary of `matrix` is NaN: the groups trained on that have no probe sample."""
+    if not matrix.rows:
+        return "no evaluation point yet"
+    unprobed = np.flatnonzero(matrix.seen & np.isnan(matrix.matrix).any(axis=0))
+    names = ", ".join(str(g) for g in unprobed)
+    return (
+        f"{group_kind} {names} trained on but without a probe sample at some evaluation "
+        f"point: its accuracy there is undefined"
+    )
 
 
 def head_tail(per_class: np.ndarray, class_counts: np.ndarray) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """The wire codec: compact binary by default, JSON accepted, validation with a reason.
 
-Binary layout (little endian), version 1::
+The format is specified in ingest/wire-format.md (byte offsets, codes, version policy)
+and pinned by the test vectors in tests/vectors/. In short, little endian, version 1::
 
     magic  "SC"   2 bytes
     version       u8    (1)
     dtype         u8    (1 = uint8, 2 = float32)
     ndim          u8    (1..4)
-    flags         u8    (bit 0: a task id is present)
-    task          u16
+    flags         u8    (bit 0: a task id is present; bits 1-7 reserved, zero)
+    task          u16   (zero unless flag bit 0 is set)
     label         i32
     sample_id     i64
     event_time_ms i64
-    shape         ndim x u32
+    shape         ndim x u32 (the stream's shape, or flat: one dim of all its elements)
     features      prod(shape) x itemsize raw bytes, C order
 
 Decoding is `struct.unpack_from` plus `numpy.frombuffer`: no per-element parsing.
@@ -29,6 +30,8 @@ import numpy as np
 from ingest.schema import NO_TASK, Origin, Rejected, Sample, StreamSpec
 
 RejectReason = Literal[
+    "empty",
+    "tombstone",
     "garbage",
     "truncated",
     "unknown_version",
@@ -38,12 +41,15 @@ RejectReason = Literal[
     "non_finite",
     "label_out_of_range",
     "bad_task",
+    "bad_flags",
     "bad_json",
     "missing_field",
 ]
 REJECT_REASONS: Final[tuple[str, ...]] = RejectReason.__args__  # type: ignore[attr-defined]
 
 MAGIC: Final = b"SC"
+UTF8_BOM: Final = b"\xef\xbb\xbf"
+"""Some producers (.NET, Windows tools) start JSON text with it; RFC 8259 lets readers skip it."""
 VERSION: Final = 1
 _HEADER = struct.Struct("<2sBBBBHiqq")
 _DTYPE_CODES: Final = {"uint8": 1, "float32": 2}
@@ -94,12 +100,23 @@ def encode_json(sample: Sample) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def decode(payload: bytes, spec: StreamSpec, origin: Origin | None = None) -> Sample | Rejected:
-    """Decode and validate one message; bad input becomes a `Rejected` value, never an error."""
+def decode(
+    payload: bytes | None, spec: StreamSpec, origin: Origin | None = None
+) -> Sample | Rejected:
+    """Decode and validate one message; bad input becomes a `Rejected` value, never an error.
+
+    `None` is a Kafka tombstone (a null value): rejected as `tombstone`, apart from an
+    empty value (`empty`). JSON may start with a UTF-8 byte-order mark.
+    """
+    if payload is None:
+        return Rejected(b"", "tombstone", "null value (a tombstone), not a sample", origin)
+    if not payload:
+        return Rejected(payload, "empty", "empty value, not a sample", origin)
+    text = payload[len(UTF8_BOM) :] if payload.startswith(UTF8_BOM) else payload
     if payload[:2] == MAGIC:
         result = _decode_binary(payload, spec, origin)
-    elif payload[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
-        result = _decode_json(payload, spec, origin)
+    elif text[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
+        result = _decode_json(text, spec, origin)
     else:
         return Rejected(payload, "garbage", "neither binary magic 'SC' nor a JSON object", origin)
     if isinstance(result, tuple):
@@ -118,6 +135,10 @@ def _decode_binary(
     )
     if version != VERSION:
         return "unknown_version", f"wire version {version}, this reader knows {VERSION}"
+    if flags & ~_HAS_TASK:
+        return "bad_flags", f"reserved flag bits set: flags=0x{flags:02x} (only bit 0 is defined)"
+    if task and not flags & _HAS_TASK:
+        return "bad_flags", f"task field is {task} but flag bit 0 (task present) is clear"
     dtype = _CODE_DTYPES.get(dtype_code)
     if dtype is None:
         return "wrong_dtype", f"unknown dtype code {dtype_code}"
@@ -129,14 +150,14 @@ def _decode_binary(
     if len(payload) < shape_end:
         return "truncated", f"shape needs {shape_end} bytes, got {len(payload)}"
     shape = _SHAPES[ndim].unpack_from(payload, _HEADER.size)
-    if shape != spec.feature_shape:
+    if shape not in (spec.feature_shape, (spec.feature_size,)):
         return "wrong_shape", f"expected {spec.feature_shape}, got {shape}"
     expected = shape_end + spec.feature_nbytes
     if len(payload) < expected:
         return "truncated", f"features need {expected} bytes, got {len(payload)}"
     if len(payload) > expected:
         return "wrong_size", f"expected {expected} bytes, got {len(payload)}"
-    features = np.frombuffer(payload, dtype=dtype, offset=shape_end).reshape(shape)
+    features = np.frombuffer(payload, dtype=dtype, offset=shape_end).reshape(spec.feature_shape)
     return _checked(
         spec, features, label, task if flags & _HAS_TASK else NO_TASK, sample_id, event_time, origin
     )
@@ -169,7 +190,7 @@ def _decode_json(
         features = np.asarray(doc["features"], dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as err:
         return "bad_json", f"features must be a numeric array: {err}"[:200]
-    if features.size != spec.feature_size:
+    if features.shape not in (spec.feature_shape, (spec.feature_size,)):
         return "wrong_shape", f"expected {spec.feature_shape}, got shape {features.shape}"
     features = features.reshape(spec.feature_shape)
     if spec.dtype == "uint8":

@@ -46,18 +46,40 @@ def load(name: DatasetName, data_dir: str | Path | None = None) -> LabelledData:
 
 
 def find_fashion_mnist(data_dir: str | Path | None = None) -> Path:
-    """Return the first directory holding the four Fashion-MNIST IDX files."""
-    candidates = [Path(p) for p in (data_dir, os.environ.get(DATA_DIR_ENV)) if p]
-    candidates.append(DEBIAN_FASHION_MNIST)
-    for directory in candidates:
-        if all(_idx_path(directory, stem) for stem in _FASHION_FILES.values()):
-            return directory
-    looked = ", ".join(str(c) for c in candidates)
+    """Return the directory holding the four Fashion-MNIST IDX files.
+
+    A directory the user named (`data_dir`, else $STREAMCL_DATA) must hold them: one
+    that does not is an error, never a reason to read data from somewhere else. Only
+    when neither is given is Debian's package location used.
+    """
+    from_env = os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        directory, named_by = Path(data_dir), "--data-dir"
+    elif from_env:
+        directory, named_by = Path(from_env), f"${DATA_DIR_ENV}"
+    else:
+        directory, named_by = DEBIAN_FASHION_MNIST, ""
+    missing = [stem for stem in _FASHION_FILES.values() if _idx_path(directory, stem) is None]
+    if not missing:
+        return directory
+    files = ", ".join(_FASHION_FILES.values())
+    if named_by:
+        problem = (
+            "does not exist"
+            if not directory.exists()
+            else "is not a directory"
+            if not directory.is_dir()
+            else f"lacks {', '.join(missing)}"
+        )
+        raise DataError(
+            f"{named_by} {directory} {problem}: it must hold the Fashion-MNIST IDX files "
+            f"{files} (optionally .gz)"
+        )
     raise DataError(
-        f"Fashion-MNIST IDX files not found (looked in {looked}). Either install Debian's "
+        f"Fashion-MNIST IDX files not found (looked in {directory}). Either install Debian's "
         f"package (apt-get install dataset-fashion-mnist) or pass --data-dir / set "
-        f"${DATA_DIR_ENV} to a directory with {', '.join(_FASHION_FILES.values())} "
-        f"(optionally .gz); or use --dataset digits, which needs no download."
+        f"${DATA_DIR_ENV} to a directory with {files} (optionally .gz); or use "
+        f"--dataset digits, which needs no download."
     )
 
 

@@ -29,7 +29,7 @@ from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, 
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
@@ -58,10 +58,21 @@ ASSIGNORS: dict[str, tuple[type, ...]] = {
     # kafka-python's default: every rebalance revokes all partitions of every member.
     "eager": (RangePartitionAssignor, RoundRobinPartitionAssignor),
 }
+TOMBSTONE = "tombstone"
+"""Reject reason of a null value (`ingest.codec.decode`)."""
+UNREADABLE = "unreadable_batch"
+"""Reject reason of offsets the client could not decode (missing codec, corrupt batch)."""
+OnUnreadable = Literal["skip", "stop"]
+PROBE_TIMEOUT_S = 5.0
+"""How long one probe poll may wait for a fetch while locating an unreadable batch."""
 
 
 class KafkaSourceError(StreamclError):
     """The Kafka client could not be created or used."""
+
+
+class UnreadableBatchError(KafkaSourceError):
+    """A record batch the client cannot decode, and `on_unreadable` is `stop`."""
 
 
 @dataclass(frozen=True)
@@ -103,12 +114,18 @@ class KafkaSettings:
         return {k: v for k, v in values.items() if v is not None}
 
 
+Headers = list[tuple[str, bytes]]
+
+
 @dataclass(frozen=True)
 class Arrival:
-    """A decoded message plus when Kafka stamped it (ms since epoch)."""
+    """A decoded message plus what Kafka carried beside it: its timestamp (ms since
+    epoch, -1 when none), key and headers, which a dead letter keeps."""
 
     item: Sample | Rejected
     timestamp_ms: int
+    key: bytes | None = None
+    headers: Headers = field(default_factory=list)
 
 
 class KafkaSource:
@@ -118,6 +135,11 @@ class KafkaSource:
     partitions are taken away, so the caller can checkpoint and commit what it has
     learned from them; its `commit` calls then cover the partitions being revoked.
     rebalance: the group protocol every member must share (`ASSIGNORS`).
+    on_unreadable: what to do with offsets the client cannot decode (a batch of a codec
+    it lacks, a corrupt batch). `skip`: one `Rejected` (reason `unreadable_batch`) covering
+    the offset range is returned and the partition is sought past it; `stop`: raise
+    `UnreadableBatchError` naming the partition and offsets. Either way the same batch can
+    never crash the service again and again.
     """
 
     def __init__(
@@ -128,9 +150,11 @@ class KafkaSource:
         spec: StreamSpec,
         on_revoke: Callable[[], object] | None = None,
         rebalance: Rebalance = "cooperative",
+        on_unreadable: OnUnreadable = "skip",
     ):
         self.topic = topic
         self.spec = spec
+        self.on_unreadable = on_unreadable
         # Next offset per partition whose message the caller has fully handled (learned,
         # pending in its state, or dead-lettered): what a checkpoint may claim, and where
         # a partition given back to this member resumes.
@@ -147,6 +171,8 @@ class KafkaSource:
             **settings.common(),
             **settings.consumer,
         }
+        # Outside the group: it only locates a batch the group consumer cannot decode.
+        self._probe_config = {**config, "group_id": None}
         try:
             self._consumer = KafkaConsumer(**config)
         except KafkaError as err:
@@ -161,18 +187,73 @@ class KafkaSource:
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Arrival]:
         """Fetch, decode and validate up to `max_records` messages, in partition order."""
-        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except Exception as err:
+            if not _maybe_unreadable(err):
+                raise
+            return [self._unreadable(err)]
         arrivals = []
         for tp, records in batches.items():
             for record in records:
                 origin = Origin(tp.topic, tp.partition, record.offset)
-                item = decode(record.value or b"", self.spec, origin)
-                arrivals.append(Arrival(item, record.timestamp))
+                item = decode(record.value, self.spec, origin)
+                headers = list(record.headers or [])
+                arrivals.append(Arrival(item, record.timestamp, record.key, headers))
         return arrivals
 
-    def mark_handled(self, origin: Origin) -> None:
-        """Record that the message at `origin` is accounted for; checkpoints may include it."""
-        self.handled[(origin.topic, origin.partition)] = origin.offset + 1
+    def _unreadable(self, err: Exception) -> Arrival:
+        """Find the partition and offsets that `err` came from; skip them or stop.
+
+        The client's error names neither, so a separate consumer outside the group probes
+        each partition with unread messages at the group consumer's position, one partition
+        at a time; the first that fails again is the one. Its end is found by probing one
+        offset further at a time: a fetch returns the whole batch holding the offset, so
+        this never passes over a readable message (at the cost of one fetch per unreadable
+        offset). An error no probe reproduces is not a bad batch: it is raised as it was.
+        (Probing with the group consumer itself, by pausing partitions, leaves kafka-python
+        3.0 starving a paused partition forever.)
+        """
+        consumer = self._consumer
+        probe = KafkaConsumer(**self._probe_config)
+        try:
+            for tp in sorted(consumer.assignment(), key=lambda tp: tp.partition):
+                first = consumer.position(tp)
+                highwater = consumer.highwater(tp)
+                if highwater is not None and first >= highwater:
+                    continue
+                probe.assign([tp])
+                if not _fails(probe, tp, first):
+                    continue
+                end = first + 1
+                highwater = highwater if highwater is not None else probe.highwater(tp)
+                while highwater is not None and end < highwater and _fails(probe, tp, end):
+                    end += 1
+                return self._found(tp, first, end - 1, err)
+        finally:
+            probe.close(autocommit=False)
+        raise err
+
+    def _found(self, tp: TopicPartition, first: int, last: int, err: Exception) -> Arrival:
+        where = f"topic {tp.topic} partition {tp.partition} offsets {first}-{last}"
+        error = str(err)  # kafka-python's errors start with their class name; others don't
+        if not error.startswith(type(err).__name__):
+            error = f"{type(err).__name__}: {error}"
+        if self.on_unreadable == "stop":
+            raise UnreadableBatchError(
+                f"cannot decode the record batch at {where} ({error}); to dead-letter and "
+                f"skip it, restart with kafka.on_unreadable: skip"
+            ) from err
+        log.error("unreadable record batch at %s: dead-lettered and skipped error=%s", where, error)
+        self._consumer.seek(tp, last + 1)
+        origin = Origin(tp.topic, tp.partition, first)
+        return Arrival(Rejected(b"", UNREADABLE, error[:1024], origin, last_offset=last), -1)
+
+    def mark_handled(self, origin: Origin, last_offset: int | None = None) -> None:
+        """Record that the message at `origin` (through `last_offset`, for a range) is
+        accounted for; checkpoints may include it."""
+        last = origin.offset if last_offset is None else last_offset
+        self.handled[(origin.topic, origin.partition)] = last + 1
 
     def commit(self, offsets: Offsets) -> bool:
         """Commit offsets (already durable in a checkpoint); False if the broker refused.
@@ -290,6 +371,38 @@ class _Revocation:
         self._consumer.commit_async(self.offsets).chain(self._done)
 
 
+def _fails(probe: KafkaConsumer, tp: TopicPartition, offset: int) -> bool:
+    """Whether `probe` (assigned `tp`) fetching at `offset` raises a decode error.
+
+    kafka-python 3.0 keeps a partition's records whose decoding failed buffered at the
+    failing offset, and a poll from that same position spins on them forever: so every
+    probe is at a higher offset than the last, and the group consumer is sought away from
+    the failing offset (skip) or closed (stop), never polled there again.
+    """
+    probe.seek(tp, offset)
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            if probe.poll(timeout_ms=200, max_records=1):
+                return False
+        except Exception as err:
+            if _maybe_unreadable(err):
+                return True
+            raise
+    return False
+
+
+def _maybe_unreadable(err: Exception) -> bool:
+    """Whether `err` from a poll may be a batch the client cannot decode.
+
+    Codec and CRC errors are; so is anything not a Kafka error (a decompressor's own
+    error). Other Kafka errors (authorization, configuration) are not a batch's fault.
+    """
+    if isinstance(err, UnsupportedCodecError | CorruptRecordError):
+        return True
+    return not isinstance(err, KafkaError)
+
+
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
     """kafka-python awaits these on its IO thread (see `KafkaSource._revoked`)."""
 
@@ -312,15 +425,50 @@ def _numbers(partitions: Iterable[TopicPartition]) -> list[int]:
     return sorted(tp.partition for tp in partitions)
 
 
+def ensure_topic(
+    settings: KafkaSettings, name: str, partitions: int | None, replication: int, like: str
+) -> int:
+    """Create topic `name` unless it exists; return its partition count.
+
+    Not left to the broker's auto-creation, whose partition count is the broker's choice
+    (Tansu's is 4). `partitions` None: as many as topic `like` (the source) has.
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**settings.common())
+    try:
+        if partitions is None:
+            described = admin.describe_topics([like])
+            partitions = max(1, len(described[0]["partitions"])) if described else 1
+        try:
+            admin.create_topics([NewTopic(name, partitions, replication)])
+            log.info("topic created topic=%s partitions=%d", name, partitions)
+        except TopicAlreadyExistsError:
+            pass
+        described = admin.describe_topics([name])
+        return len(described[0]["partitions"]) if described else partitions
+    except KafkaError as err:
+        raise KafkaSourceError(f"cannot create or describe topic {name}: {err}") from err
+    finally:
+        admin.close()
+
+
 class DeadLetterSink:
     """Send rejected messages, unchanged, to a dead-letter topic with the reason in headers.
+
+    The original key, headers and timestamp are kept; streamcl's headers come after the
+    original ones (a reader taking the last value of a name gets streamcl's). A message
+    from source partition p goes to partition p mod `partitions`, so the dead letters of
+    one source partition keep its order whatever their keys (None: the producer's choice).
 
     `flush` blocks until every sent message is acknowledged and raises if any failed:
     callers flush before committing offsets, so a rejected message is never lost.
     """
 
-    def __init__(self, settings: KafkaSettings, topic: str):
+    def __init__(self, settings: KafkaSettings, topic: str, partitions: int | None = None):
         self.topic = topic
+        self.partitions = partitions
         self._pending: list[Any] = []
         config = {
             "acks": "all",
@@ -335,9 +483,17 @@ class DeadLetterSink:
                 f"cannot connect dead-letter producer to {settings.bootstrap_servers}: {err}"
             ) from err
 
-    def send(self, rejected: Rejected) -> None:
+    def send(
+        self,
+        rejected: Rejected,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        """Queue `rejected` with the original `key`, `headers` and `timestamp_ms`."""
         payload = rejected.payload
         headers = [
+            *(headers or []),
             ("streamcl-reason", rejected.reason.encode()),
             ("streamcl-detail", rejected.detail.encode()[:1024]),
         ]
@@ -347,10 +503,26 @@ class DeadLetterSink:
                 ("source-partition", str(rejected.origin.partition).encode()),
                 ("source-offset", str(rejected.origin.offset).encode()),
             ]
+            if rejected.last_offset is not None:
+                headers.append(("source-offset-last", str(rejected.last_offset).encode()))
         if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
             headers.append(("streamcl-original-size", str(len(payload)).encode()))
             payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
-        self._pending.append(self._producer.send(self.topic, value=payload, headers=headers))
+        timestamp = timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else None
+        value = None if rejected.reason == TOMBSTONE else payload  # a tombstone stays one
+        partition = None
+        if self.partitions is not None and rejected.origin is not None:
+            partition = rejected.origin.partition % self.partitions
+        self._pending.append(
+            self._producer.send(
+                self.topic,
+                value=value,
+                key=key,
+                headers=headers,
+                timestamp_ms=timestamp,
+                partition=partition,
+            )
+        )
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for every sent message; raises `KafkaSourceError` if one failed."""

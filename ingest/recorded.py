@@ -18,7 +18,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Final, NamedTuple
 
@@ -45,10 +45,71 @@ class Frame(NamedTuple):
 
 @dataclass(frozen=True)
 class CorruptFrame:
-    """A damaged region of the file, skipped; `position` is its byte offset in the file."""
+    """A damaged region of the file, skipped; `position` is its byte offset in the file.
+
+    `size` is how many bytes were skipped; it is left out of equality, since a region is
+    identified by where it starts and why.
+    """
 
     position: int
     detail: str
+    size: int = field(default=0, compare=False)
+
+
+@dataclass
+class StreamTally:
+    """What one pass over a stream file found: frames read and damaged regions.
+
+    A stream is intact when nothing was damaged and it holds as many frames as its
+    header announces (`num_messages`, when the writer knew it).
+    """
+
+    file_size: int
+    expected: int | None
+    frames: int = 0
+    damaged: list[CorruptFrame] = field(default_factory=list)
+
+    def count(self, item: Frame | CorruptFrame) -> None:
+        if isinstance(item, CorruptFrame):
+            self.damaged.append(item)
+        else:
+            self.frames += 1
+
+    @property
+    def damaged_bytes(self) -> int:
+        return sum(region.size for region in self.damaged)
+
+    @property
+    def ends_in_damage(self) -> bool:
+        """The last damaged region runs to the end of the file: it looks truncated."""
+        last = self.damaged[-1] if self.damaged else None
+        return last is not None and last.position + last.size >= self.file_size
+
+    def problem(self) -> str | None:
+        """One line saying what is wrong with the stream, or None when it is intact."""
+        parts = []
+        if self.damaged:
+            first = self.damaged[0]
+            parts.append(
+                f"{len(self.damaged)} damaged region(s), {self.damaged_bytes} bytes skipped "
+                f"(first at byte {first.position}: {first.detail})"
+            )
+        if self.ends_in_damage:
+            parts.append("it ends inside a damaged frame (truncated?)")
+        if self.expected is not None and self.frames < self.expected:
+            parts.append(f"{self.frames} of the {self.expected} frames its header announces read")
+        return "; ".join(parts) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "frames_read": self.frames,
+            "frames_expected": self.expected,
+            "damaged_bytes": self.damaged_bytes,
+            "damaged_regions": [
+                {"position": r.position, "bytes": r.size, "detail": r.detail} for r in self.damaged
+            ],
+            "problem": self.problem(),
+        }
 
 
 def _crc(offset: int, timestamp_ms: int, payload: bytes) -> int:
@@ -125,6 +186,11 @@ class StreamReader:
     def size_bytes(self) -> int:
         return os.fstat(self._file.fileno()).st_size
 
+    def tally(self) -> StreamTally:
+        """An empty tally for a pass over this file, expecting the header's frame count."""
+        expected = self.header.get("num_messages")
+        return StreamTally(self.size_bytes, expected if isinstance(expected, int) else None)
+
     def __iter__(self) -> Iterator[Frame | CorruptFrame]:
         size = self.size_bytes
         if size <= self._data_start:
@@ -155,7 +221,7 @@ def _scan(
 ) -> Iterator[Frame | CorruptFrame]:
     while pos < size:
         if size - pos < _FRAME.size:
-            yield CorruptFrame(pos, f"truncated frame header: {size - pos} bytes left")
+            yield CorruptFrame(pos, f"truncated frame header: {size - pos} bytes left", size - pos)
             return
         magic, length, crc, offset, timestamp = _FRAME.unpack_from(view, pos)
         problem = ""
@@ -174,11 +240,11 @@ def _scan(
             # only this frame's bytes were damaged.
             end = start + length
             if end == size or view[end : end + len(FRAME_MAGIC)] == FRAME_MAGIC:
-                yield CorruptFrame(pos, problem)
+                yield CorruptFrame(pos, problem, end - pos)
                 pos = end
                 continue
         next_pos = view.find(FRAME_MAGIC, pos + 1)
-        yield CorruptFrame(pos, problem)
+        yield CorruptFrame(pos, problem, (size if next_pos < 0 else next_pos) - pos)
         if next_pos < 0:
             return
         pos = next_pos

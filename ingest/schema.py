@@ -88,12 +88,24 @@ class Sample:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A message that failed decoding or validation, kept whole for the dead-letter sink."""
+    """A message that failed decoding or validation, kept whole for the dead-letter sink.
+
+    last_offset: set when the rejection covers the offsets `origin.offset..last_offset`
+    of one partition (a record batch the Kafka client could not decode; payload empty).
+    """
 
     payload: bytes
     reason: str
     detail: str
     origin: Origin | None = None
+    last_offset: int | None = None
+
+    @property
+    def count(self) -> int:
+        """Messages (offsets) this rejection accounts for."""
+        if self.last_offset is None or self.origin is None:
+            return 1
+        return self.last_offset - self.origin.offset + 1
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ingest import strictjson
 from ingest.errors import StreamclError
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     Raises `ChecksumError` when the content differs from what was written, and
     `CheckpointError` when the file is not a streamcl checkpoint.
     """
-    envelope = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            envelope = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own text advises unsafe loading: never pass it on
+        raise CheckpointError(f"{path} is not a streamcl checkpoint: {_unreadable(err)}") from err
     if not isinstance(envelope, dict) or envelope.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a streamcl checkpoint ({CHECKPOINT_FORMAT})")
     state = envelope["state"]
@@ -158,6 +165,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"written {str(envelope['sha256'])[:12]}...): damaged on disk"
         )
     return state  # type: ignore[no-any-return]
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch could not load a file, in our words."""
+    if isinstance(err, EOFError) or "zip archive" in str(err):
+        return "it is empty, truncated or damaged"
+    if isinstance(err, pickle.UnpicklingError):
+        return "it holds more than tensors and plain containers (such files are never loaded)"
+    return f"torch cannot read it ({type(err).__name__})"
 
 
 def content_digest(state: Any) -> str:
@@ -198,7 +214,7 @@ def write_snapshot(
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / "model.safetensors"))
-        (staging / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2))
+        (staging / "meta.json").write_text(strictjson.dumps({"version": version, **meta}, indent=2))
         for name in ("model.safetensors", "meta.json"):
             _fsync_path(staging / name)
         if final.exists():

@@ -69,7 +69,15 @@ def _user_model(path: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"cannot import model factory {path!r}: {err}") from err
-    model = factory(input_shape=input_shape, num_classes=num_classes)
+    if not callable(factory):
+        raise ConfigError(f"model factory {path!r} is a {type(factory).__name__}, not callable")
+    try:
+        model = factory(input_shape=input_shape, num_classes=num_classes)
+    except Exception as err:  # the user's code: any failure is a configuration error
+        raise ConfigError(
+            f"model factory {path!r} failed when called with input_shape={input_shape}, "
+            f"num_classes={num_classes}: {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {path!r} returned {type(model).__name__}, not nn.Module")
     return model

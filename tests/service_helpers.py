@@ -10,9 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kafka import KafkaProducer
+
 from deploy.broker import EmbeddedBroker, free_port
 from deploy.config import ServiceConfig
 from deploy.serve import run_service
+from ingest.codec import encode
+from ingest.datasets import load_digits
+from ingest.schema import Sample
 from tests.brokers import FAST_GROUP
 
 
@@ -89,3 +94,39 @@ class ServiceThread:
             raise self.error
         assert self.report is not None, "service thread did not finish"
         return self.report
+
+
+UNTIL_IDLE = 3.0
+"""Seconds without messages before a test's service stops; it also stops after 3x this
+without an assignment, so it must leave room for a slow group join on a loaded machine."""
+STREAM = 40
+"""Samples per topic: enough for several batches, few enough to take seconds."""
+PLAIN_LEARNER = {"noise": {"knn": False, "small_loss": False}}
+"""No noise filter, so every valid sample must be learned (none held back as a suspect)."""
+
+
+def digit_payloads(n: int = STREAM, offset: int = 0) -> list[bytes]:
+    data = load_digits()
+    return [
+        encode(Sample(data.train_x[i], int(data.train_y[i]), sample_id=i))
+        for i in range(offset, offset + n)
+    ]
+
+
+def produce(
+    broker: EmbeddedBroker,
+    topic: str,
+    payloads: list[bytes],
+    partition: int | None = None,
+    **producer: Any,
+) -> None:
+    """Send `payloads` as few batches (one linger window) and wait for the broker's ack."""
+    client = KafkaProducer(
+        bootstrap_servers=broker.bootstrap_servers, linger_ms=200, acks="all", **producer
+    )
+    try:
+        for payload in payloads:
+            client.send(topic, payload, partition=partition)
+        client.flush(timeout=10)
+    finally:
+        client.close(timeout=5)

@@ -153,6 +153,8 @@ def test_json_with_surrounding_whitespace_and_defaults() -> None:
 
 def test_reject_reasons_are_the_documented_set() -> None:
     assert set(REJECT_REASONS) == {
+        "empty",
+        "tombstone",
         "garbage",
         "truncated",
         "unknown_version",
@@ -162,16 +164,39 @@ def test_reject_reasons_are_the_documented_set() -> None:
         "non_finite",
         "label_out_of_range",
         "bad_task",
+        "bad_flags",
         "bad_json",
         "missing_field",
     }
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x00\x01garbage", b"S", b"CS" + bytes(40), b"[1, 2]"])
+@pytest.mark.parametrize("payload", [b"\x00\x01garbage", b"S", b"CS" + bytes(40), b"[1, 2]"])
 def test_garbage(payload: bytes) -> None:
     got = rejected(payload, U8)
     assert got.reason == "garbage"
     assert "neither binary magic" in got.detail
+
+
+def test_empty_and_tombstone_values_have_their_own_reasons() -> None:
+    assert rejected(b"", U8).reason == "empty"
+    tombstone = decode(None, U8, Origin("t", 0, 5))
+    assert isinstance(tombstone, Rejected)
+    assert (tombstone.reason, tombstone.payload, tombstone.origin) == (
+        "tombstone",
+        b"",
+        Origin("t", 0, 5),
+    )
+
+
+def test_json_after_a_utf8_byte_order_mark_is_accepted() -> None:
+    sample = Sample(np.arange(6, dtype=np.uint8).reshape(2, 3), 3, task=1)
+    got = decode(b"\xef\xbb\xbf" + encode_json(sample), U8)
+    assert isinstance(got, Sample)
+    assert (got.label, got.task) == (3, 1)
+    np.testing.assert_array_equal(got.features, sample.features)
+    bad = decode(b"\xef\xbb\xbf{", U8)  # rejected as JSON, payload kept whole
+    assert isinstance(bad, Rejected) and bad.reason == "bad_json"
+    assert bad.payload.startswith(b"\xef\xbb\xbf")
 
 
 def test_truncated_header() -> None:
@@ -391,17 +416,22 @@ def test_json_feature_integer_beyond_float_range_is_rejected(spec: StreamSpec) -
     assert got.reason in ("bad_json", "wrong_dtype", "non_finite")
 
 
-@pytest.mark.parametrize("features", [[0] * 5, [0] * 7, [[0] * 6] * 2, 0])
+@pytest.mark.parametrize("features", [[0] * 5, [0] * 7, [[0] * 6] * 2, 0, [[0] * 2] * 3])
 def test_wrong_shape_json(features: object) -> None:
     got = rejected(json.dumps({"features": features, "label": 1}).encode(), U8)
     assert got.reason == "wrong_shape"
     assert got.detail.startswith("expected (2, 3), got shape")
 
 
-def test_json_features_of_the_right_size_are_reshaped() -> None:
-    got = decode(b'{"features": [[1, 2], [3, 4], [5, 6]], "label": 1}', U8)
-    assert isinstance(got, Sample)
-    np.testing.assert_array_equal(got.features, [[1, 2, 3], [4, 5, 6]])
+def test_json_and_binary_accept_the_same_shapes_flat_or_declared() -> None:
+    for features in (np.arange(6, dtype=np.uint8), np.arange(6, dtype=np.uint8).reshape(2, 3)):
+        for payload in (encode(Sample(features, 1)), encode_json(Sample(features, 1))):
+            got = decode(payload, U8)
+            assert isinstance(got, Sample)
+            np.testing.assert_array_equal(got.features, [[0, 1, 2], [3, 4, 5]])
+        transposed = features.reshape(3, 2)  # the right size, another shape: a mistake
+        for payload in (encode(Sample(transposed, 1)), encode_json(Sample(transposed, 1))):
+            assert rejected(payload, U8).reason == "wrong_shape"
 
 
 @pytest.mark.parametrize("value", ["256", "-1", "1.5", "1e3"])
@@ -490,7 +520,9 @@ def test_decode_never_raises_and_rejections_carry_a_known_reason(
 
 @settings(max_examples=200, derandomize=True, database=None, deadline=None)
 @given(
-    payload=st.binary(max_size=200).filter(lambda b: b[:2] != b"SC" and b[:1] not in b"{ \n\t\r")
+    payload=st.binary(max_size=200).filter(
+        lambda b: b[:2] != b"SC" and b.removeprefix(b"\xef\xbb\xbf")[:1] not in b"{ \n\t\r"
+    )
 )
 def test_anything_without_magic_or_brace_is_garbage(payload: bytes) -> None:
     result = decode(payload, U8)
@@ -536,3 +568,19 @@ def test_any_finite_float32_sample_round_trips(features: np.ndarray, as_json: bo
     spec = StreamSpec(tuple(features.shape), "float32", 2)
     payload = encode_json(sample) if as_json else encode(sample)
     assert_same_sample(decode(payload, spec), sample, None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "task", "detail"),
+    [
+        (0, 3, "task field is 3 but flag bit 0 (task present) is clear"),
+        (0x02, 0, "reserved flag bits set: flags=0x02 (only bit 0 is defined)"),
+        (0x81, 3, "reserved flag bits set: flags=0x81 (only bit 0 is defined)"),
+    ],
+)
+def test_contradictory_or_reserved_flags_are_rejected(flags: int, task: int, detail: str) -> None:
+    payload = bytearray(encode(u8_sample()))
+    payload[5] = flags
+    payload[6:8] = task.to_bytes(2, "little")
+    got = rejected(bytes(payload), U8)
+    assert (got.reason, got.detail) == ("bad_flags", detail)

@@ -172,23 +172,32 @@ def test_data_dir_wins_over_environment(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 @pytest.mark.usefixtures("no_defaults")
-def test_incomplete_data_dir_falls_through_to_environment(
+def test_a_named_directory_without_the_files_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """It used to fall through to $STREAMCL_DATA or Debian's copy: silently other data."""
     partial = fake_fashion(tmp_path / "partial", skip=STEMS["test_y"])
-    complete = fake_fashion(tmp_path / "complete", gz=True)
-    monkeypatch.setenv("STREAMCL_DATA", str(complete))
-    assert find_fashion_mnist(partial) == complete
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("STREAMCL_DATA", str(fake_fashion(tmp_path / "complete", gz=True)))
+    with pytest.raises(DataError, match=f"--data-dir {partial} lacks {STEMS['test_y']}:"):
+        find_fashion_mnist(partial)
+    with pytest.raises(DataError, match=f"--data-dir {empty} lacks {STEMS['train_x']}, "):
+        find_fashion_mnist(empty)
+    monkeypatch.setenv("STREAMCL_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"\$STREAMCL_DATA .*nowhere does not exist"):
+        find_fashion_mnist()
 
 
-def test_debian_location_is_the_last_resort(
+def test_debian_location_is_used_only_when_no_directory_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("STREAMCL_DATA", raising=False)
     debian = fake_fashion(tmp_path / "usr-share", gz=True)
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", debian)
     assert find_fashion_mnist() == debian
-    assert find_fashion_mnist(tmp_path / "empty") == debian
+    with pytest.raises(DataError, match="empty does not exist"):
+        find_fashion_mnist(tmp_path / "empty")
 
 
 def test_debian_default_path_is_the_package_location() -> None:
@@ -196,16 +205,12 @@ def test_debian_default_path_is_the_package_location() -> None:
 
 
 @pytest.mark.usefixtures("no_defaults")
-def test_not_found_names_every_way_to_fix_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("STREAMCL_DATA", str(tmp_path / "env-dir"))
+def test_not_found_names_every_way_to_fix_it() -> None:
     with pytest.raises(DataError) as info:
-        find_fashion_mnist(fake_fashion(tmp_path / "partial", skip=STEMS["train_x"]))
+        find_fashion_mnist()
     message = str(info.value)
     assert "Fashion-MNIST IDX files not found" in message
-    for looked in ("partial", "env-dir", "no-debian-package"):
-        assert looked in message
+    assert "no-debian-package" in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--data-dir" in message
     assert "$STREAMCL_DATA" in message

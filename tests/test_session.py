@@ -213,12 +213,9 @@ def test_reject_counts_by_reason_and_every_message_is_accounted(
     )
     with_frames = session.report(corrupt_frames=2)
     assert with_frames["corrupt_frames"] == 2
-    assert with_frames["rejected_by_reason"] == {
-        "bad_json": 1,
-        "corrupt_frame": 2,
-        "garbage": 2,
-        "truncated": 1,
-    }
+    # Damaged file regions are not messages: the rejected counts stay consistent.
+    assert with_frames["rejected_by_reason"] == report["rejected_by_reason"]
+    assert sum(with_frames["rejected_by_reason"].values()) == with_frames["samples_rejected"]
 
 
 def test_on_learned_receives_every_batch_with_origins_in_order(
