@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ingest.errors import ConfigError
 from learner.filters import input_embedding
 from memory.buffer import ReplayBuffer
-from memory.index import EmbeddingIndex
+from memory.index import EmbeddingIndex, gpu_available
 from memory.retrieval import draw_slots
 
 
@@ -263,3 +263,18 @@ def test_condensed_set_round_trips_and_guards_the_budget() -> None:
     assert torch.equal(da.features, db.features) and da.features.dtype == torch.uint8
     with pytest.raises(ConfigError, match="cannot hold 10 condensed exemplars"):
         ReplayBuffer(30, (4,), num_classes=3, condensed=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs faiss with GPU support and a GPU")
+def test_gpu_index_answers_like_the_cpu_index() -> None:
+    rng = np.random.default_rng(4)
+    cpu, gpu = EmbeddingIndex(50, 8), EmbeddingIndex(50, 8, device="cuda")
+    for _ in range(5):
+        slots = rng.choice(50, 20, replace=False)
+        rows = rng.normal(size=(20, 8)).astype(np.float32)
+        rows[0, 0] = np.nan
+        for index in (cpu, gpu):
+            index.write(slots, rows)
+        queries = rng.normal(size=(4, 8)).astype(np.float32)
+        np.testing.assert_array_equal(cpu.search(queries, 6)[1], gpu.search(queries, 6)[1])
