@@ -62,6 +62,7 @@ SHAPING_FIELDS = (
     "optimizer",
     "memory",
     "memory_policy",
+    "memory_condensed",
     "ewc",
     "packnet",
     "detector",

@@ -21,6 +21,8 @@ from learner.losses import TrainingLoss
 from learner.quarantine import Held, Quarantine
 from learner.strategies import Boundary, Strategy, UpdateBatch
 from learner.tasks import DEFAULT_TASK_WINDOW, TaskFollower
+from memory.buffer import ReplayBuffer
+from memory.nearest import Head
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class OnlineLearner:
         loss: TrainingLoss | None = None,
         noise_filter: NoiseFilter | None = None,
         quarantine: Quarantine | None = None,
+        head: Head = "softmax",
+        memory: ReplayBuffer | None = None,
     ):
         if steps_per_batch < 1:
             raise ConfigError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
@@ -113,6 +117,10 @@ class OnlineLearner:
         self.loss = loss or TrainingLoss(spec.num_classes, ace=False, logit_adjust_tau=0.0)
         self.noise_filter = noise_filter
         self.quarantine = quarantine if noise_filter is not None else None
+        if head != "softmax" and (memory is None or memory.index is None):
+            raise ConfigError(f"predict head {head!r} needs a replay memory with an index")
+        self.head: Head = head
+        self.memory = memory
         self.to_inputs = InputAdapter(spec, device)
         self.updates = 0
         self.samples = 0
@@ -222,7 +230,9 @@ class OnlineLearner:
         tasks = self._own_tasks(np.array([h.sample.task for h in examined], dtype=np.int64))
         labels = np.array([h.sample.label for h in examined], dtype=np.int64)
         was_training = self.model.training
-        passed = self.predict(features, tasks) == labels
+        # The model judges, whatever the predict head: a memory head would judge arrivals
+        # by the exemplars the filters let in, and the head would then shape training.
+        passed = self._logits(features, tasks, 4096).argmax(dim=1).numpy() == labels
         self.model.train(was_training)
         verdict = self.quarantine.settle(examined, passed, self.samples)
         return verdict.readmitted, verdict.rejected
@@ -346,13 +356,32 @@ class OnlineLearner:
         tasks: `[N]` task ids for task-aware strategies (PackNet's masks, multi-head);
         None (or `use_task_ids=False`) means the task being learned now.
         """
+        if self._memory_head():
+            return self._memory_scores(features, batch_size).argmax(axis=1)
         return self._logits(features, tasks, batch_size).argmax(dim=1).numpy()
 
     def predict_proba(
         self, features: np.ndarray, tasks: np.ndarray | None = None, batch_size: int = 4096
     ) -> np.ndarray:
-        """Class probabilities `[N, C]`."""
+        """Class probabilities `[N, C]` (memory heads: vote shares or a softmax over
+        similarity to class means)."""
+        if self._memory_head():
+            return self._memory_scores(features, batch_size)
         return torch.softmax(self._logits(features, tasks, batch_size), dim=1).numpy()
+
+    def _memory_head(self) -> bool:
+        """The ncm / knn head answers once the memory holds something; softmax before."""
+        return self.head != "softmax" and self.memory is not None and len(self.memory) > 0
+
+    def _memory_scores(self, features: np.ndarray, batch_size: int) -> np.ndarray:
+        assert self.memory is not None  # _memory_head checked it
+        return np.concatenate(
+            [
+                self.memory.predict_scores(features[start : start + batch_size], self.head)
+                for start in range(0, len(features), batch_size)
+            ]
+            or [np.zeros((0, self.spec.num_classes), np.float32)]
+        )
 
     @torch.no_grad()
     def _logits(
