@@ -1,5 +1,6 @@
-"""End-to-end `serve` throughput from a local broker vs raw kafka-python consume+decode,
-and arrival-to-update latency at a fixed publish rate. One run, one machine.
+"""End-to-end `serve` throughput from a local broker vs raw kafka-python consume+decode and
+vs `streamcl replay` of the same stream with the same learner, and arrival-to-update
+latency at a fixed publish rate. One run, one machine.
 
     python benchmarks/kafka_service.py [--stream PATH] [--rate 2000]
 
@@ -13,12 +14,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,8 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 
 from deploy.broker import EmbeddedBroker, free_port
-from deploy.config import ServiceConfig
+from deploy.config import ReplayConfig, ServiceConfig, validated
+from deploy.replay import run_replay
 from deploy.serve import run_service
 from deploy.transfer import publish_stream
 from ingest.codec import decode
@@ -61,49 +60,6 @@ def raw_consume_rate(broker: EmbeddedBroker, topic: str, stream: Path, total: in
     rate = count / (time.perf_counter() - started)
     consumer.close()
     return rate
-
-
-def paced_run(
-    broker: EmbeddedBroker,
-    config: ServiceConfig,
-    stream: Path,
-    settings: KafkaSettings,
-    rate: float,
-) -> dict[str, Any]:
-    """Publish at `rate` once the service is ready (joining is not measured)."""
-    reports: list[dict[str, Any]] = []
-    service = threading.Thread(target=lambda: reports.append(run_service(config)), daemon=True)
-    service.start()
-    ready = f"http://127.0.0.1:{config.http.port}/readyz"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(ready, timeout=1) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.1)
-    # A separate process, as in production: the publisher must not share our GIL.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "publish",
-            "--stream",
-            str(stream),
-            "--topic",
-            config.kafka.topic,
-            "--rate",
-            str(rate),
-            "--no-progress",
-            "--bootstrap-servers",
-            settings.bootstrap_servers,
-        ],
-        check=True,
-    )
-    service.join()
-    return reports[0]
 
 
 def serve_config(
@@ -146,11 +102,20 @@ def main() -> None:
         broker.create_topic("throughput")
         publish_stream(stream, settings, "throughput", progress=False)
         raw = raw_consume_rate(broker, "throughput", stream, total)
-        served = run_service(serve_config(broker, "throughput", workdir, spec, heldout))
+        config = serve_config(broker, "throughput", workdir, spec, heldout)
+        served = run_service(config)
+        replayed = run_replay(
+            validated(ReplayConfig, {"stream": stream, **config.learner.model_dump()}),
+            progress=False,
+        )
         throughput = {
             "serve_samples_per_second": round(served["samples_per_second"], 1),
             "raw_consume_decode_per_second": round(raw, 1),
             "ratio": round(served["samples_per_second"] / raw, 3),
+            "replay_samples_per_second": round(replayed["samples_per_second"], 1),
+            "serve_to_replay_ratio": round(
+                served["samples_per_second"] / replayed["samples_per_second"], 3
+            ),
             "samples": served["samples_learned"],
             "final_average_accuracy": round(served["final_average_accuracy"], 4),
         }

@@ -475,6 +475,38 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     help="Which exemplars the memory keeps when full.",
 )
 @click.option(
+    "--memory-retrieval",
+    type=click.Choice(["uniform", "class-balanced", "neighbours"]),
+    default=None,
+    show_envvar=True,
+    help="How replay draws from memory: uniform (default), class-balanced, or neighbours "
+    "(half the draws among other-class items nearest the incoming batch, via FAISS).",
+)
+@click.option(
+    "--memory-condensed",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    help="Condensed exemplars (k-means centroids) kept per class, taken out of --memory "
+    "(0, the default, is off).",
+)
+@click.option(
+    "--predict-head",
+    type=click.Choice(["softmax", "ncm", "knn"]),
+    default=None,
+    show_envvar=True,
+    help="Predict (evaluation, /predict) with the model's softmax (default) or from the "
+    "replay memory: nearest class mean (ncm) or nearest-neighbour vote (knn).",
+)
+@click.option(
+    "--memory-dedup",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=None,
+    show_envvar=True,
+    help="Refresh a same-class item nearer than this share of the class's typical "
+    "nearest-item distance instead of storing a near duplicate (0, the default, is off).",
+)
+@click.option(
     "--replay-size",
     type=click.IntRange(min=0),
     default=None,

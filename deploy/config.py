@@ -25,6 +25,7 @@ from pydantic import (
 
 from ingest.errors import ConfigError
 from ingest.schema import StreamSpec
+from learner.tasks import DEFAULT_TASK_WINDOW
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -166,11 +167,38 @@ class LearnerConfig(BaseModel):
     steps_per_batch: int = Field(1, ge=1)
     memory: int = Field(1000, ge=1, description="replay memory capacity in items")
     memory_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
+    memory_retrieval: Literal["uniform", "class-balanced", "neighbours"] = Field(
+        "uniform", description="how replay draws from memory (memory/retrieval.py)"
+    )
+    memory_dedup: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="refresh a same-class item closer than this share of the class's "
+        "typical nearest distance instead of storing a near duplicate; 0 off",
+    )
+    memory_condensed: int = Field(
+        0,
+        ge=0,
+        description="k-means centroids kept per class as condensed exemplars, taken out "
+        "of `memory` (memory/condensed.py); 0 off",
+    )
+    predict_head: Literal["softmax", "ncm", "knn"] = Field(
+        "softmax",
+        description="predict with the model (softmax) or from the replay memory's "
+        "exemplars: nearest class mean (ncm) or a 10-nearest-neighbour vote (knn)",
+    )
     replay_size: int | None = Field(None, ge=0, description="replay draws per step; None = batch")
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     seed: int = 0
     use_task_ids: bool = Field(True, description="False hides the stream's task ids")
+    task_window: int = Field(
+        DEFAULT_TASK_WINDOW,
+        ge=1,
+        description="samples: a task id not seen for this long starts a task (a boundary); "
+        "flips between tasks seen within it are interleaved partitions, not changes",
+    )
     ewc: EwcConfig = Field(default_factory=EwcConfig)
     packnet: PackNetConfig = Field(default_factory=PackNetConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
@@ -212,6 +240,22 @@ class LearnerConfig(BaseModel):
                 "detector.kind is none"
             )
         return self
+
+    @model_validator(mode="after")
+    def _memory_head_has_memory(self) -> LearnerConfig:
+        if self.predict_head != "softmax" and "er" not in self.parts:
+            raise ValueError(f"predict_head {self.predict_head} needs the er strategy's memory")
+        return self
+
+    @property
+    def memory_indexed(self) -> bool:
+        """Whether the replay memory needs its FAISS index (something queries it)."""
+        return (
+            self.noise.knn
+            or self.memory_retrieval == "neighbours"
+            or self.memory_dedup > 0
+            or self.predict_head != "softmax"
+        )
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -145,20 +145,19 @@ def strategy_section(learner: OnlineLearner) -> dict[str, Any]:
 
     Every boundary (task-id change, detector event on a task-free batch, or periodic)
     is a consolidation for the strategies; a detector event on a batch with task ids
-    is counted but is not a boundary.
+    is counted but is not a boundary. Event lists hold the latest `RECENT_EVENTS`.
     """
-    events = learner.detector.events if learner.detector is not None else []
-    reasons: dict[str, int] = {}
-    for boundary in learner.boundaries:
-        reasons[boundary.reason] = reasons.get(boundary.reason, 0) + 1
+    detector = learner.detector
+    events = detector.events if detector is not None else []
     return {
         # Task-incremental: predictions are given each probe row's task id.
         "scenario": "task-incremental" if learner.task_aware else "task-agnostic",
+        # The latest events (all of them up to RECENT_EVENTS); the counts cover every one.
         "drift_events": [event.sample for event in events],
-        "drift_event_count": len(events),
+        "drift_event_count": detector.event_count if detector is not None else 0,
         "drift_event_reasons": [event.reason for event in events],
-        "task_boundaries": len(learner.boundaries),
-        "task_boundaries_by_reason": dict(sorted(reasons.items())),
+        "task_boundaries": learner.boundaries.total,
+        "task_boundaries_by_reason": dict(sorted(learner.boundaries.by_reason.items())),
     }
 
 

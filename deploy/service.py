@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,6 +52,8 @@ from learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
+REPORTED_LATENCIES = 100_000
+"""Arrival-to-update latencies the final report's p50/p99 are taken over (the latest)."""
 # Settings that change what a checkpoint's tensors mean; a mismatch is a start-up error.
 SHAPING_FIELDS = (
     "strategy",
@@ -59,6 +62,7 @@ SHAPING_FIELDS = (
     "optimizer",
     "memory",
     "memory_policy",
+    "memory_condensed",
     "ewc",
     "packnet",
     "detector",
@@ -151,7 +155,8 @@ class Service:
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
         self.ready = False
-        self.latencies_ms: list[float] = []
+        # The report's percentiles: the latest arrivals (Prometheus' histogram has them all).
+        self.latencies_ms: deque[float] = deque(maxlen=REPORTED_LATENCIES)
         self.checkpoint_seconds = 0.0
         self.last_checkpoint_at = time.monotonic()
         self._arrival_ms: dict[tuple[int, int], int] = {}
@@ -211,7 +216,7 @@ class Service:
         self.metrics.last_checkpoint.set(restored.path.stat().st_mtime)
         self.metrics.checkpoint_bytes.set(restored.path.stat().st_size)
         if self.learner.detector is not None:
-            self._drift_events_seen = len(self.learner.detector.events)
+            self._drift_events_seen = self.learner.detector.event_count
         if self.session.matrix.rows:
             self._evaluated(self.session)
         log.info(
@@ -339,11 +344,15 @@ class Service:
                     if item.last_offset is not None:
                         self.metrics.unreadable_batches.inc()
                 else:
+                    key = None
                     if item.origin is not None:
+                        # Recorded before offer(): a full batch is learned inside it.
                         key = (item.origin.partition, item.origin.offset)
                         self._arrival_ms[key] = arrival.timestamp_ms
                     if not self.session.offer(item):
                         self.metrics.samples.labels("held_out").inc()
+                        if key is not None:  # diverted to the probe: never learned
+                            self._arrival_ms.pop(key, None)
                 if item.origin is not None:
                     last = item.last_offset if isinstance(item, Rejected) else None
                     self.source.mark_handled(item.origin, last)
@@ -493,9 +502,9 @@ class Service:
         self._last_learned = time.monotonic()
         m = self.metrics
         detector = self.learner.detector
-        if detector is not None and len(detector.events) > self._drift_events_seen:
-            m.drift_events.inc(len(detector.events) - self._drift_events_seen)
-            self._drift_events_seen = len(detector.events)
+        if detector is not None and detector.event_count > self._drift_events_seen:
+            m.drift_events.inc(detector.event_count - self._drift_events_seen)
+            self._drift_events_seen = detector.event_count
         self._export_filtering()
         m.updates.inc(self.learner.steps_per_batch)
         m.update_seconds.observe(update_seconds)
@@ -510,8 +519,7 @@ class Service:
                 arrived = self._arrival_ms.pop((origin.partition, origin.offset), None)
                 if arrived is not None:
                     m.arrival_to_update.observe(max(0.0, now_ms - arrived) / 1000)
-                    if len(self.latencies_ms) < 1_000_000:
-                        self.latencies_ms.append(now_ms - arrived)
+                    self.latencies_ms.append(now_ms - arrived)
         if self._audit is not None:
             pairs = [[o.partition, o.offset] for o in batch.origins if o is not None]
             self._audit.write(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -18,11 +18,12 @@ import torch
 from evaluation.probes import ProbeResult, evaluate
 from evaluation.report import head_tail, metric_section
 from evaluation.reservoir import ProbeReservoir
-from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+from evaluation.tracker import RECENT_POINTS, AccuracyMatrix, PrequentialAccuracy
 from ingest.heldout import HeldOut
-from ingest.schema import NO_TASK, Batch, Origin, Sample
+from ingest.schema import Batch, Origin, Sample
 from learner.loop import LearnResult, OnlineLearner
 from learner.quarantine import Quarantine
+from learner.tasks import TaskFollower
 
 log = logging.getLogger(__name__)
 TIMING_KEYS = ("samples_per_second", "evaluation_seconds", "wall_seconds")
@@ -65,11 +66,13 @@ class LearningSession:
         self.samples_learned = 0
         self.samples_held_out = 0
         self.class_counts = np.zeros(learner.spec.num_classes, dtype=np.int64)
-        self.curve: list[dict[str, float]] = []
+        # The latest evaluation points only: a service evaluates for weeks.
+        self.curve: deque[dict[str, float]] = deque(maxlen=RECENT_POINTS)
         self.final_probe: ProbeResult | None = None
         self.evaluation_seconds = 0.0
         self._pending: list[Sample] = []
-        self._current_task = NO_TASK
+        # The learner's rule, its window: both see the same samples, so they agree.
+        self._tasks = TaskFollower(learner.tasks.window)
         self._next_eval = eval_every or 0
         self._evaluated_at = -1
 
@@ -102,17 +105,16 @@ class LearningSession:
     def offer(self, sample: Sample) -> bool:
         """Queue one valid sample; learn when a batch is full, evaluate at task boundaries.
 
-        Returns False when the sample was held out into the probe instead.
+        A boundary is a task id arriving (`TaskFollower`), not a flip between the tasks of
+        interleaved partitions. Returns False when the sample was held out into the probe.
         """
         self.samples_seen += 1
         if self.probe is not None and self.probe.offer(sample.features, sample.label):
             self.samples_held_out += 1
             return False
-        if sample.task != self._current_task and sample.task != NO_TASK:
-            if self._current_task != NO_TASK:
-                self.flush()
-                self.evaluate()
-            self._current_task = sample.task
+        if self._tasks.arrives(sample.task):
+            self.flush()
+            self.evaluate()
         self._pending.append(sample)
         self.class_counts[sample.label] += 1
         if len(self._pending) >= self.batch_size:
@@ -198,7 +200,9 @@ class LearningSession:
         """Metrics and the accounting of every message (timings are added by the caller)."""
         kind = self.group_kind if self.matrix.num_groups else "none"
         return {
-            **metric_section(self.matrix, self.prequential, self.final_probe, kind, self.curve),
+            **metric_section(
+                self.matrix, self.prequential, self.final_probe, kind, list(self.curve)
+            ),
             "samples_seen": self.samples_seen,
             "samples_learned": self.samples_learned,
             "samples_rejected": self.samples_rejected,
@@ -232,7 +236,7 @@ class LearningSession:
             "class_counts": torch.from_numpy(self.class_counts.copy()),
             "probe": self.probe.state_dict() if self.probe is not None else None,
             "rejected": dict(self.rejected),
-            "current_task": self._current_task,
+            "tasks": self._tasks.state_dict(),
             "next_eval": self._next_eval,
             "prequential": self.prequential.state_dict(),
             "matrix": self.matrix.state_dict(),
@@ -257,11 +261,12 @@ class LearningSession:
         if self.probe is not None and state["probe"] is not None:
             self.probe.load_state_dict(state["probe"])
         self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})
-        self._current_task = int(state["current_task"])
+        self._tasks.load_state_dict(state["tasks"])
         self._next_eval = int(state["next_eval"])
         self.prequential.load_state_dict(state["prequential"])
         self.matrix.load_state_dict(state["matrix"])
-        self.curve = [{k: float(v) for k, v in point.items()} for point in state["curve"]]
+        self.curve.clear()
+        self.curve.extend({k: float(v) for k, v in point.items()} for point in state["curve"])
         self._evaluated_at = int(state["evaluated_at"])
         probe = state["final_probe"]
         self.final_probe = (

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from deploy.config import LearnerConfig
@@ -14,13 +12,13 @@ from ingest.schema import StreamSpec
 from learner.drift import BoundaryDetector
 from learner.ewc import OnlineEWC
 from learner.filters import (
-    BruteForceNeighbours,
     Filter,
+    IndexNeighbours,
     NeighbourAgreement,
     NoiseFilter,
     SmallLoss,
-    embed_inputs,
     embedding_dim,
+    input_embedding,
 )
 from learner.loop import OnlineLearner
 from learner.losses import TrainingLoss
@@ -29,6 +27,7 @@ from learner.packnet import PackNet
 from learner.quarantine import Quarantine
 from learner.strategies import ExperienceReplay, Naive, Strategy, replay_buffer
 from memory.buffer import ReplayBuffer
+from memory.index import gpu_available, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,7 @@ def configure_threads(threads: int | None) -> int:
     """
     if threads is not None:
         torch.set_num_threads(threads)
+        set_threads(threads)
     return torch.get_num_threads()
 
 
@@ -65,7 +65,8 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    strategies = build_strategies(config, spec)
+    strategies = build_strategies(config, spec, device)
+    memory = replay_buffer(strategies)
     learner = OnlineLearner(
         model,
         optimizer,
@@ -76,20 +77,29 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         detector=build_detector(config, spec),
         consolidate_every=config.ewc.consolidate_every if "ewc" in config.parts else None,
         use_task_ids=config.use_task_ids,
+        task_window=config.task_window,
         loss=build_loss(config, spec),
-        noise_filter=build_noise_filter(config, spec, replay_buffer(strategies)),
+        noise_filter=build_noise_filter(config, spec, memory),
         quarantine=Quarantine(
             config.quarantine.capacity,
             config.quarantine.recheck_after,
             config.quarantine.max_checks,
         ),
+        head=config.predict_head,
+        memory=memory,
     )
     log.info("learner built strategy=%s model=%s device=%s", config.strategy, config.model, device)
     return learner
 
 
-def build_strategies(config: LearnerConfig, spec: StreamSpec) -> list[Strategy]:
-    """One strategy per part of `config.strategy`, in composition order (er, ewc, packnet)."""
+def build_strategies(
+    config: LearnerConfig, spec: StreamSpec, device: torch.device | None = None
+) -> list[Strategy]:
+    """One strategy per part of `config.strategy`, in composition order (er, ewc, packnet).
+
+    The memory gets a FAISS index over pooled inputs when something uses it (the kNN
+    filter, neighbour retrieval, dedup); on the GPU when the model is and faiss can.
+    """
     strategies: list[Strategy] = []
     for part in config.parts:
         if part == "naive":
@@ -102,6 +112,15 @@ def build_strategies(config: LearnerConfig, spec: StreamSpec) -> list[Strategy]:
                 policy=config.memory_policy,
                 num_classes=spec.num_classes,
                 seed=config.seed + 1,
+                embed=input_embedding(spec.dtype) if config.memory_indexed else None,
+                retrieval=config.memory_retrieval,
+                dedup=config.memory_dedup,
+                condensed=config.memory_condensed,
+                index_device=(
+                    "cuda"
+                    if device is not None and device.type == "cuda" and gpu_available()
+                    else "cpu"
+                ),
             )
             strategies.append(ExperienceReplay(buffer, config.replay_draws, seed=config.seed + 2))
         elif part == "ewc":
@@ -175,9 +194,7 @@ def build_noise_filter(
             settings.knn_window,
             min_agreement=settings.knn_min_agreement,
         )
-        knn.neighbours = BruteForceNeighbours(
-            knn.window, memory_embeddings(memory, spec) if memory is not None else None
-        )
+        knn.neighbours = IndexNeighbours(knn.window, memory)
         filters.append(knn)
     if settings.small_loss:
         filters.append(
@@ -190,34 +207,3 @@ def build_noise_filter(
             )
         )
     return NoiseFilter(filters)
-
-
-def memory_embeddings(
-    memory: ReplayBuffer, spec: StreamSpec
-) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    """The memory's items as unit vectors `[M, D]` and labels `[M]`, scaled like the inputs.
-
-    Embeddings are cached per slot and recomputed only for the slots whose bytes changed
-    since the last query (a few per update).
-    """
-    scale = 1.0 / 255.0 if spec.dtype == "uint8" else 1.0
-    store = memory.store
-    seen = np.zeros_like(store.features)
-    cache = torch.zeros(store.capacity, embedding_dim(spec.feature_size))
-    valid = np.zeros(store.capacity, dtype=bool)
-
-    def items() -> tuple[torch.Tensor, torch.Tensor]:
-        size = store.size
-        current = store.features[:size]
-        changed = ~valid[:size] | (current != seen[:size]).reshape(size, spec.feature_size).any(
-            axis=1
-        )
-        rows = np.flatnonzero(changed)
-        if len(rows):
-            fresh = torch.from_numpy(current[rows]).flatten(1).float() * scale
-            cache[torch.from_numpy(rows)] = embed_inputs(fresh)
-            seen[rows] = current[rows]
-            valid[rows] = True
-        return cache[:size], torch.from_numpy(store.labels[:size])
-
-    return items

@@ -48,8 +48,7 @@ def _undefined_because(matrix: AccuracyMatrix, group_kind: str) -> str:
     """Why a summary of `matrix` is NaN: the groups trained on that have no probe sample."""
     if not matrix.rows:
         return "no evaluation point yet"
-    unprobed = np.flatnonzero(matrix.seen & np.isnan(matrix.matrix).any(axis=0))
-    names = ", ".join(str(g) for g in unprobed)
+    names = ", ".join(str(g) for g in matrix.undefined_groups())
     return (
         f"{group_kind} {names} trained on but without a probe sample at some evaluation "
         f"point: its accuracy there is undefined"

@@ -20,15 +20,37 @@ class PointSummary:
     backward_transfer: float
 
 
-class AccuracyMatrix:
-    """Grow `R` one evaluation point at a time and keep which groups each interval trained."""
+RECENT_POINTS = 200
+"""Evaluation points whose rows (and curve points) a run keeps besides each group's first.
 
-    def __init__(self, num_groups: int):
+A weeks-long service evaluates every `eval_every` samples; its checkpoints and reports
+hold at most this many recent points, so their size does not grow with the run's age."""
+
+
+class AccuracyMatrix:
+    """Grow `R` one evaluation point at a time and keep which groups each interval trained.
+
+    The metrics need only running summaries of `R` (the latest row, each group's best
+    accuracy before it, each group's accuracy at the point it was last trained), so the
+    tracker is bounded: `rows` / `points` keep the row at which each group was first
+    trained (at most G, the milestones of the report's matrix) and the `recent` latest
+    rows; older rows are dropped. `evaluations` counts every point; `learned_at` holds
+    global point indices.
+    """
+
+    def __init__(self, num_groups: int, recent: int = RECENT_POINTS):
+        if recent < 1:
+            raise ValueError(f"recent must be >= 1 row, got {recent}")
         self.num_groups = num_groups
+        self.recent = recent
         self.rows: list[np.ndarray] = []
         self.points: list[int] = []
+        self.evaluations = 0
         self.seen = np.zeros(num_groups, dtype=bool)
         self.learned_at = np.full(num_groups, -1, dtype=np.int64)
+        self._first: list[bool] = []  # per kept row: some group was first trained there
+        self._best = np.full(num_groups, -np.inf)  # max of R[k, g] over k < latest point
+        self._at_learned = np.zeros(num_groups)  # R[learned_at[g], g]
         self._trained_since_last = np.zeros(num_groups, dtype=bool)
         self._newest = np.zeros(num_groups, dtype=bool)
 
@@ -37,36 +59,68 @@ class AccuracyMatrix:
         self._trained_since_last[groups] = True
 
     def update(self, row: np.ndarray, samples_seen: int) -> PointSummary:
-        """Append the accuracies `[G]` measured now."""
+        """Add the accuracies `[G]` measured now."""
         if row.shape != (self.num_groups,):
             raise ValueError(f"expected {self.num_groups} group accuracies, got {row.shape}")
-        point = len(self.rows)
-        self.rows.append(row.astype(np.float64))
+        row = row.astype(np.float64)
+        if self.rows:
+            self._best = np.maximum(self._best, self.rows[-1])
+        trained = self._trained_since_last
+        self.rows.append(row)
         self.points.append(samples_seen)
-        self.seen |= self._trained_since_last
-        self.learned_at[self._trained_since_last] = point
-        self._newest = self._trained_since_last
+        self._first.append(bool((trained & ~self.seen).any()))
+        self.seen |= trained
+        self.learned_at[trained] = self.evaluations
+        self._at_learned[trained] = row[trained]
+        self._newest = trained
         self._trained_since_last = np.zeros(self.num_groups, dtype=bool)
+        self.evaluations += 1
+        self._drop_old_rows()
         return self.get()
+
+    def _drop_old_rows(self) -> None:
+        """Keep first-trained rows and the `recent` latest; drop the oldest other row."""
+        if len(self.rows) - sum(self._first) <= self.recent:
+            return
+        oldest = self._first.index(False)
+        del self.rows[oldest], self.points[oldest], self._first[oldest]
 
     @property
     def matrix(self) -> np.ndarray:
+        """The kept rows of `R` `[kept, G]` (all of them until `recent` is exceeded)."""
         return np.array(self.rows).reshape(len(self.rows), self.num_groups)
+
+    def _forgetting(self) -> np.ndarray:
+        """`max_{k<i} R[k, g] - R[i, g]` `[G]` at the latest point i; zeros at the first."""
+        if self.evaluations == 1:
+            return np.zeros(self.num_groups)
+        return self._best - self.rows[-1]
 
     def group_forgetting(self) -> np.ndarray:
         """Forgetting `[G]` at the last point; NaN for groups unseen or still being learned."""
         if not self.rows:
             return np.full(self.num_groups, np.nan)
-        last = len(self.rows) - 1
         finished = self.seen & ~self._newest
-        return np.where(finished, metrics.forgetting(self.matrix, last), np.nan)
+        return np.where(finished, self._forgetting(), np.nan)
+
+    def undefined_groups(self) -> np.ndarray:
+        """Seen groups `[k]` whose accuracy was undefined (NaN: no probe sample) at a point
+        the summaries use: the latest, their best before it, or their last trained."""
+        if not self.rows:
+            return np.zeros(0, dtype=np.int64)
+        nan = np.isnan(self.rows[-1]) | np.isnan(self._best) | np.isnan(self._at_learned)
+        return np.flatnonzero(self.seen & nan)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "rows": [row.tolist() for row in self.rows],
             "points": list(self.points),
+            "first": list(self._first),
+            "evaluations": self.evaluations,
             "seen": self.seen.tolist(),
             "learned_at": self.learned_at.tolist(),
+            "best": self._best.tolist(),
+            "at_learned": self._at_learned.tolist(),
             "trained_since_last": self._trained_since_last.tolist(),
             "newest": self._newest.tolist(),
         }
@@ -74,21 +128,31 @@ class AccuracyMatrix:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = [np.array(row, dtype=np.float64) for row in state["rows"]]
         self.points = [int(p) for p in state["points"]]
+        self._first = [bool(f) for f in state["first"]]
+        self.evaluations = int(state["evaluations"])
         self.seen = np.array(state["seen"], dtype=bool)
         self.learned_at = np.array(state["learned_at"], dtype=np.int64)
+        self._best = np.array(state["best"], dtype=np.float64)
+        self._at_learned = np.array(state["at_learned"], dtype=np.float64)
         self._trained_since_last = np.array(state["trained_since_last"], dtype=bool)
         self._newest = np.array(state["newest"], dtype=bool)
 
     def get(self) -> PointSummary:
+        """The metrics of DESIGN.md at the latest point, from the running summaries."""
         if not self.rows:
             return PointSummary(0, 0.0, 0.0, 0.0)
-        matrix = self.matrix
-        last = len(self.rows) - 1
+        latest = self.rows[-1]
+        eligible = self.seen & ~self._newest
+        finished = (self.learned_at >= 0) & (self.learned_at < self.evaluations - 1)
         return PointSummary(
             samples_seen=self.points[-1],
-            average_accuracy=metrics.average_accuracy(matrix[last], self.seen),
-            average_forgetting=metrics.average_forgetting(matrix, last, self.seen, self._newest),
-            backward_transfer=metrics.backward_transfer(matrix, self.learned_at),
+            average_accuracy=metrics.average_accuracy(latest, self.seen),
+            average_forgetting=float(self._forgetting()[eligible].mean())
+            if eligible.any()
+            else 0.0,
+            backward_transfer=float(np.mean(latest[finished] - self._at_learned[finished]))
+            if finished.any()
+            else 0.0,
         )
 
 

@@ -1,6 +1,6 @@
 """The wire codec: compact binary by default, JSON accepted, validation with a reason.
 
-The format is specified in docs/wire-format.md (byte offsets, codes, version policy)
+The format is specified in ingest/wire-format.md (byte offsets, codes, version policy)
 and pinned by the test vectors in tests/vectors/. In short, little endian, version 1::
 
     magic  "SC"   2 bytes

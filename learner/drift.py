@@ -1,7 +1,8 @@
 """Task-boundary detection for task-free streams: drift in the error signal, unseen classes.
 
-The change test itself is river's (`PageHinkley` in its one-sided "up" mode, or `ADWIN`);
-this module decides what to feed it and which of its alarms are boundaries:
+The change test itself is river's (`PageHinkley` in its one-sided "up" mode, restated
+below with the same arithmetic, or `ADWIN`); this module decides what to feed it and
+which of its alarms are boundaries:
 
 - the signal is per sample, test-then-train: 0/1 error of the prediction made before the
   update (`signal="error"`), or its cross-entropy (`signal="loss"`);
@@ -17,11 +18,12 @@ this module decides what to feed it and which of its alarms are boundaries:
 - alarms within `min_gap` samples of the previous event (or the stream start) merge into
   it: one change raises both alarms, and a new task's classes arrive over a few samples.
 
-After an event the river detector starts afresh, so its state is a function of the
-values fed since then. river keeps that state in objects (ADWIN's in compiled code)
-that `torch.load(weights_only=True)` cannot restore, so `state_dict` saves those values
-(float32, 4 bytes per sample since the last event) and `load_state_dict` replays them
-into a fresh detector: the restored detector is the same, alarm for alarm.
+State is bounded, whatever the stream's length, and saved as tensors and plain values
+that `torch.load(weights_only=True)` restores exactly, alarm for alarm: Page-Hinkley is
+river's up-mode test re-stated here (`PageHinkleyUp`, the same arithmetic) so that its
+five running values are ours to save; ADWIN's compiled window is saved as the bytes of
+river's own `__getstate__` (its buckets: logarithmic in the window's width). Events are
+counted by reason and only the latest `RECENT_EVENTS` are kept.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from river import drift
 
 from ingest.errors import ConfigError
+from learner.history import EventLog
 
 DetectorKind = Literal["page-hinkley", "adwin"]
 Signal = Literal["error", "loss"]
@@ -89,11 +92,19 @@ class BoundaryDetector:
         self.min_instances = min_instances
         self.alpha = alpha
         self.confidence = confidence
-        self.events: list[DriftEvent] = []
+        self.log: EventLog[DriftEvent] = EventLog()
         self._seen = np.zeros(num_classes, dtype=bool)
         self._last_event = 0
-        self._fed: list[float] = []
         self._detector = self._fresh()
+
+    @property
+    def events(self) -> list[DriftEvent]:
+        """The latest events, oldest first (`event_count` counts every one)."""
+        return list(self.log)
+
+    @property
+    def event_count(self) -> int:
+        return self.log.total
 
     def update(self, values: np.ndarray, labels: np.ndarray, first: int) -> list[DriftEvent]:
         """Feed per-sample signal values and labels `[B]`; returns the events they raise.
@@ -112,28 +123,20 @@ class BoundaryDetector:
             if reason is not None and index - self._last_event >= self.min_gap:
                 event = DriftEvent(index, reason)
                 raised.append(event)
-                self.events.append(event)
+                self.log.append(event)
                 self._last_event = index
-                self._fed = []
                 self._detector = self._fresh()
         return raised
 
     def _fresh(self) -> Any:
         if self.kind == "page-hinkley":
-            return drift.PageHinkley(
-                min_instances=self.min_instances,
-                delta=self.delta,
-                threshold=self.threshold,
-                alpha=self.alpha,
-                mode="up",
-            )
+            return PageHinkleyUp(self.min_instances, self.delta, self.threshold, self.alpha)
         return drift.ADWIN(delta=self.confidence)
 
     def _feed(self, value: float) -> bool:
         """Feed one value; True when the detector alarms on an increase."""
-        # Rounded to float32 so the saved values replay to the very same state.
+        # Rounded to float32 (state used to be saved as float32 values): same alarms as ever.
         value = float(np.float32(value))
-        self._fed.append(value)
         before = self._detector.estimation if self.kind == "adwin" else 0.0
         self._detector.update(value)
         if not self._detector.drift_detected:
@@ -141,24 +144,88 @@ class BoundaryDetector:
         return self.kind == "page-hinkley" or self._detector.estimation > before
 
     def state_dict(self) -> dict[str, Any]:
+        """A fixed-size state: class flags, detector state, event counts, latest events."""
+        if isinstance(self._detector, PageHinkleyUp):
+            detector: dict[str, Any] = self._detector.state_dict()
+        else:
+            window = np.frombuffer(self._detector._helper.__getstate__(), dtype=np.uint8)
+            detector = {
+                "window": torch.from_numpy(window.copy()),
+                # river resets the window at the update after any alarm.
+                "alarmed": bool(self._detector.drift_detected),
+            }
         return {
             "seen": torch.from_numpy(self._seen.copy()),
             "last_event": self._last_event,
-            "fed": torch.tensor(self._fed, dtype=torch.float32),
-            "event_samples": torch.tensor([e.sample for e in self.events], dtype=torch.int64),
-            "event_reasons": [e.reason for e in self.events],
+            "detector": detector,
+            "events": self.log.state_dict(),
+            "event_samples": torch.tensor([e.sample for e in self.log], dtype=torch.int64),
+            "event_reasons": [e.reason for e in self.log],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._seen = state["seen"].numpy().astype(bool)
         self._last_event = int(state["last_event"])
-        self.events = [
+        recent = [
             DriftEvent(int(sample), reason)
             for sample, reason in zip(
                 state["event_samples"].tolist(), state["event_reasons"], strict=True
             )
         ]
+        self.log.load_state_dict(state["events"], recent)
         self._detector = self._fresh()
-        self._fed = []
-        for value in state["fed"].tolist():
-            self._feed(value)
+        detector = state["detector"]
+        if isinstance(self._detector, PageHinkleyUp):
+            self._detector.load_state_dict(detector)
+        else:
+            self._detector._helper.__setstate__(detector["window"].numpy().tobytes())
+            self._detector._drift_detected = bool(detector["alarmed"])
+
+
+class PageHinkleyUp:
+    """river's `drift.PageHinkley(mode="up")`, the same arithmetic, with its state in plain
+    floats: river keeps it in private attributes, and checkpoints need it.
+
+    Alarms when the cumulative deviation of the values above their running mean (less
+    `delta` per value, faded by `alpha`) rises `threshold` above its minimum; the test
+    starts afresh at the update after an alarm, as river's does.
+    """
+
+    def __init__(self, min_instances: int, delta: float, threshold: float, alpha: float):
+        self.min_instances = min_instances
+        self.delta = delta
+        self.threshold = threshold
+        self.alpha = alpha
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n = 0.0
+        self.mean = 0.0
+        self.sum = 0.0
+        self.min = float("inf")
+        self.drift_detected = False
+
+    def update(self, x: float) -> None:
+        if self.drift_detected:
+            self._reset()
+        self.n += 1.0
+        self.mean += (1.0 / self.n) * (x - self.mean)
+        self.sum = self.alpha * self.sum + (x - self.mean) - self.delta
+        if self.sum < self.min:
+            self.min = self.sum
+        if self.n >= self.min_instances:
+            self.drift_detected = self.sum - self.min > self.threshold
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "mean": self.mean,
+            "sum": self.sum,
+            "min": self.min,
+            "alarmed": self.drift_detected,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n, self.mean = float(state["n"]), float(state["mean"])
+        self.sum, self.min = float(state["sum"]), float(state["min"])
+        self.drift_detected = bool(state["alarmed"])

@@ -32,11 +32,13 @@ import torch
 from torch import nn
 
 from ingest.errors import ConfigError
+from memory.buffer import Embed, ReplayBuffer
+from memory.index import EmbeddingIndex
 
 PASS, FLAG, ABSTAIN = 0, 1, -1
 NeighbourLabels = Callable[[torch.Tensor, int], torch.Tensor]
 """`(queries [B, D], k) -> labels [B, k]` of each query's k nearest stored items (-1 pads
-when fewer are stored). A FAISS index over the memory can stand in for the brute force."""
+when fewer are stored). `IndexNeighbours` serves it from FAISS indexes."""
 
 
 class Filter(Protocol):
@@ -83,27 +85,56 @@ def embed_inputs(inputs: torch.Tensor) -> torch.Tensor:
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def input_embedding(dtype: str) -> Embed:
+    """The memory's `embed` callable: stream-dtype features -> `embed_inputs` rows, scaled
+    as the loop scales inputs (uint8 / 255), so memory and arrivals share one space."""
+    scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
+
+    def embed(features: np.ndarray) -> np.ndarray:
+        inputs = torch.from_numpy(np.ascontiguousarray(features)).float() * scale
+        return embed_inputs(inputs).numpy()
+
+    return embed
+
+
 def embedding_dim(feature_size: int) -> int:
     return min(feature_size, EMBED_DIM)
 
 
 class RecentWindow:
-    """The last `size` arrivals' embeddings `[size, D]` and labels, whatever their verdict."""
+    """The last `size` arrivals' embeddings `[size, D]` and labels, whatever their verdict.
+
+    Ring positions are the slots of a FAISS index (memory/index.py), rebuilt on load.
+    """
 
     def __init__(self, size: int, dim: int):
         if size < 1:
             raise ConfigError(f"neighbour window must be >= 1 sample, got {size}")
-        self.embeddings = torch.zeros(size, dim)
         self.labels = torch.full((size,), -1, dtype=torch.int64)
+        self.index = EmbeddingIndex(size, dim)
         self.next = 0
         self.count = 0
 
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """`[size, D]` view of the indexed rows (zeros where nothing arrived yet)."""
+        return torch.from_numpy(self.index.embeddings)
+
     def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        # Only the last `size` rows of a batch larger than the window survive anyway.
+        embeddings, labels = embeddings[-len(self.labels) :], labels[-len(self.labels) :]
         rows = (self.next + torch.arange(len(labels))) % len(self.labels)
-        self.embeddings[rows] = embeddings.cpu()
+        self.index.write(rows.numpy(), embeddings.detach().cpu().float().numpy())
         self.labels[rows] = labels.cpu()
         self.next = int((self.next + len(labels)) % len(self.labels))
         self.count = min(self.count + len(labels), len(self.labels))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities and labels `[B, k]` of the nearest arrivals (-inf / -1 pad)."""
+        scores, slots = self.index.search(queries, k)
+        missing = slots < 0
+        labels = np.where(missing, -1, self.labels.numpy()[slots.clip(0)])
+        return np.where(missing, -np.inf, scores).astype(np.float32), labels
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -114,41 +145,32 @@ class RecentWindow:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.embeddings = state["embeddings"].clone()
         self.labels = state["labels"].clone()
         self.next, self.count = int(state["next"]), int(state["count"])
+        self.index.clear()
+        # Filled slots: the first `count` until the ring wraps, then all of them.
+        filled = np.arange(self.count)
+        self.index.write(filled, state["embeddings"].numpy()[filled])
 
 
-class BruteForceNeighbours:
-    """Exact cosine kNN over the memory (via `memory_items`) plus the recent window.
+class IndexNeighbours:
+    """Exact cosine kNN (FAISS flat indexes) over the recent window plus, when given, the
+    replay memory's index; one merged top-k by similarity."""
 
-    `memory_items()` returns the memory's embeddings `[M, D]` and labels `[M]`.
-    """
-
-    def __init__(
-        self,
-        window: RecentWindow,
-        memory_items: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ):
+    def __init__(self, window: RecentWindow, memory: ReplayBuffer | None = None):
         self.window = window
-        self.memory_items = memory_items
+        self.memory = memory if memory is not None and memory.index is not None else None
 
     def __call__(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        # Scores per source, then one top-k: concatenating the keys would copy them all.
-        queries = queries.cpu()
-        count = self.window.count
-        scores = [queries @ self.window.embeddings[:count].T]
-        values = [self.window.labels[:count]]
-        if self.memory_items is not None:
-            embeddings, labels = self.memory_items()
-            scores.append(queries @ embeddings.T)
-            values.append(labels)
-        score, value = torch.cat(scores, dim=1), torch.cat(values)
-        out = torch.full((len(queries), k), -1, dtype=torch.int64)
-        n = min(k, len(value))
-        if n:
-            out[:, :n] = value[score.topk(n, dim=1).indices]
-        return out
+        rows = queries.detach().cpu().float().numpy()
+        scores, labels = self.window.search(rows, k)
+        if self.memory is not None:
+            more_scores, more_labels = self.memory.search(rows, k)
+            scores = np.concatenate([scores, more_scores], axis=1)
+            labels = np.concatenate([labels, more_labels], axis=1)
+        # Stable: on equal similarity the window (recent) comes first.
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return torch.from_numpy(np.take_along_axis(labels, order, axis=1).astype(np.int64))
 
 
 class NeighbourAgreement:
@@ -159,7 +181,7 @@ class NeighbourAgreement:
     each other's neighbours) while a noisy label, which its neighbours almost never
     carry, is still flagged; 1 keeps the bare plurality rule (catches pair-flip noise
     too, at more false alarms). Abstains while fewer than `k` neighbours exist.
-    `neighbours` defaults to the brute force over the recent window (and the memory,
+    `neighbours` defaults to the FAISS search over the recent window (and the memory,
     when the learner wires it in).
     """
 
@@ -180,7 +202,7 @@ class NeighbourAgreement:
         self.k = k
         self.min_agreement = min_agreement
         self.window = RecentWindow(window, dim)
-        self.neighbours: NeighbourLabels = neighbours or BruteForceNeighbours(self.window)
+        self.neighbours: NeighbourLabels = neighbours or IndexNeighbours(self.window)
 
     def judge(
         self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor

@@ -16,9 +16,13 @@ from ingest.errors import ConfigError
 from ingest.schema import NO_TASK, Batch, Sample, StreamSpec
 from learner.drift import BoundaryDetector
 from learner.filters import NoiseFilter, embed_inputs
+from learner.history import EventLog
 from learner.losses import TrainingLoss
 from learner.quarantine import Held, Quarantine
 from learner.strategies import Boundary, Strategy, UpdateBatch
+from learner.tasks import DEFAULT_TASK_WINDOW, TaskFollower
+from memory.buffer import ReplayBuffer
+from memory.nearest import Head
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,10 @@ class InputAdapter:
 class OnlineLearner:
     """Learn from batches as they arrive; `learn` / `predict` are the verb pair.
 
-    Task boundaries, where strategies consolidate: a change of the stream's task id
-    (before the batch that brings it is learned); on batches without task ids, an event
+    Task boundaries, where strategies consolidate: a task id arriving, i.e. not seen in the
+    last `task_window` samples (`TaskFollower`: interleaved partitions flip between current
+    tasks without a boundary), before the batch that brings it is learned (after it, when
+    it arrives mid-batch); on batches without task ids, an event
     of the `detector` (after the batch it fired on is learned), or, with no detector,
     every `consolidate_every` samples. On a task-free stream the learner numbers the
     segments between boundaries 0, 1, ... and uses them as the rows' task ids.
@@ -87,9 +93,12 @@ class OnlineLearner:
         detector: BoundaryDetector | None = None,
         consolidate_every: int | None = None,
         use_task_ids: bool = True,
+        task_window: int = DEFAULT_TASK_WINDOW,
         loss: TrainingLoss | None = None,
         noise_filter: NoiseFilter | None = None,
         quarantine: Quarantine | None = None,
+        head: Head = "softmax",
+        memory: ReplayBuffer | None = None,
     ):
         if steps_per_batch < 1:
             raise ConfigError(f"steps_per_batch must be >= 1, got {steps_per_batch}")
@@ -104,14 +113,19 @@ class OnlineLearner:
         self.detector = detector
         self.consolidate_every = consolidate_every
         self.use_task_ids = use_task_ids
+        self.tasks = TaskFollower(task_window)
         self.loss = loss or TrainingLoss(spec.num_classes, ace=False, logit_adjust_tau=0.0)
         self.noise_filter = noise_filter
         self.quarantine = quarantine if noise_filter is not None else None
+        if head != "softmax" and (memory is None or memory.index is None):
+            raise ConfigError(f"predict head {head!r} needs a replay memory with an index")
+        self.head: Head = head
+        self.memory = memory
         self.to_inputs = InputAdapter(spec, device)
         self.updates = 0
         self.samples = 0
         self.task = NO_TASK
-        self.boundaries: list[Boundary] = []
+        self.boundaries: EventLog[Boundary] = EventLog()  # counts, and the latest kept
         self._since_boundary = 0
 
     @property
@@ -130,7 +144,7 @@ class OnlineLearner:
             self.model.train()
         if not self.use_task_ids:
             batch = dataclasses.replace(batch, tasks=np.full(len(batch), NO_TASK, np.int64))
-        tasks = self._follow_tasks(batch.tasks)
+        tasks, arrived_later = self._follow_tasks(batch.tasks)
         readmitted, rejected = self._reexamine()
         learnt = _with_samples(batch, readmitted)
         n = len(batch)
@@ -195,7 +209,7 @@ class OnlineLearner:
                 strategy.after_update(kept)
         first = self.samples
         self.samples += n
-        self._detect(batch, first_logits, first)
+        self._detect(batch, first_logits, first, arrived_later)
         return LearnResult(
             predictions.cpu().numpy(),
             float(loss.detach()),
@@ -216,7 +230,9 @@ class OnlineLearner:
         tasks = self._own_tasks(np.array([h.sample.task for h in examined], dtype=np.int64))
         labels = np.array([h.sample.label for h in examined], dtype=np.int64)
         was_training = self.model.training
-        passed = self.predict(features, tasks) == labels
+        # The model judges, whatever the predict head: a memory head would judge arrivals
+        # by the exemplars the filters let in, and the head would then shape training.
+        passed = self._logits(features, tasks, 4096).argmax(dim=1).numpy() == labels
         self.model.train(was_training)
         verdict = self.quarantine.settle(examined, passed, self.samples)
         return verdict.readmitted, verdict.rejected
@@ -227,8 +243,9 @@ class OnlineLearner:
             return np.full(len(tasks), self.task, dtype=np.int64)
         return np.where(tasks == NO_TASK, self.task, tasks)
 
-    def _follow_tasks(self, stream_tasks: np.ndarray) -> np.ndarray:
-        """Consolidate on a task-id change; the rows' task ids `[B]` (NO_TASK -> segment)."""
+    def _follow_tasks(self, stream_tasks: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """Consolidate when the first known task id arrives; the rows' task ids `[B]`
+        (NO_TASK -> segment) and the last task arriving after that row, if any."""
         known = stream_tasks[stream_tasks != NO_TASK]
         if len(known) < len(stream_tasks) and self.detector is None:
             aware = [type(s).__name__ for s in self.strategies if s.task_aware]
@@ -240,20 +257,24 @@ class OnlineLearner:
                     "detector is configured; send task ids or set detector.kind to "
                     "page-hinkley or adwin"
                 )
+        arrivals = [t for t in stream_tasks.tolist() if self.tasks.arrives(t)]
         if len(known):
             first = int(known[0])
             if self.task == NO_TASK:
                 self.task = first
-            elif first != self.task:
+            elif arrivals and arrivals[0] == first:
+                arrivals.pop(0)
                 self._boundary("task", first, self.samples)
         elif self.task == NO_TASK:
             self.task = 0
-        return np.where(stream_tasks == NO_TASK, self.task, stream_tasks)
+        rows = np.where(stream_tasks == NO_TASK, self.task, stream_tasks)
+        return rows, arrivals[-1] if arrivals else None
 
-    def _detect(self, batch: Batch, logits: torch.Tensor, first: int) -> None:
+    def _detect(self, batch: Batch, logits: torch.Tensor, first: int, arrived: int | None) -> None:
         """Feed the detector; on task-free batches its events (or the period) are boundaries.
 
         `first` is the stream index of the batch's first sample; `self.samples` is past it.
+        `arrived`: a task that arrived after the batch's first row (a batch straddling it).
         """
         tasks_known = bool((batch.tasks != NO_TASK).any())
         self._since_boundary += len(batch)
@@ -272,10 +293,8 @@ class OnlineLearner:
             and self._since_boundary >= self.consolidate_every
         ):
             self._boundary("periodic", self.task + 1, self.samples)
-        if tasks_known:
-            known = batch.tasks[batch.tasks != NO_TASK]
-            if int(known[-1]) != self.task:  # a batch straddling a task change
-                self._boundary("task", int(known[-1]), self.samples)
+        if arrived is not None:
+            self._boundary("task", arrived, self.samples)
 
     def _boundary(self, reason: str, next_task: int, sample: int) -> None:
         boundary = Boundary(sample, reason, next_task)
@@ -337,13 +356,32 @@ class OnlineLearner:
         tasks: `[N]` task ids for task-aware strategies (PackNet's masks, multi-head);
         None (or `use_task_ids=False`) means the task being learned now.
         """
+        if self._memory_head():
+            return self._memory_scores(features, batch_size).argmax(axis=1)
         return self._logits(features, tasks, batch_size).argmax(dim=1).numpy()
 
     def predict_proba(
         self, features: np.ndarray, tasks: np.ndarray | None = None, batch_size: int = 4096
     ) -> np.ndarray:
-        """Class probabilities `[N, C]`."""
+        """Class probabilities `[N, C]` (memory heads: vote shares or a softmax over
+        similarity to class means)."""
+        if self._memory_head():
+            return self._memory_scores(features, batch_size)
         return torch.softmax(self._logits(features, tasks, batch_size), dim=1).numpy()
+
+    def _memory_head(self) -> bool:
+        """The ncm / knn head answers once the memory holds something; softmax before."""
+        return self.head != "softmax" and self.memory is not None and len(self.memory) > 0
+
+    def _memory_scores(self, features: np.ndarray, batch_size: int) -> np.ndarray:
+        assert self.memory is not None  # _memory_head checked it
+        return np.concatenate(
+            [
+                self.memory.predict_scores(features[start : start + batch_size], self.head)
+                for start in range(0, len(features), batch_size)
+            ]
+            or [np.zeros((0, self.spec.num_classes), np.float32)]
+        )
 
     @torch.no_grad()
     def _logits(
@@ -371,7 +409,9 @@ class OnlineLearner:
             "samples": self.samples,
             "task": self.task,
             "since_boundary": self._since_boundary,
-            "boundaries": [[b.sample, b.reason, b.next_task] for b in self.boundaries],
+            "tasks": self.tasks.state_dict(),
+            "boundaries": self.boundaries.state_dict(),
+            "recent_boundaries": [[b.sample, b.reason, b.next_task] for b in self.boundaries],
             "detector": self.detector.state_dict() if self.detector is not None else None,
             "loss": self.loss.state_dict(),
             "noise_filter": self.noise_filter.state_dict()
@@ -389,7 +429,11 @@ class OnlineLearner:
         self.samples = int(state["samples"])
         self.task = int(state["task"])
         self._since_boundary = int(state["since_boundary"])
-        self.boundaries = [Boundary(int(s), str(r), int(t)) for s, r, t in state["boundaries"]]
+        self.tasks.load_state_dict(state["tasks"])
+        self.boundaries.load_state_dict(
+            state["boundaries"],
+            (Boundary(int(s), str(r), int(t)) for s, r, t in state["recent_boundaries"]),
+        )
         if (self.detector is None) != (state["detector"] is None):
             raise ConfigError("checkpoint and learner disagree on having a boundary detector")
         if self.detector is not None:

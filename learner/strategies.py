@@ -151,7 +151,13 @@ class ExperienceReplay(NoHooks):
     def prepare(self, update: UpdateBatch) -> UpdateBatch:
         if not len(self.buffer) or not self.replay_size:
             return update
-        draw = self.buffer.sample(self.replay_size, self._gen)
+        new = slice(0, update.num_new)
+        draw = self.buffer.sample(
+            self.replay_size,
+            self._gen,
+            near=update.features[new].numpy(),
+            near_labels=update.labels[new].numpy(),
+        )
         return UpdateBatch(
             features=torch.cat([update.features, draw.features]),
             labels=torch.cat([update.labels, draw.labels]),

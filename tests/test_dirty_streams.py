@@ -7,17 +7,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
-from deploy.config import LearnerConfig, ReplayConfig
+from deploy.config import LearnerConfig, ReplayConfig, validated
 from deploy.replay import run_replay
 from deploy.session import LearningSession
 from deploy.wiring import build_learner
 from ingest import heldout as heldout_io
 from ingest.codec import decode
 from ingest.datasets import load_digits
+from ingest.errors import ConfigError
 from ingest.recorded import StreamReader
 from ingest.scenarios import ScenarioConfig, build, write
-from ingest.schema import Sample
+from ingest.schema import Batch, Sample
 from learner.loop import LearnResult
 
 # Small enough for digits (1,348 training samples): the filters judge from sample ~200 on.
@@ -132,9 +134,15 @@ def test_every_part_switches_off(noisy_digits: Path) -> None:
     assert [f.name for f in knn_only.noise_filter.filters] == ["knn"]
 
 
-def test_filtered_replay_resumes_to_the_same_report(noisy_digits: Path, tmp_path: Path) -> None:
-    """Quarantine, windows and priors are in the checkpoint: stop, resume, same report."""
-    settings = {**DIGITS, "stream": noisy_digits}
+@pytest.mark.parametrize(
+    "memory", [{}, {"memory_retrieval": "neighbours", "memory_dedup": 0.3}], ids=["plain", "faiss"]
+)
+def test_filtered_replay_resumes_to_the_same_report(
+    noisy_digits: Path, tmp_path: Path, memory: dict[str, Any]
+) -> None:
+    """Quarantine, windows and priors are in the checkpoint: stop, resume, same report.
+    With neighbour retrieval and dedup, the memory's FAISS index is rebuilt on resume."""
+    settings = {**DIGITS, **memory, "stream": noisy_digits}
     straight = run_replay(ReplayConfig(**settings), progress=False)
     checkpoint = tmp_path / "run.pt"
     run_replay(ReplayConfig(**settings, stop_after=700, checkpoint=checkpoint), progress=False)
@@ -142,3 +150,33 @@ def test_filtered_replay_resumes_to_the_same_report(noisy_digits: Path, tmp_path
     for key in ("samples_learned", "samples_quarantined", "samples_rejected_noisy", "filter"):
         assert resumed[key] == straight[key], key
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+
+
+def test_memory_heads_answer_from_the_memory_and_need_one(digits_stream: Path) -> None:
+    """knn / ncm heads predict through the memory's index; softmax is the model's argmax."""
+    spec, arrivals = samples(digits_stream)
+    batches = [Batch.from_samples(arrivals[i : i + 10]) for i in range(0, len(arrivals), 10)]
+    learners = {
+        head: build_learner(LearnerConfig(**{**DIGITS, "predict_head": head}), spec)
+        for head in ("softmax", "knn", "ncm")
+    }
+    for learner in learners.values():
+        for batch in batches:
+            learner.learn(batch)
+    features = np.concatenate([b.features for b in batches])
+    labels = np.concatenate([b.labels for b in batches])
+    memory = learners["knn"].memory
+    assert memory is not None and memory.index is not None and memory.index.count == len(memory)
+    for head, learner in learners.items():
+        predicted = learner.predict(features)
+        assert (predicted == labels).mean() > 0.5, head  # 10 classes: chance is 0.1
+    np.testing.assert_array_equal(
+        learners["knn"].predict(features), memory.predict_scores(features, "knn").argmax(axis=1)
+    )
+    # The head only predicts: quarantine re-examination and training are the model's.
+    weights = [learner.model.state_dict() for learner in learners.values()]
+    for other in weights[1:]:
+        for name, tensor in weights[0].items():
+            assert torch.equal(tensor, other[name]), name
+    with pytest.raises(ConfigError, match="predict_head knn needs the er strategy"):
+        validated(LearnerConfig, {"strategy": "naive", "predict_head": "knn"})

@@ -15,32 +15,37 @@ from learner.filters import (
     ABSTAIN,
     FLAG,
     PASS,
-    BruteForceNeighbours,
+    IndexNeighbours,
     NeighbourAgreement,
     NoiseFilter,
     RecentWindow,
     SmallLoss,
     embed_inputs,
+    input_embedding,
     mixture_threshold,
 )
 from learner.losses import TrainingLoss
 from learner.quarantine import Quarantine
+from memory.buffer import ReplayBuffer
 
 
 def unit(rows: list[list[float]]) -> torch.Tensor:
     return embed_inputs(torch.tensor(rows, dtype=torch.float32))
 
 
-def test_brute_force_neighbours_equal_a_sorted_reference() -> None:
+def test_index_neighbours_equal_a_sorted_reference() -> None:
+    """FAISS over the window plus the memory's index gives the brute-force top k."""
     gen = torch.Generator().manual_seed(0)
     window = RecentWindow(50, 8)
     window.add(embed_inputs(torch.rand(30, 8, generator=gen)), torch.arange(30) % 4)
-    memory = embed_inputs(torch.rand(20, 8, generator=gen)), torch.arange(20) % 3 + 10
-    search = BruteForceNeighbours(window, lambda: memory)
+    memory = ReplayBuffer(20, (8,), "float32", num_classes=13, embed=input_embedding("float32"))
+    items = torch.rand(20, 8, generator=gen)
+    memory.add(items.numpy(), (np.arange(20) % 3 + 10), np.zeros(20, np.int64))
+    search = IndexNeighbours(window, memory)
     queries = embed_inputs(torch.rand(5, 8, generator=gen))
     found = search(queries, 7)
-    keys = torch.cat([window.embeddings[:30], memory[0]])
-    labels = torch.cat([window.labels[:30], memory[1]])
+    keys = torch.cat([window.embeddings[:30], embed_inputs(items)])
+    labels = torch.cat([window.labels[:30], torch.arange(20) % 3 + 10])
     for q, row in zip(queries, found, strict=True):
         order = sorted(range(len(keys)), key=lambda i: -float(q @ keys[i]))[:7]
         assert row.tolist() == labels[order].tolist()
@@ -49,8 +54,19 @@ def test_brute_force_neighbours_equal_a_sorted_reference() -> None:
 def test_neighbours_pad_with_minus_one_when_few_are_stored() -> None:
     window = RecentWindow(10, 2)
     window.add(unit([[1, 0], [0, 1]]), torch.tensor([3, 4]))
-    found = BruteForceNeighbours(window)(unit([[1, 0.1]]), 4)
+    found = IndexNeighbours(window)(unit([[1, 0.1]]), 4)
     assert found.tolist() == [[3, 4, -1, -1]]
+
+
+def test_window_index_survives_a_state_round_trip() -> None:
+    window = RecentWindow(4, 2)
+    window.add(unit([[1, 0], [0, 1], [1, 1], [1, -1], [-1, 0]]), torch.tensor([0, 1, 2, 3, 4]))
+    restored = RecentWindow(4, 2)
+    restored.load_state_dict(window.state_dict())
+    queries = unit([[1, 0.1], [-1, 0.2], [0.1, 1]])
+    assert torch.equal(IndexNeighbours(restored)(queries, 4), IndexNeighbours(window)(queries, 4))
+    assert restored.index.count == 4  # the oldest arrival (label 0) was pushed out
+    assert 0 not in IndexNeighbours(restored)(queries, 4).flatten().tolist()
 
 
 def test_neighbour_agreement_flags_labels_that_are_not_the_plurality() -> None:

@@ -80,6 +80,43 @@ def test_tracker_points_between_boundaries_keep_t_g_at_last_training_point() -> 
     assert summary.average_forgetting == pytest.approx(0.8 - 0.5)
 
 
+def test_bounded_tracker_equals_the_full_matrix_after_every_update() -> None:
+    """Rows dropped past `recent` change no metric: each equals the full-matrix reference."""
+    rng = np.random.default_rng(1)
+    groups, points = 4, 60
+    tracker = AccuracyMatrix(groups, recent=3)
+    full = []
+    learned_at = np.full(groups, -1)
+    seen = np.zeros(groups, bool)
+    first_rows = []
+    for point in range(points):
+        # Groups start one after another, then several are trained in each interval.
+        trained = (rng.random(groups) < 0.5) & (np.arange(groups) <= point // 10)
+        tracker.observe(np.flatnonzero(trained))
+        row = rng.random(groups)
+        full.append(row)
+        if (trained & ~seen).any():
+            first_rows.append(point)
+        seen |= trained
+        learned_at[trained] = point
+        summary = tracker.update(row, samples_seen=10 * (point + 1))
+        matrix = np.array(full)
+        assert summary.average_accuracy == metrics.average_accuracy(row, seen)
+        forgetting = metrics.average_forgetting(matrix, point, seen, trained)
+        assert summary.average_forgetting == forgetting
+        assert summary.backward_transfer == metrics.backward_transfer(matrix, learned_at)
+        assert tracker.learned_at.tolist() == learned_at.tolist()
+        others = [k for k in range(point + 1) if k not in first_rows][-3:]
+        kept = sorted(first_rows + others)
+        assert tracker.points == [10 * (k + 1) for k in kept]
+        np.testing.assert_array_equal(tracker.matrix, matrix[kept])
+    assert tracker.evaluations == points and len(tracker.rows) <= groups + 3
+    restored = AccuracyMatrix(groups, recent=3)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.get() == tracker.get()
+    np.testing.assert_array_equal(restored.group_forgetting(), tracker.group_forgetting())
+
+
 def test_tracker_rejects_wrong_row_length() -> None:
     with pytest.raises(ValueError, match="expected 3 group accuracies"):
         AccuracyMatrix(3).update(np.array([0.1, 0.2]), 10)

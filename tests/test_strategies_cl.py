@@ -34,7 +34,7 @@ from ingest.errors import ConfigError
 from ingest.recorded import Frame, StreamReader, StreamWriter
 from ingest.scenarios import ScenarioConfig, build, write
 from ingest.schema import NO_TASK, Batch, StreamSpec
-from learner.drift import BoundaryDetector, DriftEvent
+from learner.drift import BoundaryDetector, DriftEvent, PageHinkleyUp
 from learner.ewc import OnlineEWC
 from learner.loop import OnlineLearner
 from learner.packnet import PackNet
@@ -588,6 +588,56 @@ def test_detector_state_replays_to_the_same_alarms(kind: str) -> None:
     resumed.update(errors[4500:], labels[4500:], 4500)
     assert resumed.events == straight.events and len(straight.events) == 2
     assert_same_state(resumed.state_dict(), straight.state_dict())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.999])
+def test_page_hinkley_restated_alarms_exactly_like_rivers(alpha: float) -> None:
+    from river import drift
+
+    rng = np.random.default_rng(2)
+    values = np.concatenate([seeded_errors(seed=4), rng.random(3000) * 3]).astype(np.float32)
+    ours = PageHinkleyUp(30, 0.02, 50.0, alpha)
+    rivers = drift.PageHinkley(min_instances=30, delta=0.02, threshold=50.0, alpha=alpha, mode="up")
+    alarms = []
+    for value in values.tolist():
+        ours.update(value)
+        rivers.update(value)
+        assert ours.drift_detected == rivers.drift_detected
+        alarms.append(ours.drift_detected)
+    assert sum(alarms) >= 2  # the comparison covered alarms and the resets after them
+
+
+def test_detector_state_stays_the_same_size_on_a_long_stationary_stream() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.zeros(20_000, dtype=np.int64)
+    errors = (rng.random(20_000) < 0.2).astype(np.float64)  # stationary: no event
+    sizes = []
+    for kind in ("page-hinkley", "adwin"):
+        detector = BoundaryDetector(10, kind=kind)  # type: ignore[arg-type]
+        for start in range(0, 20_000, 5_000):
+            detector.update(errors[start : start + 5_000], labels[start : start + 5_000], start)
+            buffer = io.BytesIO()
+            torch.save(detector.state_dict(), buffer)
+            sizes.append(len(buffer.getvalue()))
+        assert detector.event_count == 0
+    # Page-Hinkley's state is five numbers. ADWIN's buckets grow with log2 of its width:
+    # 128 bytes per doubling (measured with river 0.26), not 4 bytes per sample as before.
+    assert sizes[:4] == [sizes[0]] * 4
+    assert sizes[7] - sizes[4] <= 2 * 128 + 64  # two doublings, plus torch's 64-byte alignment
+
+
+def test_detector_events_are_all_counted_and_the_latest_kept() -> None:
+    settings: dict[str, Any] = {"kind": "page-hinkley", "min_gap": 0, "min_instances": 1}
+    detector = BoundaryDetector(3, threshold=1.0, **settings)
+    labels = np.zeros(1, dtype=np.int64)
+    for index in range(1500):  # 60, 0, 60, ...: an alarm every few samples
+        detector.update(np.array([0.0 if index % 2 else 60.0]), labels, index)
+    kept = detector.events
+    assert detector.event_count > len(kept) == 200
+    assert kept[-1].sample > kept[0].sample and kept == sorted(kept, key=lambda e: e.sample)
+    resumed = BoundaryDetector(3, threshold=1.0, **settings)
+    resumed.load_state_dict(weights_only_copy(detector.state_dict()))
+    assert resumed.events == kept and resumed.event_count == detector.event_count
 
 
 def test_detector_arguments_are_checked() -> None:

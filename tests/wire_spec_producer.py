@@ -1,4 +1,4 @@
-"""A producer of streamcl's binary wire format written only from docs/wire-format.md.
+"""A producer of streamcl's binary wire format written only from ingest/wire-format.md.
 
 It imports nothing of streamcl's: it stands for a producer in another language, so a
 message it writes and the service learns shows the spec is enough to implement.
@@ -10,7 +10,7 @@ import math
 import struct
 from collections.abc import Sequence
 
-HEADER = struct.Struct("<2sBBBBHiqq")  # 28 bytes: the table in docs/wire-format.md
+HEADER = struct.Struct("<2sBBBBHiqq")  # 28 bytes: the table in ingest/wire-format.md
 DTYPES = {"uint8": (1, "B"), "float32": (2, "f")}
 HAS_TASK = 0x01
 

@@ -1,6 +1,6 @@
 """Write tests/vectors/wire-v1.json: valid and invalid messages with their expected decode.
 
-Built with tests/wire_spec_producer.py (from docs/wire-format.md alone), never with
+Built with tests/wire_spec_producer.py (from ingest/wire-format.md alone), never with
 streamcl's codec, so the vectors check the codec rather than echo it. Run from the
 repository root: `python -m tests.vectors.make_wire_vectors`.
 """
@@ -106,7 +106,7 @@ def vectors() -> list[dict[str, Any]]:
 def document() -> dict[str, Any]:
     """The vectors file: each payload as hex; `sample` (decoded) or `reject` (the reason)."""
     return {
-        "format": "streamcl wire format, version 1 (docs/wire-format.md)",
+        "format": "streamcl wire format, version 1 (ingest/wire-format.md)",
         "vectors": [
             {**{k: v for k, v in v.items() if k != "payload"}, "hex": v["payload"].hex()}
             for v in vectors()

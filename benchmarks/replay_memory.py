@@ -1,0 +1,206 @@
+"""The FAISS-indexed replay memory: index cost, and accuracy of its policies and heads.
+
+(Not `benchmarks/memory.py`: run as a script, that name would shadow the `memory` package.)
+
+    python benchmarks/replay_memory.py [--seeds 0,1,2] [--samples-per-task N] [--skip-accuracy]
+
+Latency: `EmbeddingIndex` (exact flat, CPU) at 1k / 10k / 100k items, dim 128 and 196
+(the pooled-input embedding the memory uses): one write of 10 slots (evicting their old
+rows) and one search of 10 queries for 10 neighbours, as one replay step does.
+Accuracy: `streamcl replay` on Split Fashion-MNIST 5x2, one pass, batch 10, memory 1000,
+defaults otherwise (class-balanced insertion, uniform retrieval, softmax), against one
+change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars against
+one partly made of condensed exemplars (k-means centroids). The `knn`/`ncm` head runs
+train exactly as the default run does (the head only predicts), so their samples/s
+against the default's is the index's cost.
+Writes benchmarks/results/replay_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deploy.config import ReplayConfig
+from deploy.replay import run_replay
+from ingest.datasets import load
+from ingest.scenarios import ScenarioConfig, build, write
+from memory.index import EmbeddingIndex, set_threads
+
+RESULTS = Path(__file__).parent / "results" / "replay_memory.json"
+RUNS: dict[str, dict[str, Any]] = {
+    "default (class-balanced, uniform, softmax)": {},
+    "retrieval class-balanced": {"memory_retrieval": "class-balanced"},
+    "retrieval neighbours": {"memory_retrieval": "neighbours"},
+    "insertion dedup 0.5": {"memory_dedup": 0.5},
+    "head ncm": {"predict_head": "ncm"},
+    "head knn": {"predict_head": "knn"},
+    "tiny: 100 raw": {"memory": 100},
+    "tiny: 50 raw + 5 condensed per class": {"memory": 100, "memory_condensed": 5},
+    "tiny: 10 raw + 9 condensed per class": {"memory": 100, "memory_condensed": 9},
+}
+
+
+def unit_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def latency(items: int, dim: int, steps: int = 200) -> dict[str, Any]:
+    """Mean microseconds per replay-step write (10 slots) and search (10 queries, k 10)."""
+    rng = np.random.default_rng(0)
+    index = EmbeddingIndex(items, dim)
+    start = time.perf_counter()
+    for lo in range(0, items, 1000):
+        slots = np.arange(lo, min(lo + 1000, items))
+        index.write(slots, unit_rows(len(slots), dim, rng))
+    fill = time.perf_counter() - start
+    writes, searches = [], []
+    for _ in range(steps):
+        slots = rng.choice(items, 10, replace=False)
+        rows, queries = unit_rows(10, dim, rng), unit_rows(10, dim, rng)
+        t0 = time.perf_counter()
+        index.write(slots, rows)
+        t1 = time.perf_counter()
+        index.search(queries, 10)
+        searches.append(time.perf_counter() - t1)
+        writes.append(t1 - t0)
+    return {
+        "items": items,
+        "dim": dim,
+        "backend": index.backend,
+        "fill_seconds": round(fill, 4),
+        "write_10_us_median": round(statistics.median(writes) * 1e6, 1),
+        "search_10x10_us_median": round(statistics.median(searches) * 1e6, 1),
+        "index_bytes": index.nbytes,
+    }
+
+
+def index_cost(trials: int = 3) -> dict[str, Any]:
+    """ER-1000 samples/s with the memory's index off (default) and on (knn head: the same
+    training plus embedding and indexing every stored item), best of alternating trials
+    on a 2,000-per-task stream: the machine is shared, so only paired figures compare."""
+    best = {"index off": 0.0, "index on": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = Path(tmp) / "split-fmnist-2000.scs"
+        scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=2000)
+        write(build(load("fashion-mnist"), scenario), stream)
+        for _ in range(trials):
+            for name, head in (("index off", "softmax"), ("index on", "knn")):
+                config = ReplayConfig(stream=stream, threads=1, memory=1000, predict_head=head)
+                speed = run_replay(config, progress=False)["samples_per_second"]
+                best[name] = max(best[name], round(speed, 1))
+    return {"trials": trials, "best_samples_per_second": best}
+
+
+def accuracy(stream: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        settings = RUNS[name]
+        for seed in seeds:
+            settings = {"memory": 1000, **settings}
+            config = ReplayConfig(stream=stream, seed=seed, threads=1, **settings)
+            report = run_replay(config, progress=False)
+            rows.append(
+                {
+                    "run": name,
+                    "settings": settings,
+                    "seed": seed,
+                    "final_average_accuracy": round(report["final_average_accuracy"], 4),
+                    "average_forgetting": round(report["average_forgetting"], 4),
+                    "samples_per_second": round(report["samples_per_second"], 1),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for name in RUNS:
+        mine = [r for r in rows if r["run"] == name]
+        acc = [r["final_average_accuracy"] for r in mine]
+        out.append(
+            {
+                "run": name,
+                "seeds": len(mine),
+                "accuracy_mean": round(statistics.mean(acc), 4),
+                "accuracy_sd": round(statistics.stdev(acc), 4) if len(acc) > 1 else None,
+                "forgetting_mean": round(statistics.mean(r["average_forgetting"] for r in mine), 4),
+                "samples_per_second_mean": round(
+                    statistics.mean(r["samples_per_second"] for r in mine), 1
+                ),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="learner seeds, comma separated")
+    parser.add_argument("--samples-per-task", type=int, default=None, help="subset per task")
+    parser.add_argument(
+        "--skip-accuracy", action="store_true", help="keep the file's accuracy runs"
+    )
+    parser.add_argument("--index-cost", action="store_true", help="also time index on vs off")
+    parser.add_argument(
+        "--only", default=None, help="rerun these runs (comma separated), keep the file's others"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    set_threads(1)
+    result: dict[str, Any] = {
+        "benchmark": __doc__.splitlines()[0],
+        "command": "python benchmarks/replay_memory.py "
+        + " ".join(
+            [f"--seeds {args.seeds}"]
+            + ([f"--samples-per-task {args.samples_per_task}"] if args.samples_per_task else [])
+            + (["--skip-accuracy"] if args.skip_accuracy else [])
+            + ([f"--only '{args.only}'"] if args.only else [])
+            + (["--index-cost"] if args.index_cost else [])
+        ),
+        "torch": torch.__version__,
+        "latency": [latency(n, d) for n in (1000, 10_000, 100_000) for d in (128, 196)],
+    }
+    for row in result["latency"]:
+        print(json.dumps(row), flush=True)
+    if args.index_cost:
+        result["index_cost"] = index_cost()
+        print(json.dumps(result["index_cost"]), flush=True)
+    if not args.skip_accuracy:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        with tempfile.TemporaryDirectory() as tmp:
+            stream = Path(tmp) / "split-fmnist.scs"
+            scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=args.samples_per_task)
+            write(build(load("fashion-mnist"), scenario), stream)
+            names = args.only.split(",") if args.only else list(RUNS)
+            rows = accuracy(stream, seeds, names)
+        if args.only and RESULTS.exists():  # keep the earlier runs of the other settings
+            earlier = json.loads(RESULTS.read_text())
+            rows = [r for r in earlier["runs"] if r["run"] not in names] + rows
+            result["command"] = f"{earlier['command']}; then {result['command']}"
+        result["stream"] = (
+            f"Split Fashion-MNIST 5x2, stream seed 0, "
+            f"{args.samples_per_task or 'all'} samples per task"
+        )
+        result["runs"] = rows
+        result["summary"] = summarise(rows)
+    elif RESULTS.exists():  # keep the accuracy runs recorded earlier
+        earlier = json.loads(RESULTS.read_text())
+        result.update({k: earlier[k] for k in ("stream", "runs", "summary") if k in earlier})
+        result["command"] = f"{earlier['command']}; then {result['command']}"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
