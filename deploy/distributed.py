@@ -72,8 +72,12 @@ from learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "streamcl-distributed/1"
-SETTLE_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 120.0
 """How long the ranks wait for the consumer group to give every partition an owner."""
+REJOIN_AFTER_S = 15.0
+"""A rank still without partitions this long while some have no owner replaces its
+consumer: kafka-python 3.0 now and then leaves a joining consumer wedged after a transport
+error ('NoneType' object has no attribute 'recv'), never assigned (seen on restarts here)."""
 SETTLED_TICKS = 3
 """Consecutive unchanged assignments, covering every partition, that count as settled."""
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -409,6 +413,7 @@ class RankService(Service):
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         kafka = self.config.kafka
         stable, last = 0, None
+        joined_at = time.monotonic()
         while stable < SETTLED_TICKS:
             arrivals = self.source.poll(kafka.poll_timeout_ms, 1)
             self.source.rewind(arrivals)
@@ -425,6 +430,11 @@ class RankService(Service):
             )
             stable = stable + 1 if settled and not changed else 0
             last = mine
+            if mine or total >= partitions > 0:
+                joined_at = time.monotonic()
+            elif time.monotonic() - joined_at > REJOIN_AFTER_S:
+                self._rejoin()
+                joined_at = time.monotonic()
             if time.monotonic() > deadline:
                 raise DistributedError(
                     f"the consumer group did not give each of the topic's partitions one owner "
@@ -434,6 +444,19 @@ class RankService(Service):
         self._settled = last
         self._revoked = False
         log.info("rank %d of %d owns partitions %s", self.rank, self.world, last)
+
+    def _rejoin(self) -> None:
+        """Replace a consumer that never got partitions while some are unowned."""
+        log.warning(
+            "rank %d has had no partitions for %.0f s while some are unowned: rejoining the "
+            "group with a new consumer",
+            self.rank,
+            REJOIN_AFTER_S,
+        )
+        handled = dict(self.source.handled)
+        self.source.close()
+        self.source = self._new_source()
+        self.source.start(handled)
 
     def checkpoint(self) -> bool:
         """All ranks: flush side topics, gather state to rank 0, write, then commit.

@@ -143,15 +143,7 @@ class Service:
             config.kafka.quarantine_topic or config.kafka.topic + QUARANTINE_SUFFIX
         )
         self._filter_counts = dict(self.session.filtering.counts)
-        self.source = KafkaSource(
-            settings,
-            config.kafka.topic,
-            config.kafka.group_id,
-            self.spec,
-            on_revoke=self._on_revoke,
-            rebalance=config.kafka.rebalance,
-            on_unreadable=config.kafka.on_unreadable,
-        )
+        self.source = self._new_source()
         self.model_lock = threading.RLock()  # checkpoint() may run inside the learning loop
         self.last_progress = time.monotonic()
         self.ready = False
@@ -295,6 +287,18 @@ class Service:
             session.pending,
         )
         return self.report(time.monotonic() - started)
+
+    def _new_source(self) -> KafkaSource:
+        config = self.config
+        return KafkaSource(
+            kafka_settings(config),
+            config.kafka.topic,
+            config.kafka.group_id,
+            self.spec,
+            on_revoke=self._on_revoke,
+            rebalance=config.kafka.rebalance,
+            on_unreadable=config.kafka.on_unreadable,
+        )
 
     def _on_revoke(self) -> object:
         """Partitions are being taken away: checkpoint and commit what was learned of them."""
