@@ -342,7 +342,11 @@ class RankService(Service):
 
     def run(self, stop: threading.Event) -> dict[str, Any]:
         started = time.monotonic()
-        resume = self._resume_offsets(self.restore())
+        checkpoint = self.restore()
+        # Rank 0 alone reconciles with the group's commits and the logs (one reader).
+        plan: list[Any] = [self._resume_offsets(checkpoint) if self.rank == 0 else None]
+        dist.broadcast_object_list(plan, src=0)
+        resume: Offsets = plan[0]
         self.sync.broadcast_model()
         self.source.start(resume)
         self._settle()
@@ -597,7 +601,25 @@ def process_group(config: ServiceConfig) -> Iterator[tuple[int, int]]:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's store outlives a restart: without a per-attempt prefix, the new ranks
+        # found the killed rank's gloo address there and hung connecting to it.
+        agent = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"streamcl/attempt_{restart}", agent),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=COLLECTIVE_TIMEOUT,
+        )
+    else:
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     log.info("rank %d of %d joined the process group backend=%s", rank, world, backend)
     try:

@@ -35,6 +35,8 @@ DIGITS = 1348
 SMALL = 1024
 """Bytes per record batch and per partition fetch (~10 digits): every consumer reads its
 partitions interleaved, close to the stream's order, whatever the rank count."""
+ANY_PORTS = {"port": 0}
+"""Each rank binds a free port (a fixed one serves rank r at port + r, which may be taken)."""
 INTERLEAVED = {"consumer": {**FAST_GROUP, "max_partition_fetch_bytes": SMALL}}
 
 
@@ -116,6 +118,7 @@ def test_two_ranks_learn_every_offset_once_into_identical_models_and_resume(
         topic,
         tmp_path,
         kafka={"group_id": f"two-{topic}", **INTERLEAVED},
+        http=ANY_PORTS,
         report=str(tmp_path / "report.json"),
         **common,
     )
@@ -179,6 +182,7 @@ def test_a_rank_killed_mid_stream_restarts_the_group_from_the_last_checkpoint(
         tmp_path,
         until_idle=1.5,
         kafka={"group_id": f"kill-{topic}", **INTERLEAVED},
+        http=ANY_PORTS,
         learner={"memory": 200, **PLAIN_LEARNER},
         report=str(tmp_path / "report.json"),
     )
@@ -225,6 +229,7 @@ def test_resume_with_another_rank_count_two_to_one_to_two(
         tmp_path,
         until_idle=1.5,
         kafka={"group_id": f"count-{topic}", **INTERLEAVED},
+        http=ANY_PORTS,
         learner={"memory": 200, **PLAIN_LEARNER},
         report=str(tmp_path / "report.json"),
     )
