@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from deploy.broker import EmbeddedBroker, free_port
 from deploy.config import ServiceConfig
@@ -130,3 +131,23 @@ def produce(
         client.flush(timeout=10)
     finally:
         client.close(timeout=5)
+
+
+def read_topic_records(broker: EmbeddedBroker, topic: str) -> list[ConsumerRecord]:
+    """Every record of every partition of `topic`, from the beginning (headers, key, timestamp)."""
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
+    try:
+        wait_until(lambda: bool(consumer.partitions_for_topic(topic)), 10, f"topic {topic}")
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        out: list[ConsumerRecord] = []
+        idle = 0
+        while idle < 4:
+            batches = consumer.poll(timeout_ms=500)
+            idle = 0 if batches else idle + 1
+            for records in batches.values():
+                out.extend(records)
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()

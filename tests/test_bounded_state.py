@@ -214,6 +214,8 @@ def test_serve_on_four_partitions_with_different_tasks_records_the_real_changes(
         for p, o in json.loads(line)["learned"]
     ]
     flips = sum(a != b for a, b in itertools.pairwise(order))
-    assert flips > 20, flips  # the fetch order did interleave the partitions
+    # The fetch order did interleave the partitions: far more flips than the 7 real
+    # changes (19 to 30 seen; how many depends on fetch timing).
+    assert flips >= 14, flips
     # Tolerance 0: the arrivals of tasks 1-7, not one boundary per flip.
     assert report["task_boundaries_by_reason"] == {"task": 7}

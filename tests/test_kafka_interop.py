@@ -6,10 +6,9 @@ Every test shares this module's one embedded broker (`memory_broker`), each on i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import CorruptRecordError, UnsupportedCodecError
 from kafka.record.default_records import DefaultRecordBatch
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
@@ -30,29 +29,10 @@ from tests.service_helpers import (
     digit_payloads,
     learned_offsets,
     produce,
+    read_topic_records,
     service_config,
     wait_until,
 )
-
-
-def read_all(broker: EmbeddedBroker, topic: str) -> list[Any]:
-    """Every record of every partition of `topic`, from the beginning (headers, key, timestamp)."""
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
-    try:
-        wait_until(lambda: bool(consumer.partitions_for_topic(topic)), 10, f"topic {topic}")
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        out: list[Any] = []
-        idle = 0
-        while idle < 4:
-            batches = consumer.poll(timeout_ms=500)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                out.extend(records)
-        return sorted(out, key=lambda r: (r.partition, r.offset))
-    finally:
-        consumer.close()
 
 
 @pytest.mark.parametrize("codec", [None, "gzip", "snappy", "lz4", "zstd"])
@@ -168,7 +148,7 @@ def test_an_unreadable_batch_is_dead_lettered_skipped_and_never_met_again(
     assert report["samples_seen"] == 42 and report["accounting_holds"]
     assert report["committed_offsets"] == {f"{topic}/0": 15, f"{topic}/1": 27}
 
-    dead = read_all(memory_broker, topic + ".dlq")
+    dead = read_topic_records(memory_broker, topic + ".dlq")
     assert len(dead) == 1
     headers = {k: v.decode() for k, v in dead[0].headers}
     assert headers["streamcl-reason"] == UNREADABLE
@@ -180,7 +160,7 @@ def test_an_unreadable_batch_is_dead_lettered_skipped_and_never_met_again(
         service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER)
     )
     assert again["samples_seen"] == 42  # restored from the checkpoint, nothing re-read
-    assert len(read_all(memory_broker, topic + ".dlq")) == 1
+    assert len(read_topic_records(memory_broker, topic + ".dlq")) == 1
 
 
 def test_on_unreadable_stop_stops_once_naming_the_batch_and_skip_passes_it(
@@ -233,7 +213,7 @@ def test_a_dead_letter_keeps_key_headers_and_timestamp(
     report = run_service(service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE))
     assert report["rejected_by_reason"] == {"garbage": 1, "missing_field": 1}
 
-    dead = read_all(memory_broker, topic + ".dlq")
+    dead = read_topic_records(memory_broker, topic + ".dlq")
     assert len(dead) == 2
     for message, (key, headers, timestamp, value), offset, reason in zip(
         dead, (sent[0], sent[2]), (0, 2), ("garbage", "missing_field"), strict=True
@@ -269,7 +249,7 @@ def test_side_topics_are_created_like_the_source_and_keep_each_partitions_order(
         assert consumer.partitions_for_topic(topic + ".quarantine") == {0, 1, 2}
     finally:
         consumer.close()
-    dead = read_all(memory_broker, topic + ".dlq")
+    dead = read_topic_records(memory_broker, topic + ".dlq")
     placed = [
         (
             r.partition,
@@ -301,7 +281,7 @@ def test_empty_tombstone_and_bom_values_through_the_broker(
     assert report["rejected_by_reason"] == {"empty": 1, "tombstone": 1}
     assert report["samples_learned"] == 1
     assert set(learned_offsets(tmp_path / "audit.jsonl")) == {(0, 2)}
-    dead = read_all(memory_broker, topic + ".dlq")
+    dead = read_topic_records(memory_broker, topic + ".dlq")
     assert [(m.key, m.value) for m in dead] == [(b"k-empty", b""), (b"k-tombstone", None)]
 
 

@@ -7,8 +7,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-
 from deploy.broker import EmbeddedBroker, free_port
 from deploy.config import LearnerConfig
 from deploy.demo import run_demo
@@ -17,30 +15,9 @@ from ingest.kafka import QUARANTINE_SUFFIX
 from ingest.schema import Sample, StreamSpec
 from tests.brokers import unique_topic
 from tests.prometheus import ALERTS, PrometheusServer, require_prometheus
-from tests.service_helpers import wait_until
+from tests.service_helpers import read_topic_records, wait_until
 
 SPEC = StreamSpec((8, 8), "uint8", 10)
-
-
-def read_with_headers(broker: EmbeddedBroker, topic: str) -> list[tuple[bytes, dict[str, str]]]:
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False)
-    try:
-        wait_until(lambda: bool(consumer.partitions_for_topic(topic)), 10, f"topic {topic}")
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        out: list[tuple[bytes, dict[str, str]]] = []
-        idle = 0
-        while idle < 5:
-            batches = consumer.poll(timeout_ms=500)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                for record in records:
-                    headers = {k: v.decode() for k, v in record.headers}
-                    out.append((record.value, headers))
-        return out
-    finally:
-        consumer.close()
 
 
 def test_noisy_demo_quarantines_into_prometheus_and_the_quarantine_topic(
@@ -100,10 +77,11 @@ def test_noisy_demo_quarantines_into_prometheus_and_the_quarantine_topic(
     # Ground truth from the stream's sidecar: most of what was quarantined was corrupted.
     assert report["filter"]["quarantined_precision"] > 0.5
 
-    messages = read_with_headers(memory_broker, topic + QUARANTINE_SUFFIX)
+    messages = read_topic_records(memory_broker, topic + QUARANTINE_SUFFIX)
     assert len(messages) == report["samples_quarantined_total"]
     offsets = set()
-    for payload, headers in messages:
+    for message in messages:
+        payload, headers = message.value, {k: v.decode() for k, v in message.headers}
         assert headers["streamcl-reason"] in ("suspect_label_knn", "suspect_label_small-loss")
         assert headers["source-topic"] == topic
         offsets.add(int(headers["source-offset"]))
