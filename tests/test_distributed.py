@@ -89,9 +89,9 @@ def torchrun(config: ServiceConfig, workdir: Path, ranks: int) -> list[dict[str,
     path = workdir / "service.json"
     path.write_text(json.dumps(config.model_dump(mode="json")))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # One elastic restart, as in production: a restarted group's join sometimes stalls here
-    # (every rank without partitions for minutes, seen in ~1 of 4 resumes); the ranks then
-    # fail to settle (SETTLE_TIMEOUT_S) and torchrun restarts the group from its checkpoint.
+    # One elastic restart, as in production: should a group's join stall (every rank without
+    # partitions; seen in ~1 of 4 resumes while every rank read the group's offsets, none
+    # since rank 0 alone does), the ranks fail to settle and torchrun restarts the group.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1"]
     command += [f"--nproc-per-node={ranks}", "-m", "deploy.cli", "serve", "--config", str(path)]
     log_path = workdir / f"torchrun-{len(list(workdir.glob('torchrun-*.log')))}.log"
