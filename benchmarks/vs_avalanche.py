@@ -34,7 +34,11 @@ mini-experiences of 10; online EWC on whole experiences, one pass, unshuffled, b
 (its importances need an experience's data, 0.6.0 has no streaming Fisher); GDumb
 (1000, class-balanced, retrained from memory for --gdumb-epochs at each experience end);
 joint: one pass over the whole training set shuffled (i.i.d. upper reference).
-streamcl: naive, ER-500, ER-1000 (class-balanced), online EWC, and its defaults.
+streamcl: naive, ER-500, ER-1000 (class-balanced), online EWC, all with plain cross
+entropy (`PLAIN_LEARNING`: no noise filter, ER-ACE or logit adjustment), the same
+algorithms as their Avalanche rows; and its defaults (ER-1000 with the small-loss noise
+filter and quarantine, ER-ACE and balanced-softmax logit adjustment), as `streamcl
+replay` runs with no flags.
 Writes benchmarks/results/vs_avalanche.json.
 """
 
@@ -57,7 +61,7 @@ import numpy as np
 import psutil
 import torch
 
-from deploy.config import ReplayConfig
+from deploy.config import PLAIN_LEARNING, ReplayConfig
 from deploy.replay import run_replay
 from evaluation import metrics
 from ingest.avalanche import load_benchmark, online_experiences
@@ -75,10 +79,10 @@ STREAMS = {
     "noise40-imbalance10": {"noise": 0.4, "imbalance": 10.0},
 }
 STREAMCL = {
-    "streamcl naive": {"strategy": "naive"},
-    "streamcl ER-500": {"strategy": "er", "memory": 500},
-    "streamcl ER-1000": {"strategy": "er", "memory": 1000},
-    "streamcl EWC": {"strategy": "ewc"},
+    "streamcl naive": {**PLAIN_LEARNING, "strategy": "naive"},
+    "streamcl ER-500": {**PLAIN_LEARNING, "strategy": "er", "memory": 500},
+    "streamcl ER-1000": {**PLAIN_LEARNING, "strategy": "er", "memory": 1000},
+    "streamcl EWC": {**PLAIN_LEARNING, "strategy": "ewc"},
     "streamcl defaults": {},
 }
 AVALANCHE = (
