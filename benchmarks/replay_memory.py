@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.config import ReplayConfig
-from deploy.replay import run_replay
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
-from memory.index import EmbeddingIndex, set_threads
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
+from streamcl.memory.index import EmbeddingIndex, set_threads
 
 RESULTS = Path(__file__).parent / "results" / "replay_memory.json"
 RUNS: dict[str, dict[str, Any]] = {

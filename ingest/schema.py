@@ -8,7 +8,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 FeatureDtype = Literal["uint8", "float32"]
 NO_TASK = -1

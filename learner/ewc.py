@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
-from learner.strategies import Boundary, NoHooks
+from streamcl.ingest.errors import ConfigError
+from streamcl.learner.strategies import Boundary, NoHooks
 
 
 class OnlineEWC(NoHooks):

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
-from memory.buffer import Embed, ReplayBuffer
-from memory.index import EmbeddingIndex
+from streamcl.ingest.errors import ConfigError
+from streamcl.memory.buffer import Embed, ReplayBuffer
+from streamcl.memory.index import EmbeddingIndex
 
 PASS, FLAG, ABSTAIN = 0, 1, -1
 NeighbourLabels = Callable[[torch.Tensor, int], torch.Tensor]

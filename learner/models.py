@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 
 def build_model(

@@ -26,8 +26,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from ingest.schema import Batch
-from memory.buffer import ReplayBuffer
+from streamcl.ingest.schema import Batch
+from streamcl.memory.buffer import ReplayBuffer
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ingest.errors import ConfigError
-from memory.condensed import CondensedSet
-from memory.index import EMPTY, EmbeddingIndex
-from memory.nearest import Head, class_means, knn_scores, ncm_scores
-from memory.retrieval import Retrieval, draw_slots
-from memory.selectors import SKIP, ClassBalancedSelector, Policy, ReservoirSelector, Selector
-from memory.store import ExemplarStore
+from streamcl.ingest.errors import ConfigError
+from streamcl.memory.condensed import CondensedSet
+from streamcl.memory.index import EMPTY, EmbeddingIndex
+from streamcl.memory.nearest import Head, class_means, knn_scores, ncm_scores
+from streamcl.memory.retrieval import Retrieval, draw_slots
+from streamcl.memory.selectors import (
+    SKIP,
+    ClassBalancedSelector,
+    Policy,
+    ReservoirSelector,
+    Selector,
+)
+from streamcl.memory.store import ExemplarStore
 
 Embed = Callable[[np.ndarray], np.ndarray]
 """`[n, *shape]` features in the stream dtype -> `[n, D]` float32 unit rows."""

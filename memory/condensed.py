@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import torch
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 
 class CondensedSet:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 EMPTY = -1
 """Slot reported for a missing neighbour (fewer items indexed than asked for)."""

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from memory.index import EmbeddingIndex
+from streamcl.memory.index import EmbeddingIndex
 
 Retrieval = Literal["uniform", "class-balanced", "neighbours"]
 NEAR_CANDIDATES = 10

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from memory.store import ExemplarStore
+from streamcl.memory.store import ExemplarStore
 
 Policy = Literal["reservoir", "class-balanced"]
 SKIP = -1

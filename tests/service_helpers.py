@@ -13,12 +13,12 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from deploy.broker import EmbeddedBroker, free_port
-from deploy.config import ServiceConfig
-from deploy.serve import run_service
-from ingest.codec import encode
-from ingest.datasets import load_digits
-from ingest.schema import Sample
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.ingest.codec import encode
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.schema import Sample
 from tests.brokers import FAST_GROUP
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.errors import ConfigError, StreamclError
-from memory.buffer import ReplayBuffer
-from memory.selectors import SKIP, Policy
-from memory.store import ExemplarStore
+from streamcl.ingest.errors import ConfigError, StreamclError
+from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.selectors import SKIP, Policy
+from streamcl.memory.store import ExemplarStore
 
 POLICIES: list[Policy] = ["reservoir", "class-balanced"]
 

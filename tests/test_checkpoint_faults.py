@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from deploy.broker import EmbeddedBroker
-from deploy.service import Service
-from deploy.transfer import publish_stream
-from ingest.kafka import KafkaSettings
-from learner.checkpoint import CheckpointStore, read_checkpoint
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.service import Service
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.learner.checkpoint import CheckpointStore, read_checkpoint
 from tests.brokers import unique_topic
 from tests.service_helpers import service_config, wait_until
 from tests.test_service import DIGITS, group_offsets
@@ -173,11 +173,11 @@ def test_start_up_warns_when_the_volume_cannot_hold_keep_plus_one(
     size = CheckpointStore(config.checkpoint.dir).paths()[-1].stat().st_size
     needed = 4 * size - size  # keep 3 + 1, one already held
     usage = shutil.disk_usage(tmp_path)
-    caplog.set_level(logging.WARNING, logger="deploy.service")
+    caplog.set_level(logging.WARNING, logger="streamcl.deploy.runtime.service")
     for free, warned in ((needed - 1, True), (needed, False)):
         caplog.clear()
         monkeypatch.setattr(
-            "deploy.service.shutil.disk_usage",
+            "streamcl.deploy.runtime.service.shutil.disk_usage",
             lambda _path, free=free: usage._replace(free=free),
         )
         Service(config).close()

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from deploy.config import PLAIN_LEARNING, ReplayConfig, validated
-from deploy.replay import run_replay
-from deploy.session import without_timings
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig, validated
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.session import without_timings
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 from tests.data import require_fashion_mnist
 
 SAMPLES_PER_TASK = 10_000
@@ -132,7 +132,15 @@ def test_er_ewc_resumed_in_a_fresh_process_reports_like_an_uninterrupted_run(
     report = tmp_path / "resumed.json"
     flags = ["--strategy", "er+ewc", "--resume", str(checkpoint), "--report", str(report)]
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "replay", "--stream", str(settings["stream"]), *flags],
+        [
+            sys.executable,
+            "-m",
+            "streamcl.deploy.cli",
+            "replay",
+            "--stream",
+            str(settings["stream"]),
+            *flags,
+        ],
         capture_output=True,
         text=True,
         check=False,

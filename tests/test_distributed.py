@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import ServiceConfig
-from deploy.distributed import rank_config, rank_path, share
-from deploy.serve import run_service
-from ingest.errors import ConfigError
-from ingest.recorded import Frame, StreamReader
-from learner.checkpoint import CheckpointStore
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.distributed import rank_config, rank_path, share
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.learner.checkpoint import CheckpointStore
 from tests.brokers import FAST_GROUP, unique_topic
 from tests.service_helpers import (
     PLAIN_LEARNER,
@@ -93,7 +93,14 @@ def torchrun(config: ServiceConfig, workdir: Path, ranks: int) -> list[dict[str,
     # partitions; seen in ~1 of 4 resumes while every rank read the group's offsets, none
     # since rank 0 alone does), the ranks fail to settle and torchrun restarts the group.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1"]
-    command += [f"--nproc-per-node={ranks}", "-m", "deploy.cli", "serve", "--config", str(path)]
+    command += [
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "streamcl.deploy.cli",
+        "serve",
+        "--config",
+        str(path),
+    ]
     log_path = workdir / f"torchrun-{len(list(workdir.glob('torchrun-*.log')))}.log"
     with log_path.open("w") as log_file:
         done = subprocess.run(command, env=env, stdout=log_file, stderr=log_file, timeout=150)
@@ -192,7 +199,7 @@ def test_a_rank_killed_mid_stream_restarts_the_group_from_the_last_checkpoint(
     # Two restarts: the kill uses one; a restarted group's gloo mesh now and then fails to
     # connect on this loaded machine (it then restarts once more).
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=2"]
-    command += ["--nproc-per-node=2", "-m", "deploy.cli", "serve", "--config", str(path)]
+    command += ["--nproc-per-node=2", "-m", "streamcl.deploy.cli", "serve", "--config", str(path)]
     log_file = (tmp_path / "torchrun.log").open("w")
     launcher = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file, text=True)
     try:

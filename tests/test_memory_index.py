@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.errors import ConfigError
-from learner.filters import input_embedding
-from memory.buffer import ReplayBuffer
-from memory.index import EmbeddingIndex, gpu_available
-from memory.retrieval import draw_slots
+from streamcl.ingest.errors import ConfigError
+from streamcl.learner.filters import input_embedding
+from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.index import EmbeddingIndex, gpu_available
+from streamcl.memory.retrieval import draw_slots
 
 
 def indexed(capacity: int = 50, dim: int = 6, **kwargs: object) -> ReplayBuffer:

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.cli import cli
-from deploy.metrics import OUTCOMES, ServiceMetrics
+from streamcl.deploy.cli.main import cli
+from streamcl.deploy.runtime.metrics import OUTCOMES, ServiceMetrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

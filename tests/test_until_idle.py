@@ -8,9 +8,9 @@ from pathlib import Path
 
 from kafka import KafkaConsumer
 
-from deploy.broker import EmbeddedBroker
-from deploy.transfer import publish_stream
-from ingest.kafka import ASSIGNORS, KafkaSettings
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.kafka import ASSIGNORS, KafkaSettings
 from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import ServiceThread, service_config, wait_until
 from tests.test_service_startup import streamcl

@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from ingest.errors import ConfigError
-from ingest.schema import StreamSpec
-from learner.tasks import DEFAULT_TASK_WINDOW
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import StreamSpec
+from streamcl.learner.tasks import DEFAULT_TASK_WINDOW
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,17 +16,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from deploy.config import ReplayConfig
-from deploy.session import LearningSession, environment
-from deploy.wiring import build_learner, configure_threads
-from ingest import heldout as heldout_io
-from ingest.codec import decode
-from ingest.errors import ConfigError, DataError
-from ingest.heldout import HeldOut
-from ingest.recorded import CorruptFrame, StreamReader
-from ingest.schema import Origin, Rejected
-from learner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from learner.loop import OnlineLearner
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.session import LearningSession, environment
+from streamcl.deploy.runtime.wiring import build_learner, configure_threads
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode
+from streamcl.ingest.errors import ConfigError, DataError
+from streamcl.ingest.heldout import HeldOut
+from streamcl.ingest.recorded import CorruptFrame, StreamReader
+from streamcl.ingest.schema import Origin, Rejected
+from streamcl.learner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from streamcl.learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1

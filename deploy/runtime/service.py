@@ -21,18 +21,18 @@ import torch
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from deploy.config import LearnerConfig, ServiceConfig
-from deploy.metrics import ServiceMetrics
-from deploy.replay import strategy_section
-from deploy.resume import plan_resume
-from deploy.retry import Backoff
-from deploy.session import LearningSession, environment
-from deploy.wiring import build_learner, configure_threads
-from evaluation.report import metric_section
-from evaluation.reservoir import ProbeReservoir
-from ingest import heldout as heldout_io
-from ingest.codec import encode
-from ingest.kafka import (
+from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
+from streamcl.deploy.runtime.metrics import ServiceMetrics
+from streamcl.deploy.runtime.replay import strategy_section
+from streamcl.deploy.runtime.resume import plan_resume
+from streamcl.deploy.runtime.retry import Backoff
+from streamcl.deploy.runtime.session import LearningSession, environment
+from streamcl.deploy.runtime.wiring import build_learner, configure_threads
+from streamcl.evaluation.report import metric_section
+from streamcl.evaluation.reservoir import ProbeReservoir
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import encode
+from streamcl.ingest.kafka import (
     DEAD_LETTER_SUFFIX,
     QUARANTINE_SUFFIX,
     Arrival,
@@ -45,10 +45,15 @@ from ingest.kafka import (
     ensure_topic,
     wait_for_bootstrap,
 )
-from ingest.offsets import Reset, read_topic_state
-from ingest.schema import Batch, Rejected, Sample, StreamSpec
-from learner.checkpoint import CheckpointError, CheckpointStore, serialised_size, write_snapshot
-from learner.strategies import replay_buffer
+from streamcl.ingest.offsets import Reset, read_topic_state
+from streamcl.ingest.schema import Batch, Rejected, Sample, StreamSpec
+from streamcl.learner.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    serialised_size,
+    write_snapshot,
+)
+from streamcl.learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1

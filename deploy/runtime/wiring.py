@@ -6,12 +6,12 @@ import logging
 
 import torch
 
-from deploy.config import LearnerConfig
-from ingest.errors import ConfigError
-from ingest.schema import StreamSpec
-from learner.drift import BoundaryDetector
-from learner.ewc import OnlineEWC
-from learner.filters import (
+from streamcl.deploy.runtime.config import LearnerConfig
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import StreamSpec
+from streamcl.learner.drift import BoundaryDetector
+from streamcl.learner.ewc import OnlineEWC
+from streamcl.learner.filters import (
     Filter,
     IndexNeighbours,
     NeighbourAgreement,
@@ -20,14 +20,14 @@ from learner.filters import (
     embedding_dim,
     input_embedding,
 )
-from learner.loop import OnlineLearner
-from learner.losses import TrainingLoss
-from learner.models import build_model
-from learner.packnet import PackNet
-from learner.quarantine import Quarantine
-from learner.strategies import ExperienceReplay, Naive, Strategy, replay_buffer
-from memory.buffer import ReplayBuffer
-from memory.index import gpu_available, set_threads
+from streamcl.learner.loop import OnlineLearner
+from streamcl.learner.losses import TrainingLoss
+from streamcl.learner.models import build_model
+from streamcl.learner.packnet import PackNet
+from streamcl.learner.quarantine import Quarantine
+from streamcl.learner.strategies import ExperienceReplay, Naive, Strategy, replay_buffer
+from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.index import gpu_available, set_threads
 
 log = logging.getLogger(__name__)
 

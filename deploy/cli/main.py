@@ -9,14 +9,14 @@ from typing import Any
 
 import click
 
-from deploy.config import ReplayConfig, read_config_file, validated
-from deploy.envvars import PREFIX as ENV_PREFIX
-from deploy.envvars import apply_rule, check_environment
-from deploy.kafka_cli import demo, publish, record, serve
-from deploy.logs import LogFormat, configure_logging
-from deploy.outputs import check_dir, check_file
-from ingest import strictjson
-from ingest.errors import StreamclError
+from streamcl.deploy.cli.envvars import PREFIX as ENV_PREFIX
+from streamcl.deploy.cli.envvars import apply_rule, check_environment
+from streamcl.deploy.cli.kafka import demo, publish, record, serve
+from streamcl.deploy.cli.logs import LogFormat, configure_logging
+from streamcl.deploy.cli.outputs import check_dir, check_file
+from streamcl.deploy.runtime.config import ReplayConfig, read_config_file, validated
+from streamcl.ingest import strictjson
+from streamcl.ingest.errors import StreamclError
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -198,8 +198,8 @@ def stream() -> None:
 )
 def stream_make(**opts: Any) -> None:
     """Build a continual-learning stream file from real data."""
-    from ingest.datasets import load
-    from ingest.scenarios import ScenarioConfig, build, write
+    from streamcl.ingest.datasets import load
+    from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
     scenario = ScenarioConfig(
         scenario=opts["scenario"],
@@ -234,7 +234,7 @@ def stream_inspect(stream_file: str, heldout: str | None, as_json: bool) -> None
 
     Every frame is decoded as a replay would; the file is only read.
     """
-    from ingest.inventory import take_inventory
+    from streamcl.ingest.inventory import take_inventory
 
     inventory = take_inventory(stream_file, heldout)
     if as_json:
@@ -281,7 +281,7 @@ def stream_import(
     'package.module:function' returning one; its train stream becomes the stream and its
     test stream the held-out set (needs the 'avalanche' extra).
     """
-    from ingest.importers import from_npz, write
+    from streamcl.ingest.importers import from_npz, write
 
     check_file(out, "stream")
     if source.endswith(".npz"):
@@ -291,7 +291,7 @@ def stream_import(
     else:
         import yaml
 
-        from ingest.avalanche import import_benchmark
+        from streamcl.ingest.avalanche import import_benchmark
 
         kwargs = {k: yaml.safe_load(v) for k, v in (benchmark_args or {}).items()}
         built = import_benchmark(source, kwargs, num_classes)
@@ -332,7 +332,7 @@ def stream_import(
 )
 def stream_export(stream_file: str, heldout: str | None, window: int | None, out: str) -> None:
     """Write a recorded stream (e.g. one taken with `streamcl record`) for Avalanche."""
-    from ingest.exporters import export_npz
+    from streamcl.ingest.exporters import export_npz
 
     check_file(out, "export")
     done = export_npz(stream_file, out, heldout, window)
@@ -595,9 +595,9 @@ def replay(
     progress: bool | None, metrics_out: str | None, pushgateway: str | None, **opts: Any
 ) -> None:
     """Replay a recorded stream through the online learner and report the metrics."""
-    from deploy.replay import check_outcome, run_replay
-    from deploy.session import summary_lines
-    from evaluation.report import write_plots
+    from streamcl.deploy.runtime.replay import check_outcome, run_replay
+    from streamcl.deploy.runtime.session import summary_lines
+    from streamcl.evaluation.report import write_plots
 
     config = validated(ReplayConfig, opts)
     check_file(config.report, "report")
@@ -633,7 +633,7 @@ def export_metrics(report: dict[str, Any], path: str | None, gateway: str | None
     """Publish a replay's final metrics for batch evaluations (text file and/or push)."""
     from prometheus_client import CollectorRegistry, push_to_gateway, write_to_textfile
 
-    from deploy.metrics import ServiceMetrics, record_report
+    from streamcl.deploy.runtime.metrics import ServiceMetrics, record_report
 
     registry = CollectorRegistry()
     record_report(ServiceMetrics(registry), report)
@@ -662,7 +662,3 @@ def main() -> None:
     except StreamclError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

