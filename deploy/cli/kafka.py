@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from streamcl.deploy.cli.outputs import check_file
-from streamcl.deploy.cli.schema import SettingOption, given, learner_settings, setting
+from streamcl.deploy.cli.schema import IntList, SettingOption, given, learner_settings, setting
 from streamcl.deploy.runtime.config import (
     HttpConfig,
     KafkaConfig,
@@ -172,7 +172,7 @@ def publish(
     show_envvar=True,
     help="Stop once nothing arrived for this many seconds.",
 )
-@setting(StreamSpecConfig, "feature_shape")
+@setting(StreamSpecConfig, "feature_shape", type=IntList(checked=False))
 @setting(StreamSpecConfig, "dtype")
 @setting(StreamSpecConfig, "num_classes")
 @click.option("--progress/--no-progress", default=None, show_envvar=True)

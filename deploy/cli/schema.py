@@ -31,15 +31,24 @@ FLAG_NAMES = {"use_task_ids": "--task-ids/--no-task-ids"}
 class IntList(click.ParamType):
     """Comma-separated integers on the command line, or a list in a config file.
 
-    The parts stay text: the model checks each, so an error names the setting.
+    `checked=False` leaves the parts as text for the model to check, so that the error
+    names the setting (`record --feature-shape`, as before the flags were generated).
     """
 
     name = "INTS"
 
+    def __init__(self, checked: bool = True) -> None:
+        self.checked = checked
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-        return tuple(part.strip() for part in str(value).split(",") if part.strip())
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        parts = tuple(str(item).strip() for item in items if str(item).strip())
+        if not self.checked:
+            return parts
+        try:
+            return tuple(int(part) for part in parts)
+        except ValueError:
+            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
 
 
 class Settings(click.ParamType):
@@ -190,9 +199,10 @@ def setting(
             attrs["default"] = model_default(field)
     if default is not PydanticUndefined:
         attrs["default"] = default
-    # A top-level field's parameter is named after it (the command builds `model` from
-    # them); a nested one after its flag, since its path says where it lands.
-    decls.append(keys[0] if len(keys) == 1 else decls[0].split("/")[0][2:].replace("-", "_"))
+    # A top-level field keeps its name (the command builds `model` from the parameters);
+    # a nested or renamed one is named after its flag, since its path says where it lands.
+    named = len(keys) == 1 and flag is None
+    decls.append(keys[0] if named else decls[0].split("/")[0][2:].replace("-", "_"))
     return click.option(*decls, cls=SettingOption, model=model, path=keys, **attrs)
 
 
