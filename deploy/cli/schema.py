@@ -131,7 +131,7 @@ def param_type(field: FieldInfo) -> click.ParamType:
     kind = value_type(field.annotation)
     if get_origin(kind) is Literal:
         return click.Choice([str(choice) for choice in get_args(kind)])
-    if section_model(kind) is not None or kind is dict or get_origin(kind) is dict:
+    if section_model(kind) is not None:
         return Settings()
     if get_origin(kind) is tuple:
         return IntList()
