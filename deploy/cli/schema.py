@@ -159,12 +159,11 @@ def help_text(field: FieldInfo, path: tuple[str, ...]) -> str | None:
         )
         parts.append(f"keys and defaults: {keys}")
     text = "; ".join(parts)
+    if text:
+        text = text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
     if len(path) > 1:
-        text = f"{text} (config: {'.'.join(path)})" if text else f"config: {'.'.join(path)}"
-    if not text:
-        return None
-    text = text[0].upper() + text[1:]
-    return text if text.endswith(".") else f"{text}."
+        text = f"{text}  [config: {'.'.join(path)}]".lstrip()
+    return text or None
 
 
 def setting(
