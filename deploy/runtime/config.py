@@ -7,7 +7,6 @@ underscores; flags and their environment variables override it.
 from __future__ import annotations
 
 import difflib
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,18 +23,17 @@ from pydantic import (
 )
 
 from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.registry import Registry, is_plugin
 from streamcl.ingest.schema import StreamSpec
+from streamcl.learner.registry import STRATEGIES
 from streamcl.learner.tasks import DEFAULT_TASK_WINDOW
+from streamcl.memory.retrieval import RETRIEVALS
+from streamcl.memory.selectors import SELECTORS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
-
-STRATEGY_PARTS = ("naive", "er", "ewc", "packnet")
-"""What `strategy` may join with '+' (e.g. er+ewc); they compose in this order."""
-USER_MODEL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-"""A user model factory: `package.module:function`."""
 
 
 def _ints_from_text(value: Any) -> Any:
@@ -43,6 +41,13 @@ def _ints_from_text(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+def _registered(registry: Registry[Any], value: str) -> str:
+    """A name in `registry` or a `package.module:function` (imported when the learner is built)."""
+    if registry.known(value):
+        return value
+    raise ValueError(f"{registry.kind} must be {registry.describe()}, got {value!r}")
 
 
 class EwcConfig(BaseModel):
@@ -157,7 +162,11 @@ class LearnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategy: str = Field("er", description="naive, or parts of er, ewc, packnet joined by +")
+    strategy: str = Field(
+        "er",
+        description="naive, or parts of er, ewc, packnet or 'package.module:function' "
+        "joined by + (learner/registry.py)",
+    )
     model: str = Field("mlp", description="mlp, cnn or a factory 'package.module:function'")
     hidden: tuple[Annotated[int, Field(ge=1)], ...] = (256, 256)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -166,9 +175,15 @@ class LearnerConfig(BaseModel):
     batch_size: int = Field(10, ge=1)
     steps_per_batch: int = Field(1, ge=1)
     memory: int = Field(1000, ge=1, description="replay memory capacity in items")
-    memory_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
-    memory_retrieval: Literal["uniform", "class-balanced", "neighbours"] = Field(
-        "uniform", description="how replay draws from memory (memory/retrieval.py)"
+    memory_policy: str = Field(
+        "class-balanced",
+        description="reservoir, class-balanced or 'package.module:function': which exemplars "
+        "the memory keeps (memory/selectors.py)",
+    )
+    memory_retrieval: str = Field(
+        "uniform",
+        description="uniform, class-balanced, neighbours or 'package.module:function': how "
+        "replay draws from memory (memory/retrieval.py)",
     )
     memory_dedup: float = Field(
         0.0,
@@ -209,24 +224,37 @@ class LearnerConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        """Accept '+'-joined parts in any order; store them in composition order."""
-        parts = [part.strip() for part in value.lower().split("+")]
-        unknown = [part for part in parts if part not in STRATEGY_PARTS]
-        if unknown or not parts:
+        """Accept '+'-joined parts in any order; store them in composition order: the
+        registered ones in registration order, then plug-ins in the order given."""
+        parts = [part.strip() for part in value.split("+")]
+        parts = [part if is_plugin(part) else part.lower() for part in parts]
+        if not all(STRATEGIES.known(part) for part in parts):
+            builtins = ", ".join(name for name in STRATEGIES.names() if name != "naive")
             raise ValueError(
-                f"strategy must be naive or parts of er, ewc, packnet joined by '+' "
-                f"(e.g. er+ewc), got {value!r}"
+                f"strategy must be naive or parts of {builtins} or 'package.module:function' "
+                f"joined by '+' (e.g. er+ewc), got {value!r}"
             )
         if len(set(parts)) != len(parts):
             raise ValueError(f"strategy names a part twice: {value!r}")
         if "naive" in parts and len(parts) > 1:
             raise ValueError(f"naive combines with nothing, got {value!r}")
-        return "+".join(part for part in STRATEGY_PARTS if part in parts)
+        registered = [name for name in STRATEGIES.names() if name in parts]
+        return "+".join(registered + [part for part in parts if is_plugin(part)])
+
+    @field_validator("memory_policy")
+    @classmethod
+    def _known_selector(cls, value: str) -> str:
+        return _registered(SELECTORS, value)
+
+    @field_validator("memory_retrieval")
+    @classmethod
+    def _known_retrieval(cls, value: str) -> str:
+        return _registered(RETRIEVALS, value)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value in ("mlp", "cnn") or USER_MODEL.fullmatch(value):
+        if value in ("mlp", "cnn") or is_plugin(value):
             return value
         raise ValueError(f"model must be mlp, cnn or 'package.module:function', got {value!r}")
 
@@ -249,13 +277,9 @@ class LearnerConfig(BaseModel):
 
     @property
     def memory_indexed(self) -> bool:
-        """Whether the replay memory needs its FAISS index (something queries it)."""
-        return (
-            self.noise.knn
-            or self.memory_retrieval == "neighbours"
-            or self.memory_dedup > 0
-            or self.predict_head != "softmax"
-        )
+        """Whether the replay memory needs its FAISS index for something besides retrieval
+        (whose policy says so itself: `Retrieval.needs_index`)."""
+        return self.noise.knn or self.memory_dedup > 0 or self.predict_head != "softmax"
 
     @property
     def parts(self) -> tuple[str, ...]:
