@@ -66,7 +66,7 @@ def test_bad_capacity(capacity: int) -> None:
 
 def test_bad_policy() -> None:
     with pytest.raises(
-        ConfigError, match="memory selector must be reservoir, class-balanced or .package"
+        ConfigError, match=r"memory selector must be reservoir, class-balanced or .package"
     ):
         ReplayBuffer(10, (2,), policy="fifo")
 

@@ -288,7 +288,7 @@ def record(
     "--strategy",
     default="er",
     show_envvar=True,
-    help="naive, or er, ewc, packnet joined by '+' (e.g. er+ewc).",
+    help="naive, or er, ewc, packnet or 'package.module:function' joined by '+' (e.g. er+ewc).",
 )
 @click.option(
     "--memory",

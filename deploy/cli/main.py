@@ -368,7 +368,7 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     show_envvar=True,
     help="naive (fine-tune on arrivals only), or parts joined by '+': er (experience "
     "replay), ewc (online EWC), packnet (parameter isolation; task ids at train and "
-    "test time), e.g. er+ewc.",
+    "test time), or your own 'package.module:function' (learner/registry.py), e.g. er+ewc.",
 )
 @click.option(
     "--ewc",
@@ -469,18 +469,18 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
 )
 @click.option(
     "--memory-policy",
-    type=click.Choice(["reservoir", "class-balanced"]),
     default="class-balanced",
     show_envvar=True,
-    help="Which exemplars the memory keeps when full.",
+    help="Which exemplars the memory keeps when full: reservoir, class-balanced, or your "
+    "own 'package.module:function' (memory/selectors.py).",
 )
 @click.option(
     "--memory-retrieval",
-    type=click.Choice(["uniform", "class-balanced", "neighbours"]),
     default=None,
     show_envvar=True,
-    help="How replay draws from memory: uniform (default), class-balanced, or neighbours "
-    "(half the draws among other-class items nearest the incoming batch, via FAISS).",
+    help="How replay draws from memory: uniform (default), class-balanced, neighbours "
+    "(half the draws among other-class items nearest the incoming batch, via FAISS), or "
+    "your own 'package.module:function' (memory/retrieval.py).",
 )
 @click.option(
     "--memory-condensed",
