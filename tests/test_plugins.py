@@ -14,12 +14,11 @@ from click.testing import CliRunner
 
 from streamcl.deploy.cli.main import cli
 from streamcl.deploy.runtime.config import LearnerConfig
-from streamcl.deploy.runtime.wiring import build_strategies
+from streamcl.deploy.runtime.wiring import build_learner, build_noise_filter, build_strategies
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.registry import Registry
-from streamcl.ingest.schema import StreamSpec
-from streamcl.learner.filters import NoiseFilter
-from streamcl.learner.registry import FILTERS, STRATEGIES, FilterContext
+from streamcl.ingest.schema import Batch, StreamSpec
+from streamcl.learner.registry import FILTERS, STRATEGIES
 from streamcl.learner.strategies import ExperienceReplay
 from streamcl.memory.buffer import ReplayBuffer
 from tests import plugins
@@ -123,11 +122,20 @@ def test_selector_and_retrieval_plugins_shape_the_memory() -> None:
     assert restored.selector.state_dict() == {"seen": 5}
 
 
-def test_a_filter_plugin_judges_through_the_noise_filter() -> None:
-    odd = FILTERS.create("tests.plugins:odd_labels", FilterContext(SPEC, {}))
-    labels = torch.tensor([0, 1, 2, 3])
-    reasons = NoiseFilter([odd]).judge(torch.zeros(4), torch.zeros(4, 2), labels)
-    assert reasons == ["", "odd", "", "odd"]
+def test_a_filter_plugin_named_in_the_noise_settings_quarantines_what_it_flags() -> None:
+    config = LearnerConfig(noise={"small_loss": False, "extra": "tests.plugins:odd_labels"})
+    learner = build_learner(config, SPEC)
+    result = learner.learn(Batch.from_arrays(np.zeros((4, 8, 8), np.float32), np.arange(4)))
+    assert result.admitted.tolist() == [True, False, True, False]
+    assert result.quarantine_reasons == ("odd", "odd")
+    with pytest.raises(
+        ConfigError, match="noise filters need distinct names, got small-loss, odd, odd"
+    ):
+        build_noise_filter(
+            LearnerConfig(noise={"extra": "tests.plugins:odd_labels+tests.plugins:odd_labels"}),
+            SPEC,
+            None,
+        )
 
 
 def test_registries_hold_the_builtins_in_composition_order_and_refuse_clashes() -> None:

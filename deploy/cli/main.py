@@ -399,7 +399,8 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     default=None,
     show_envvar=True,
     help="Label-noise filters (on by default): knn, knn_k, knn_window, small_loss, warmup, "
-    "loss_window, min_class_samples, min_separation (e.g. knn=false,small_loss=false).",
+    "loss_window, min_class_samples, min_separation, extra (your own filters: "
+    "'package.module:function' joined by '+') (e.g. knn=false,small_loss=false).",
 )
 @click.option(
     "--quarantine",

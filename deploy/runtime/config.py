@@ -25,7 +25,7 @@ from pydantic import (
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.registry import Registry, is_plugin
 from streamcl.ingest.schema import StreamSpec
-from streamcl.learner.registry import STRATEGIES
+from streamcl.learner.registry import FILTERS, STRATEGIES
 from streamcl.learner.tasks import DEFAULT_TASK_WINDOW
 from streamcl.memory.retrieval import RETRIEVALS
 from streamcl.memory.selectors import SELECTORS
@@ -115,10 +115,24 @@ class NoiseConfig(BaseModel):
     min_separation: float = Field(
         2.0, gt=0, description="small-loss: Ashman's D the two loss modes must reach"
     )
+    extra: str = Field(
+        "",
+        description="more filters, judging after knn and small-loss: registered names or "
+        "'package.module:function' joined by + (learner/registry.py)",
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _known_filters(cls, value: str) -> str:
+        return "+".join(_registered(FILTERS, part.strip()) for part in value.split("+") if part)
+
+    @property
+    def extra_filters(self) -> tuple[str, ...]:
+        return tuple(self.extra.split("+")) if self.extra else ()
 
     @property
     def enabled(self) -> bool:
-        return self.knn or self.small_loss
+        return self.knn or self.small_loss or bool(self.extra)
 
 
 class QuarantineConfig(BaseModel):

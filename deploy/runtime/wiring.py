@@ -175,12 +175,12 @@ def build_loss(config: LearnerConfig, spec: StreamSpec) -> TrainingLoss:
 def build_noise_filter(
     config: LearnerConfig, spec: StreamSpec, memory: ReplayBuffer | None
 ) -> NoiseFilter | None:
-    """The enabled filters (knn, then small-loss); neighbour search covers the replay memory
-    when there is one."""
+    """The enabled filters (knn, small-loss, then `noise.extra`); neighbour search covers
+    the replay memory when there is one."""
     settings = config.noise
-    switches = (("knn", settings.knn), ("small-loss", settings.small_loss))
-    enabled = [name for name, on in switches if on]
-    if not enabled:
+    if not settings.enabled:
         return None
+    switches = (("knn", settings.knn), ("small-loss", settings.small_loss))
+    enabled = [name for name, on in switches if on] + list(settings.extra_filters)
     context = FilterContext(spec, settings.model_dump(), memory)
     return NoiseFilter([FILTERS.create(name, context) for name in enabled])
