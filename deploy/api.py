@@ -84,3 +84,5 @@ class Learner:
                 f"features must be [N, {', '.join(map(str, self.spec.feature_shape))}] "
                 f"{self.spec.dtype}, got [{', '.join(map(str, features.shape))}] {dtype}"
             )
+        if dtype == "float32" and not np.isfinite(features).all():
+            raise DataError("features must be finite, got NaN or infinity")

@@ -50,6 +50,8 @@ def test_bad_input_and_mismatched_state_are_one_line_errors() -> None:
         DataError, match=r"features must be \[N, 8, 8\] float32, got \[2, 64\] float32"
     ):
         learner.predict(np.zeros((2, 64), np.float32))
+    with pytest.raises(DataError, match="features must be finite, got NaN or infinity"):
+        learner.learn(Batch.from_arrays(np.full((1, 8, 8), np.nan, np.float32), np.zeros(1)))
     with pytest.raises(DataError, match=r"labels must be in \[0, 10\), got 0\.\.12"):
         learner.learn(Batch.from_arrays(np.zeros((2, 8, 8), np.float32), np.array([0, 12])))
     other = Learner(LearnerConfig(memory=20, lr=0.05), SPEC)
