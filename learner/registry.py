@@ -7,8 +7,9 @@ Register it (`STRATEGIES.register("mine", make)`) or name it by path: `--strateg
 mypkg.parts:make`, alone or joined to built-ins (`er+mypkg.parts:make`).
 
 A filter factory takes one `FilterContext` and returns a `learner.filters.Filter`
-(`name`, `judge`, `observe`, `restart`, `state_dict`, `load_state_dict`); the enabled
-filters run in `NoiseFilter`, a row being suspect when any of them flags it.
+(`name`, `judge`, `observe`, `restart`, `state_dict`, `load_state_dict`), named in the
+noise settings' `extra` (`--noise extra=mypkg.parts:make`); the enabled filters run in
+`NoiseFilter`, a row being suspect when any of them flags it.
 
 Factories take a context object rather than keyword arguments so that a field added
 later does not break anyone's factory.
