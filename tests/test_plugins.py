@@ -5,6 +5,8 @@ errors for names that do not resolve."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +148,12 @@ def test_registries_hold_the_builtins_in_composition_order_and_refuse_clashes() 
         registry.register("a", object)
     with pytest.raises(ConfigError, match="widget name must be lower case"):
         registry.register("pkg.mod:f", object)
+
+
+def test_importing_the_command_line_loads_no_registry() -> None:
+    """The config reaches the registries when it checks a value, not at import: they pull
+    in torch and faiss, which `streamcl --help` need not load."""
+    code = "import sys, streamcl.deploy.cli.main; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"

@@ -7,6 +7,7 @@ underscores; flags and their environment variables override it.
 from __future__ import annotations
 
 import difflib
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,10 +26,7 @@ from pydantic import (
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.registry import Registry, is_plugin
 from streamcl.ingest.schema import StreamSpec
-from streamcl.learner.registry import FILTERS, STRATEGIES
 from streamcl.learner.tasks import DEFAULT_TASK_WINDOW
-from streamcl.memory.retrieval import RETRIEVALS
-from streamcl.memory.selectors import SELECTORS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,6 +39,22 @@ def _ints_from_text(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+REGISTRIES = {
+    "strategies": "streamcl.learner.registry",
+    "filters": "streamcl.learner.registry",
+    "selectors": "streamcl.memory.selectors",
+    "retrievals": "streamcl.memory.retrieval",
+}
+"""Where each pluggable part's registry lives (a module attribute of the upper-cased name)."""
+
+
+def _registry(name: str) -> Registry[Any]:
+    """The registry of a pluggable part, imported when a value is checked, not with this
+    module: the parts pull in torch and faiss, which `streamcl --help` need not load."""
+    registry: Registry[Any] = getattr(importlib.import_module(REGISTRIES[name]), name.upper())
+    return registry
 
 
 def _registered(registry: Registry[Any], value: str) -> str:
@@ -124,7 +138,8 @@ class NoiseConfig(BaseModel):
     @field_validator("extra")
     @classmethod
     def _known_filters(cls, value: str) -> str:
-        return "+".join(_registered(FILTERS, part.strip()) for part in value.split("+") if part)
+        filters = _registry("filters")
+        return "+".join(_registered(filters, part.strip()) for part in value.split("+") if part)
 
     @property
     def extra_filters(self) -> tuple[str, ...]:
@@ -242,8 +257,9 @@ class LearnerConfig(BaseModel):
         registered ones in registration order, then plug-ins in the order given."""
         parts = [part.strip() for part in value.split("+")]
         parts = [part if is_plugin(part) else part.lower() for part in parts]
-        if not all(STRATEGIES.known(part) for part in parts):
-            builtins = ", ".join(name for name in STRATEGIES.names() if name != "naive")
+        strategies = _registry("strategies")
+        if not all(strategies.known(part) for part in parts):
+            builtins = ", ".join(name for name in strategies.names() if name != "naive")
             raise ValueError(
                 f"strategy must be naive or parts of {builtins} or 'package.module:function' "
                 f"joined by '+' (e.g. er+ewc), got {value!r}"
@@ -252,18 +268,18 @@ class LearnerConfig(BaseModel):
             raise ValueError(f"strategy names a part twice: {value!r}")
         if "naive" in parts and len(parts) > 1:
             raise ValueError(f"naive combines with nothing, got {value!r}")
-        registered = [name for name in STRATEGIES.names() if name in parts]
+        registered = [name for name in strategies.names() if name in parts]
         return "+".join(registered + [part for part in parts if is_plugin(part)])
 
     @field_validator("memory_policy")
     @classmethod
     def _known_selector(cls, value: str) -> str:
-        return _registered(SELECTORS, value)
+        return _registered(_registry("selectors"), value)
 
     @field_validator("memory_retrieval")
     @classmethod
     def _known_retrieval(cls, value: str) -> str:
-        return _registered(RETRIEVALS, value)
+        return _registered(_registry("retrievals"), value)
 
     @field_validator("model")
     @classmethod
