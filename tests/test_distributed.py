@@ -236,19 +236,23 @@ def test_resume_with_another_rank_count_two_to_one_to_two(
     topic = unique_topic("scalecount")
     memory_broker.create_topic(topic, partitions=PARTITIONS)
     payloads = digits_payloads(digits_stream)
-    config = service_config(
-        memory_broker,
-        topic,
-        tmp_path,
-        until_idle=1.5,
-        kafka={"group_id": f"count-{topic}", **INTERLEAVED},
-        http=ANY_PORTS,
-        learner={"memory": 200, **PLAIN_LEARNER},
-        report=str(tmp_path / "report.json"),
-    )
     thirds = [0, DIGITS // 3, 2 * DIGITS // 3, DIGITS]
     memory_items = []
     for part, ranks in enumerate((2, 1, 2)):
+        # A group per run: after every member of a group has left, Tansu (0.5) can keep
+        # answering JoinGroup with the departed leader, and SyncGroup then fails with
+        # REBALANCE_IN_PROGRESS for good (reproduced with plain kafka-python consumers in
+        # 6 of 8 trials). Resuming does not need the group: offsets come from the checkpoint.
+        config = service_config(
+            memory_broker,
+            topic,
+            tmp_path,
+            until_idle=1.5,
+            kafka={"group_id": f"count-{topic}-{part}", **INTERLEAVED},
+            http=ANY_PORTS,
+            learner={"memory": 200, **PLAIN_LEARNER},
+            report=str(tmp_path / "report.json"),
+        )
         publish_round_robin(
             memory_broker, topic, payloads[thirds[part] : thirds[part + 1]], first=thirds[part]
         )
@@ -259,6 +263,6 @@ def test_resume_with_another_rank_count_two_to_one_to_two(
     learned += learned_offsets(tmp_path / "audit.rank1.jsonl")
     assert sum(learned.values()) == DIGITS and set(learned.values()) == {1}
     ends = {p: len(range(p, DIGITS, PARTITIONS)) for p in range(PARTITIONS)}
-    assert group_offsets(memory_broker, f"count-{topic}") == ends
+    assert group_offsets(memory_broker, f"count-{topic}-2") == ends
     # The global memory budget (200) is full after each run: pooled and dealt, never lost.
     assert memory_items == [200, 200, 200]
