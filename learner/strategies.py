@@ -168,6 +168,9 @@ class ExperienceReplay(NoHooks):
     def after_update(self, batch: Batch) -> None:
         self.buffer.add(batch.features, batch.labels, batch.tasks)
 
+    def consolidate(self, model: nn.Module, boundary: Boundary) -> None:
+        self.buffer.consolidate()  # the model moved: re-embed the memory (if it follows it)
+
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict(), "generator": self._gen.get_state()}
 

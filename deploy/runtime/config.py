@@ -177,6 +177,17 @@ class LearnerConfig(BaseModel):
         description="refresh a same-class item closer than this share of the class's "
         "typical nearest distance instead of storing a near duplicate; 0 off",
     )
+    memory_embedding: Literal["input", "penultimate"] = Field(
+        "penultimate",
+        description="what the memory's FAISS index holds: the model's penultimate features "
+        "(refreshed on the memory_refresh budget) or pooled inputs (never stale)",
+    )
+    memory_refresh: int = Field(
+        10,
+        ge=0,
+        description="penultimate embedding: stored items re-embedded per update, round-robin; "
+        "every item is re-embedded at each task boundary as well",
+    )
     memory_condensed: int = Field(
         0,
         ge=0,

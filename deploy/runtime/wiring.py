@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from streamcl.deploy.runtime.config import LearnerConfig
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import StreamSpec
 from streamcl.learner.drift import BoundaryDetector
 from streamcl.learner.ewc import OnlineEWC
+from streamcl.learner.features import penultimate_embedding
 from streamcl.learner.filters import (
     Filter,
     IndexNeighbours,
@@ -26,7 +28,7 @@ from streamcl.learner.models import build_model
 from streamcl.learner.packnet import PackNet
 from streamcl.learner.quarantine import Quarantine
 from streamcl.learner.strategies import ExperienceReplay, Naive, Strategy, replay_buffer
-from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.buffer import Embed, ReplayBuffer
 from streamcl.memory.index import gpu_available, set_threads
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    strategies = build_strategies(config, spec, device)
+    strategies = build_strategies(config, spec, device, model)
     memory = replay_buffer(strategies)
     learner = OnlineLearner(
         model,
@@ -93,12 +95,16 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
 
 
 def build_strategies(
-    config: LearnerConfig, spec: StreamSpec, device: torch.device | None = None
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None = None,
+    model: nn.Module | None = None,
 ) -> list[Strategy]:
     """One strategy per part of `config.strategy`, in composition order (er, ewc, packnet).
 
-    The memory gets a FAISS index over pooled inputs when something uses it (the kNN
-    filter, neighbour retrieval, dedup); on the GPU when the model is and faiss can.
+    The memory gets a FAISS index when something uses it (the kNN filter, neighbour
+    retrieval, dedup, a memory head), over `model`'s penultimate features or pooled
+    inputs (`memory_embedding`); on the GPU when the model is and faiss can.
     """
     strategies: list[Strategy] = []
     for part in config.parts:
@@ -112,7 +118,8 @@ def build_strategies(
                 policy=config.memory_policy,
                 num_classes=spec.num_classes,
                 seed=config.seed + 1,
-                embed=input_embedding(spec.dtype) if config.memory_indexed else None,
+                embed=memory_embedding(config, spec, device, model),
+                refresh=config.memory_refresh if config.memory_embedding == "penultimate" else 0,
                 retrieval=config.memory_retrieval,
                 dedup=config.memory_dedup,
                 condensed=config.memory_condensed,
@@ -143,6 +150,22 @@ def build_strategies(
         else:  # LearnerConfig validates the parts; this is a programming error
             raise ConfigError(f"no strategy named {part!r}")
     return strategies
+
+
+def memory_embedding(
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None,
+    model: nn.Module | None,
+) -> Embed | None:
+    """The memory's `embed` callable, or None when nothing queries the index."""
+    if not config.memory_indexed:
+        return None
+    if config.memory_embedding == "input":
+        return input_embedding(spec.dtype)
+    if model is None:
+        raise ValueError("a penultimate-feature memory embedding needs the model")
+    return penultimate_embedding(model, spec.dtype, device or torch.device("cpu"))
 
 
 def build_detector(config: LearnerConfig, spec: StreamSpec) -> BoundaryDetector | None:
@@ -194,7 +217,12 @@ def build_noise_filter(
             settings.knn_window,
             min_agreement=settings.knn_min_agreement,
         )
-        knn.neighbours = IndexNeighbours(knn.window, memory)
+        # The filter compares pooled inputs: it can search the memory's index only when
+        # that holds pooled inputs too; over penultimate features it keeps to its window.
+        shared = memory if config.memory_embedding == "input" else None
+        if memory is not None and shared is None:
+            log.info("knn noise filter searches its window only: the memory indexes features")
+        knn.neighbours = IndexNeighbours(knn.window, shared)
         filters.append(knn)
     if settings.small_loss:
         filters.append(

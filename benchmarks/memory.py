@@ -1,8 +1,7 @@
 """The FAISS-indexed replay memory: index cost, and accuracy of its policies and heads.
 
-(Not `benchmarks/memory.py`: run as a script, that name would shadow the `memory` package.)
-
-    python benchmarks/replay_memory.py [--seeds 0,1,2] [--samples-per-task N] [--skip-accuracy]
+    python benchmarks/memory.py [--seeds 0,1,2] [--samples-per-task N] [--skip-accuracy]
+        [--skip-latency] [--index-cost] [--only 'run,run']
 
 Latency: `EmbeddingIndex` (exact flat, CPU) at 1k / 10k / 100k items, dim 128 and 196
 (the pooled-input embedding the memory uses): one write of 10 slots (evicting their old
@@ -13,7 +12,7 @@ change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars a
 one partly made of condensed exemplars (k-means centroids). The `knn`/`ncm` head runs
 train exactly as the default run does (the head only predicts), so their samples/s
 against the default's is the index's cost.
-Writes benchmarks/results/replay_memory.json.
+Writes benchmarks/results/memory.json (full stream) or memory-N-per-task.json (a subset).
 """
 
 from __future__ import annotations
@@ -35,14 +34,21 @@ from streamcl.ingest.datasets import load
 from streamcl.ingest.scenarios import ScenarioConfig, build, write
 from streamcl.memory.index import EmbeddingIndex, set_threads
 
-RESULTS = Path(__file__).parent / "results" / "replay_memory.json"
+RESULTS = Path(__file__).parent / "results"
+DIMS = (128, 256)
+"""Latency dims: 128, and the default model's (MLP-256) penultimate feature width."""
+INPUT = {"memory_embedding": "input"}
 RUNS: dict[str, dict[str, Any]] = {
     "default (class-balanced, uniform, softmax)": {},
     "retrieval class-balanced": {"memory_retrieval": "class-balanced"},
     "retrieval neighbours": {"memory_retrieval": "neighbours"},
+    "retrieval neighbours, input embedding": {"memory_retrieval": "neighbours", **INPUT},
     "insertion dedup 0.5": {"memory_dedup": 0.5},
+    "insertion dedup 0.5, input embedding": {"memory_dedup": 0.5, **INPUT},
     "head ncm": {"predict_head": "ncm"},
+    "head ncm, input embedding": {"predict_head": "ncm", **INPUT},
     "head knn": {"predict_head": "knn"},
+    "head knn, input embedding": {"predict_head": "knn", **INPUT},
     "tiny: 100 raw": {"memory": 100},
     "tiny: 50 raw + 5 condensed per class": {"memory": 100, "memory_condensed": 5},
     "tiny: 10 raw + 9 condensed per class": {"memory": 100, "memory_condensed": 9},
@@ -127,6 +133,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name in RUNS:
         mine = [r for r in rows if r["run"] == name]
+        if not mine:
+            continue
         acc = [r["final_average_accuracy"] for r in mine]
         out.append(
             {
@@ -150,6 +158,7 @@ def main() -> None:
     parser.add_argument(
         "--skip-accuracy", action="store_true", help="keep the file's accuracy runs"
     )
+    parser.add_argument("--skip-latency", action="store_true", help="keep the file's latency")
     parser.add_argument("--index-cost", action="store_true", help="also time index on vs off")
     parser.add_argument(
         "--only", default=None, help="rerun these runs (comma separated), keep the file's others"
@@ -157,21 +166,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     set_threads(1)
+    per_task = args.samples_per_task
+    path = RESULTS / ("memory.json" if per_task is None else f"memory-{per_task}-per-task.json")
+    earlier: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    command = "python benchmarks/memory.py " + " ".join(
+        [f"--seeds {args.seeds}"]
+        + ([f"--samples-per-task {per_task}"] if per_task else [])
+        + (["--skip-accuracy"] if args.skip_accuracy else [])
+        + (["--skip-latency"] if args.skip_latency else [])
+        + ([f"--only '{args.only}'"] if args.only else [])
+        + (["--index-cost"] if args.index_cost else [])
+    )
     result: dict[str, Any] = {
+        **earlier,  # sections not rerun keep their earlier figures
         "benchmark": __doc__.splitlines()[0],
-        "command": "python benchmarks/replay_memory.py "
-        + " ".join(
-            [f"--seeds {args.seeds}"]
-            + ([f"--samples-per-task {args.samples_per_task}"] if args.samples_per_task else [])
-            + (["--skip-accuracy"] if args.skip_accuracy else [])
-            + ([f"--only '{args.only}'"] if args.only else [])
-            + (["--index-cost"] if args.index_cost else [])
-        ),
+        "command": f"{earlier['command']}; then {command}" if earlier else command,
         "torch": torch.__version__,
-        "latency": [latency(n, d) for n in (1000, 10_000, 100_000) for d in (128, 196)],
     }
-    for row in result["latency"]:
-        print(json.dumps(row), flush=True)
+    if not args.skip_latency:
+        result["latency"] = [latency(n, d) for n in (1000, 10_000, 100_000) for d in DIMS]
+        for row in result["latency"]:
+            print(json.dumps(row), flush=True)
     if args.index_cost:
         result["index_cost"] = index_cost()
         print(json.dumps(result["index_cost"]), flush=True)
@@ -179,27 +194,20 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
         with tempfile.TemporaryDirectory() as tmp:
             stream = Path(tmp) / "split-fmnist.scs"
-            scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=args.samples_per_task)
+            scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=per_task)
             write(build(load("fashion-mnist"), scenario), stream)
             names = args.only.split(",") if args.only else list(RUNS)
             rows = accuracy(stream, seeds, names)
-        if args.only and RESULTS.exists():  # keep the earlier runs of the other settings
-            earlier = json.loads(RESULTS.read_text())
-            rows = [r for r in earlier["runs"] if r["run"] not in names] + rows
-            result["command"] = f"{earlier['command']}; then {result['command']}"
+        if args.only:  # keep the earlier runs of the other settings
+            rows = [r for r in earlier.get("runs", []) if r["run"] not in names] + rows
         result["stream"] = (
-            f"Split Fashion-MNIST 5x2, stream seed 0, "
-            f"{args.samples_per_task or 'all'} samples per task"
+            f"Split Fashion-MNIST 5x2, stream seed 0, {per_task or 'all'} samples per task"
         )
         result["runs"] = rows
         result["summary"] = summarise(rows)
-    elif RESULTS.exists():  # keep the accuracy runs recorded earlier
-        earlier = json.loads(RESULTS.read_text())
-        result.update({k: earlier[k] for k in ("stream", "runs", "summary") if k in earlier})
-        result["command"] = f"{earlier['command']}; then {result['command']}"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
