@@ -10,8 +10,9 @@ Embeddings of the model's features go stale as the model learns. The refresh bud
 `refresh` items re-embedded per `add` plus every item at `consolidate` (a task
 boundary, detected shift or periodic consolidation), round-robin over the slots: no
 stored embedding is older than `capacity / refresh` updates or than the last boundary,
-at `refresh` embedding rows per update on top of the batch's own. `refresh = 0` means
-the embeddings are a function of the features alone (pooled inputs) and never refresh.
+at `refresh` embedding rows per update on top of the batch's own (0: boundaries only).
+`refresh = None` means the embeddings are a function of the features alone (pooled
+inputs) and are never recomputed.
 A checkpoint holds the embeddings too (restored draws are identical); embeddings that
 disagree with the stored items are recomputed on load, with a log line.
 """
@@ -71,7 +72,7 @@ class ReplayBuffer:
     `capacity` (raw slots = capacity - num_classes x condensed) and replayed like raw
     items, in proportion to their number; they are not in the index.
     refresh: items re-embedded per `add` (and all at `consolidate`), for an `embed`
-    that follows the model; 0 for one that does not (module docstring).
+    that follows the model; None for one that does not (module docstring).
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class ReplayBuffer:
         dedup: float = 0.0,
         index_device: Literal["cpu", "cuda"] = "cpu",
         condensed: int = 0,
-        refresh: int = 0,
+        refresh: int | None = None,
     ):
         if capacity < 1:
             raise ConfigError(f"memory capacity must be >= 1 item, got {capacity}")
@@ -102,7 +103,7 @@ class ReplayBuffer:
             raise ConfigError(
                 f"memory retrieval must be uniform, class-balanced or neighbours, got {retrieval!r}"
             )
-        if refresh < 0:
+        if refresh is not None and refresh < 0:
             raise ConfigError(f"memory refresh must be >= 0 items per update, got {refresh}")
         if not 0.0 <= dedup < 1.0:
             raise ConfigError(f"memory dedup must be in [0, 1), got {dedup}")
@@ -147,6 +148,24 @@ class ReplayBuffer:
         condensed = self.condensed.nbytes if self.condensed is not None else 0
         return self.store.nbytes + index + condensed
 
+    def usage(self) -> dict[str, Any]:
+        """What the memory holds, for metrics and reports: index backend, items, and bytes
+        by part (`embeddings` are the stored vectors, `index` what FAISS adds beyond them)."""
+        index = self.index
+        embeddings = index.embedding_bytes if index is not None else 0
+        return {
+            "backend": index.backend if index is not None else "none",
+            "items": len(self),
+            "indexed_items": index.count if index is not None else 0,
+            "non_finite_embeddings": index.non_finite if index is not None else 0,
+            "bytes": {
+                "features": self.store.nbytes,
+                "embeddings": embeddings,
+                "index": index.nbytes - embeddings if index is not None else 0,
+                "condensed": self.condensed.nbytes if self.condensed is not None else 0,
+            },
+        }
+
     def add(self, features: np.ndarray, labels: np.ndarray, tasks: np.ndarray) -> int:
         """Offer `[B, *shape]` exemplars; returns how many were stored (refreshes included)."""
         if self.condensed is not None:
@@ -188,8 +207,8 @@ class ReplayBuffer:
             self.index.write(slots, self.embed(self.store.features[slots]))
 
     def consolidate(self) -> None:
-        """At a boundary the model has moved most: re-embed every item (refresh > 0 only)."""
-        if self.refresh:
+        """At a boundary the model has moved most: re-embed every item (unless refresh is None)."""
+        if self.refresh is not None:
             self.reembed(np.arange(self.store.size))
 
     def _near_duplicates(self, embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -134,6 +134,11 @@ class EmbeddingIndex:
         rows = self._ivf.ntotal * (self.dim * 4 + 8)
         return own + rows + self.lists * self.dim * 4
 
+    @property
+    def embedding_bytes(self) -> int:
+        """The host embeddings (for CPU flat, also the index's own rows)."""
+        return self.embeddings.nbytes
+
     def stored_ids(self) -> np.ndarray:
         """Sorted ids a search can return, read from the FAISS structure where it keeps them
         (IVF lists); the mask for the flat indexes, whose rows are the slots."""

@@ -64,14 +64,15 @@ class Mirror:
         self.ids[written] = store.tasks[written]
         self.labels[written] = labels[self.ids[written] - first_id]
         self.embeddings[written] = buffer.embed(features[self.ids[written] - first_id])
-        refreshed = (cursor + np.arange(min(buffer.refresh, store.size))) % max(store.size, 1)
+        budget = min(buffer.refresh or 0, store.size)
+        refreshed = (cursor + np.arange(budget)) % max(store.size, 1)
         self.embeddings[refreshed] = buffer.embed(store.features[refreshed])
         return len(labels) + len(refreshed)
 
     def refresh_all(self) -> int:
         """A boundary: every item re-embedded, unless the budget says embeddings are fixed."""
         self.buffer.consolidate()
-        size = self.buffer.store.size if self.buffer.refresh else 0
+        size = self.buffer.store.size if self.buffer.refresh is not None else 0
         assert self.buffer.embed is not None
         self.embeddings[:size] = self.buffer.embed(self.buffer.store.features[:size])
         return size
@@ -141,11 +142,11 @@ def test_a_million_operations_keep_index_and_buffer_in_agreement() -> None:
         max_size=40,
     ),
     capacity=st.integers(1, 12),
-    refresh=st.integers(0, 5),
+    refresh=st.one_of(st.none(), st.integers(0, 5)),
     dedup=st.sampled_from([0.0, 0.5]),
 )
 def test_random_operation_sequences_keep_agreement(
-    ops: list[tuple[str, int, int]], capacity: int, refresh: int, dedup: float
+    ops: list[tuple[str, int, int]], capacity: int, refresh: int | None, dedup: float
 ) -> None:
     """Small memories under any op sequence; hypothesis shrinks a failure to a few ops."""
     embed = DriftingEmbed(0)

@@ -119,7 +119,7 @@ def build_strategies(
                 num_classes=spec.num_classes,
                 seed=config.seed + 1,
                 embed=memory_embedding(config, spec, device, model),
-                refresh=config.memory_refresh if config.memory_embedding == "penultimate" else 0,
+                refresh=config.memory_refresh if config.memory_embedding == "penultimate" else None,
                 retrieval=config.memory_retrieval,
                 dedup=config.memory_dedup,
                 condensed=config.memory_condensed,
