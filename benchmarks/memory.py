@@ -3,15 +3,18 @@
     python benchmarks/memory.py [--seeds 0,1,2] [--samples-per-task N] [--skip-accuracy]
         [--skip-latency] [--index-cost] [--only 'run,run']
 
-Latency: `EmbeddingIndex` (exact flat, CPU) at 1k / 10k / 100k items, dim 128 and 196
-(the pooled-input embedding the memory uses): one write of 10 slots (evicting their old
-rows) and one search of 10 queries for 10 neighbours, as one replay step does.
+Latency: `EmbeddingIndex` at 1k / 10k / 100k items (flat up to 20k, IVF past it, and
+flat forced at 100k for comparison), dim 128 and 256 (MLP-256's penultimate features,
+the memory's default embedding): one write of 10 slots (evicting their old rows) and
+one search of 10 queries for 10 neighbours, as one replay step does.
 Accuracy: `streamcl replay` on Split Fashion-MNIST 5x2, one pass, batch 10, memory 1000,
 defaults otherwise (class-balanced insertion, uniform retrieval, softmax), against one
 change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars against
-one partly made of condensed exemplars (k-means centroids). The `knn`/`ncm` head runs
-train exactly as the default run does (the head only predicts), so their samples/s
-against the default's is the index's cost.
+one partly made of condensed exemplars (k-means centroids); index-based settings with
+the memory's default embedding (penultimate features) and with pooled inputs. The
+`knn`/`ncm` head runs train exactly as the default run does (the head only predicts),
+so their samples/s against the default's is the index's cost (`--index-cost` times it
+in paired trials: embedding each batch, the refresh budget, boundary re-embeds).
 Writes benchmarks/results/memory.json (full stream) or memory-N-per-task.json (a subset).
 """
 
@@ -55,37 +58,52 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-def unit_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
-    rows = rng.normal(size=(n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+def unit_rows(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unit rows around random centres: clustered, as class features are (uniformly random
+    rows in 128+ dims have no near neighbours, the worst case for any IVF index)."""
+    rows = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.normal(
+        size=(n, centres.shape[1])
+    ).astype(np.float32)
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
-def latency(items: int, dim: int, steps: int = 200) -> dict[str, Any]:
-    """Mean microseconds per replay-step write (10 slots) and search (10 queries, k 10)."""
+def latency(items: int, dim: int, kind: str = "auto", steps: int = 200) -> dict[str, Any]:
+    """Median microseconds per replay step: write 10 slots (evicting their rows) and search
+    10 queries for 10 neighbours, in the index `kind` that `items` gets (auto) or forced;
+    recall@10 of those searches against brute force over the same rows."""
     rng = np.random.default_rng(0)
-    index = EmbeddingIndex(items, dim)
+    centres = rng.normal(size=(100, dim)).astype(np.float32) / np.sqrt(dim) * 3
+    index = EmbeddingIndex(items, dim, kind=kind)  # type: ignore[arg-type]
     start = time.perf_counter()
     for lo in range(0, items, 1000):
         slots = np.arange(lo, min(lo + 1000, items))
-        index.write(slots, unit_rows(len(slots), dim, rng))
+        index.write(slots, unit_rows(len(slots), centres, rng))
     fill = time.perf_counter() - start
-    writes, searches = [], []
+    start = time.perf_counter()
+    index.search(unit_rows(1, centres, rng), 1)  # IVF trains its lists at the first search
+    train = time.perf_counter() - start
+    writes, searches, recalls = [], [], []
     for _ in range(steps):
         slots = rng.choice(items, 10, replace=False)
-        rows, queries = unit_rows(10, dim, rng), unit_rows(10, dim, rng)
+        rows, queries = unit_rows(10, centres, rng), unit_rows(10, centres, rng)
         t0 = time.perf_counter()
         index.write(slots, rows)
         t1 = time.perf_counter()
-        index.search(queries, 10)
+        _, found = index.search(queries, 10)
         searches.append(time.perf_counter() - t1)
         writes.append(t1 - t0)
+        if len(recalls) < 20:
+            exact = np.argsort(-(queries @ index.embeddings.T), axis=1)[:, :10]
+            recalls += [len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)]
     return {
         "items": items,
         "dim": dim,
         "backend": index.backend,
         "fill_seconds": round(fill, 4),
+        "first_search_seconds (IVF: training)": round(train, 4),
         "write_10_us_median": round(statistics.median(writes) * 1e6, 1),
         "search_10x10_us_median": round(statistics.median(searches) * 1e6, 1),
+        "recall_at_10": round(float(np.mean(recalls)), 3),
         "index_bytes": index.nbytes,
     }
 
@@ -184,7 +202,10 @@ def main() -> None:
         "torch": torch.__version__,
     }
     if not args.skip_latency:
-        result["latency"] = [latency(n, d) for n in (1000, 10_000, 100_000) for d in DIMS]
+        result["latency"] = [latency(n, d) for n in (1000, 10_000, 100_000) for d in DIMS] + [
+            latency(100_000, d, kind="flat")
+            for d in DIMS  # what IVF saves past the limit
+        ]
         for row in result["latency"]:
             print(json.dumps(row), flush=True)
     if args.index_cost:

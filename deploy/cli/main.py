@@ -499,6 +499,22 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     "replay memory: nearest class mean (ncm) or nearest-neighbour vote (knn).",
 )
 @click.option(
+    "--memory-embedding",
+    type=click.Choice(["input", "penultimate"]),
+    default=None,
+    show_envvar=True,
+    help="What the memory's FAISS index holds: the model's penultimate features "
+    "(default) or pooled inputs.",
+)
+@click.option(
+    "--memory-refresh",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    help="Penultimate embedding: stored items re-embedded per update, round-robin "
+    "(default 10); every item is re-embedded at each task boundary too.",
+)
+@click.option(
     "--memory-dedup",
     type=click.FloatRange(min=0, max=1, max_open=True),
     default=None,
