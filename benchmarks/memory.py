@@ -46,6 +46,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "retrieval class-balanced": {"memory_retrieval": "class-balanced"},
     "retrieval neighbours": {"memory_retrieval": "neighbours"},
     "retrieval neighbours, input embedding": {"memory_retrieval": "neighbours", **INPUT},
+    "retrieval interfered": {"memory_retrieval": "interfered"},
     "insertion dedup 0.5": {"memory_dedup": 0.5},
     "insertion dedup 0.5, input embedding": {"memory_dedup": 0.5, **INPUT},
     "head ncm": {"predict_head": "ncm"},

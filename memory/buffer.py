@@ -31,7 +31,7 @@ from streamcl.ingest.errors import ConfigError
 from streamcl.memory.condensed import CondensedSet
 from streamcl.memory.index import EMPTY, EmbeddingIndex
 from streamcl.memory.nearest import Head, class_means, knn_scores, ncm_scores
-from streamcl.memory.retrieval import Retrieval, draw_slots
+from streamcl.memory.retrieval import Interference, Retrieval, draw_slots, interfered_slots
 from streamcl.memory.selectors import (
     SKIP,
     ClassBalancedSelector,
@@ -99,15 +99,16 @@ class ReplayBuffer:
             )
         if policy not in ("reservoir", "class-balanced"):
             raise ConfigError(f"memory policy must be reservoir or class-balanced, got {policy!r}")
-        if retrieval not in ("uniform", "class-balanced", "neighbours"):
+        if retrieval not in ("uniform", "class-balanced", "neighbours", "interfered"):
             raise ConfigError(
-                f"memory retrieval must be uniform, class-balanced or neighbours, got {retrieval!r}"
+                "memory retrieval must be uniform, class-balanced, neighbours or interfered, "
+                f"got {retrieval!r}"
             )
         if refresh is not None and refresh < 0:
             raise ConfigError(f"memory refresh must be >= 0 items per update, got {refresh}")
         if not 0.0 <= dedup < 1.0:
             raise ConfigError(f"memory dedup must be in [0, 1), got {dedup}")
-        if embed is None and (retrieval == "neighbours" or dedup > 0):
+        if embed is None and (retrieval in ("neighbours", "interfered") or dedup > 0):
             raise ConfigError(f"memory retrieval {retrieval!r} / dedup {dedup} need an embedding")
         self.policy = policy
         self.retrieval: Retrieval = retrieval
@@ -255,14 +256,17 @@ class ReplayBuffer:
         generator: torch.Generator,
         near: np.ndarray | None = None,
         near_labels: np.ndarray | None = None,
+        interference: Interference | None = None,
     ) -> Draw:
         """Draw `n` exemplars with replacement by the buffer's retrieval policy.
 
         near, near_labels: the incoming batch `[B, *shape]` and `[B]`, which the
-        `neighbours` policy draws around; ignored by the others. Empty buffer: empty draw.
+        `neighbours` and `interfered` policies draw around; ignored by the others.
+        interference: scores candidates for `interfered` (uniform draws without it).
+        Empty buffer: empty draw.
         """
         queries = None
-        if self.retrieval == "neighbours" and near is not None and self.embed is not None:
+        if self.retrieval in ("neighbours", "interfered") and near is not None and self.embed:
             queries = self.embed(near)
         size, extra = self.store.size, len(self.condensed) if self.condensed is not None else 0
         from_condensed = 0
@@ -270,15 +274,29 @@ class ReplayBuffer:
             from_condensed = int(
                 (torch.rand(n, generator=generator) * (size + extra) >= size).sum()
             )
-        slots = draw_slots(
-            self.retrieval,
-            n - from_condensed,
-            self.store.labels[:size],
-            generator,
-            self.index,
-            queries,
-            near_labels,
-        )
+        if self.retrieval == "interfered" and interference is not None and queries is not None:
+            # queries exist only with an embed (so an index) and the batch given
+            assert self.index is not None and near is not None and near_labels is not None
+            score = interference(near, near_labels)
+            store = self.store
+            slots = interfered_slots(
+                n - from_condensed,
+                self.index,
+                size,
+                queries,
+                lambda s: score(store.features[s], store.labels[s]),
+                generator,
+            )
+        else:
+            slots = draw_slots(
+                self.retrieval,
+                n - from_condensed,
+                self.store.labels[:size],
+                generator,
+                self.index,
+                queries,
+                near_labels,
+            )
         draw = self.store.read(slots)
         if not from_condensed or self.condensed is None:
             return Draw(*draw)

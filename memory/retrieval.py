@@ -7,10 +7,16 @@
   whose predictions the coming update is most likely to overwrite: a cheap, index-based
   stand-in for maximally interfered retrieval (Aljundi et al. 2019), which would need a
   virtual update and a forward pass over candidates per step.
+- `interfered`: maximally interfered retrieval itself. The items nearest the incoming
+  batch (`NEAR_CANDIDATES` per arrival, any label) are the candidates; an
+  `Interference` callable from the learner scores each by how much its loss would rise
+  under a virtual update on the batch, and the `n` highest are replayed (uniform
+  draws fill in when there are fewer candidates).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -18,7 +24,11 @@ import torch
 
 from streamcl.memory.index import EmbeddingIndex
 
-Retrieval = Literal["uniform", "class-balanced", "neighbours"]
+Retrieval = Literal["uniform", "class-balanced", "neighbours", "interfered"]
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Candidates' features `[m, *shape]` and labels `[m]` -> `[m]` loss increase."""
+Interference = Callable[[np.ndarray, np.ndarray], Scorer]
+"""The incoming batch's features and labels -> the `Scorer` of its virtual update."""
 NEAR_CANDIDATES = 10
 """Nearest items searched per arrival for the `neighbours` policy."""
 
@@ -72,3 +82,22 @@ def _near_other_class(
     if query_labels is not None:
         valid &= labels[slots.clip(0, len(labels) - 1)] != np.asarray(query_labels)[:, None]
     return slots[valid]
+
+
+def interfered_slots(
+    n: int,
+    index: EmbeddingIndex,
+    size: int,
+    queries: np.ndarray,
+    score: Callable[[np.ndarray], np.ndarray],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The `n` candidates near `queries` with the highest `score(slots)`, topped up with
+    uniform draws among the `size` items when fewer are found."""
+    _, slots = index.search(queries, min(NEAR_CANDIDATES, size))
+    candidates = np.unique(slots[(slots >= 0) & (slots < size)])
+    top = np.zeros(0, dtype=np.int64)
+    if len(candidates):
+        top = candidates[np.argsort(-score(candidates), kind="stable")[:n]].astype(np.int64)
+    rest = torch.randint(0, size, (n - len(top),), generator=generator)
+    return torch.cat([torch.from_numpy(top), rest])

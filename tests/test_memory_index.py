@@ -20,6 +20,7 @@ from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import Batch, StreamSpec
 from streamcl.learner.features import penultimate_embedding
 from streamcl.learner.filters import input_embedding
+from streamcl.learner.interference import virtual_update
 from streamcl.learner.loop import OnlineLearner
 from streamcl.memory.buffer import ReplayBuffer
 from streamcl.memory.index import EmbeddingIndex, gpu_available
@@ -176,6 +177,8 @@ def test_indexed_options_need_an_embedding_and_sane_values() -> None:
         indexed(10, dedup=1.5)
     with pytest.raises(ConfigError, match="retrieval must be uniform"):
         indexed(10, retrieval="mir")
+    with pytest.raises(ConfigError, match="need an embedding"):
+        ReplayBuffer(10, (2,), retrieval="interfered")
     with pytest.raises(ConfigError, match="no embedding index"):
         ReplayBuffer(10, (2,)).search(np.zeros((1, 2), np.float32), 1)
 
@@ -365,3 +368,21 @@ def test_replay_report_says_what_the_memory_holds(digits_stream: Path) -> None:
     assert memory["items"] == memory["indexed_items"] == 200
     assert memory["bytes"]["embeddings"] == 200 * 256 * 4  # MLP-256's penultimate features
     assert memory["bytes"]["features"] == 200 * (64 + 16) and memory["bytes"]["condensed"] == 0
+
+
+def test_virtual_update_raises_the_loss_of_other_labels_and_lowers_its_own() -> None:
+    """A step on a batch labelled 0 makes the same inputs more likely 0: their loss under
+    label 0 falls and under label 1 rises; interfered retrieval replays the latter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    scorer = virtual_update(model, 0.5, "float32", torch.device("cpu"))
+    batch = rows(8)
+    score = scorer(batch, np.zeros(8, np.int64))
+    assert (score(batch, np.zeros(8, np.int64)) < 0).all()
+    assert (score(batch, np.ones(8, np.int64)) > 0).all()
+    buffer = indexed(16, retrieval="interfered")
+    buffer.add(np.concatenate([batch, batch]), np.repeat([0, 1], 8), np.zeros(16, np.int64))
+    draw = buffer.sample(
+        8, torch.Generator(), near=batch, near_labels=np.zeros(8, np.int64), interference=scorer
+    )
+    assert (draw.labels == 1).all()  # the label-1 copies are the ones the step would hurt

@@ -476,11 +476,13 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
 )
 @click.option(
     "--memory-retrieval",
-    type=click.Choice(["uniform", "class-balanced", "neighbours"]),
+    type=click.Choice(["uniform", "class-balanced", "neighbours", "interfered"]),
     default=None,
     show_envvar=True,
-    help="How replay draws from memory: uniform (default), class-balanced, or neighbours "
-    "(half the draws among other-class items nearest the incoming batch, via FAISS).",
+    help="How replay draws from memory: uniform (default), class-balanced, neighbours "
+    "(half the draws among other-class items nearest the incoming batch, via FAISS), or "
+    "interfered (of the items nearest the batch, those whose loss a virtual update on the "
+    "batch raises most: maximally interfered retrieval).",
 )
 @click.option(
     "--memory-condensed",

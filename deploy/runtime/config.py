@@ -167,7 +167,7 @@ class LearnerConfig(BaseModel):
     steps_per_batch: int = Field(1, ge=1)
     memory: int = Field(1000, ge=1, description="replay memory capacity in items")
     memory_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
-    memory_retrieval: Literal["uniform", "class-balanced", "neighbours"] = Field(
+    memory_retrieval: Literal["uniform", "class-balanced", "neighbours", "interfered"] = Field(
         "uniform", description="how replay draws from memory (memory/retrieval.py)"
     )
     memory_dedup: float = Field(
@@ -263,7 +263,7 @@ class LearnerConfig(BaseModel):
         """Whether the replay memory needs its FAISS index (something queries it)."""
         return (
             self.noise.knn
-            or self.memory_retrieval == "neighbours"
+            or self.memory_retrieval in ("neighbours", "interfered")
             or self.memory_dedup > 0
             or self.predict_head != "softmax"
         )

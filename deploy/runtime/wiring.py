@@ -22,6 +22,7 @@ from streamcl.learner.filters import (
     embedding_dim,
     input_embedding,
 )
+from streamcl.learner.interference import virtual_update
 from streamcl.learner.loop import OnlineLearner
 from streamcl.learner.losses import TrainingLoss
 from streamcl.learner.models import build_model
@@ -129,7 +130,16 @@ def build_strategies(
                     else "cpu"
                 ),
             )
-            strategies.append(ExperienceReplay(buffer, config.replay_draws, seed=config.seed + 2))
+            interference = None
+            if config.memory_retrieval == "interfered":
+                if model is None:
+                    raise ValueError("interfered retrieval needs the model for its virtual update")
+                interference = virtual_update(model, config.lr, spec.dtype, buffer_device(device))
+            strategies.append(
+                ExperienceReplay(
+                    buffer, config.replay_draws, seed=config.seed + 2, interference=interference
+                )
+            )
         elif part == "ewc":
             strategies.append(
                 OnlineEWC(
@@ -165,7 +175,11 @@ def memory_embedding(
         return input_embedding(spec.dtype)
     if model is None:
         raise ValueError("a penultimate-feature memory embedding needs the model")
-    return penultimate_embedding(model, spec.dtype, device or torch.device("cpu"))
+    return penultimate_embedding(model, spec.dtype, buffer_device(device))
+
+
+def buffer_device(device: torch.device | None) -> torch.device:
+    return device or torch.device("cpu")
 
 
 def build_detector(config: LearnerConfig, spec: StreamSpec) -> BoundaryDetector | None:
