@@ -10,7 +10,7 @@ what an eviction (a slot overwritten by a newcomer) costs differs:
   FAISS's buffer): an eviction is a row copy, O(dim), no remove/add. Empty or
   non-finite slots are masked out of searches with an `IDSelectorBitmap` (skipped once
   every slot is indexed). A search costs O(items x dim): ~1 ms for 10 queries at 10k
-  items, ~40 ms at 100k (benchmarks/memory.py), hence the limit.
+  items, ~40-100 ms at 100k (benchmarks/memory.py), hence the limit.
 - CPU IVF, capacity > `FLAT_LIMIT`: approximate (`NPROBE` of sqrt(capacity) lists).
   Exact search over `embeddings` until `TRAIN_PER_LIST` x lists items are indexed,
   then k-means trains the lists once and every indexed row is added. An eviction is
