@@ -15,6 +15,12 @@ from torch import nn
 from streamcl.ingest.errors import ConfigError
 from streamcl.memory.buffer import Embed
 
+MODAL = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+"""Modules that behave differently in train mode."""
 EMBED_BATCH = 4096
 """Rows per forward pass when a whole memory is re-embedded (bounds activation memory)."""
 
@@ -32,8 +38,11 @@ def classifier(model: nn.Module) -> nn.Linear:
 
 def penultimate_embedding(model: nn.Module, dtype: str, device: torch.device) -> Embed:
     """Stream-dtype features `[n, *shape]` -> `[n, D]` unit rows of the classifier's input,
-    computed in eval mode without gradients (the model's train/eval mode is restored)."""
+    computed without gradients; in eval mode (then restored) when the model has dropout
+    or batch norm, whose train mode would change the features or the running statistics
+    (toggling the mode of every module costs as much as the forward pass itself)."""
     head = classifier(model)
+    modal = any(isinstance(m, MODAL) for m in model.modules())
     scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
     captured: list[torch.Tensor] = []
 
@@ -42,7 +51,8 @@ def penultimate_embedding(model: nn.Module, dtype: str, device: torch.device) ->
 
     def embed(features: np.ndarray) -> np.ndarray:
         was_training = model.training
-        model.eval()
+        if modal:
+            model.eval()
         out = []
         handle = head.register_forward_pre_hook(keep_input)
         try:
@@ -55,7 +65,8 @@ def penultimate_embedding(model: nn.Module, dtype: str, device: torch.device) ->
         finally:
             handle.remove()
             captured.clear()
-            model.train(was_training)
+            if modal:
+                model.train(was_training)
         if not out:
             return np.zeros((0, head.in_features), dtype=np.float32)
         rows = torch.cat(out)

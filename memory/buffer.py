@@ -31,14 +31,15 @@ from streamcl.ingest.errors import ConfigError
 from streamcl.memory.condensed import CondensedSet
 from streamcl.memory.index import EMPTY, EmbeddingIndex
 from streamcl.memory.nearest import Head, class_means, knn_scores, ncm_scores
-from streamcl.memory.retrieval import Interference, Retrieval, draw_slots, interfered_slots
-from streamcl.memory.selectors import (
-    SKIP,
-    ClassBalancedSelector,
-    Policy,
-    ReservoirSelector,
-    Selector,
+from streamcl.memory.retrieval import (
+    RETRIEVALS,
+    Interfered,
+    Interference,
+    Retrieval,
+    draw_slots,
+    interfered_slots,
 )
+from streamcl.memory.selectors import SELECTORS, SKIP, Selector
 from streamcl.memory.store import ExemplarStore
 
 Embed = Callable[[np.ndarray], np.ndarray]
@@ -64,7 +65,9 @@ class Draw:
 class ReplayBuffer:
     """Fixed item budget; `add` offers exemplars to the selector, `sample` draws.
 
-    retrieval: how `sample` draws (memory/retrieval.py); `neighbours` needs the index.
+    policy: the selector keeping what fits (memory/selectors.py); retrieval: how `sample`
+    draws (memory/retrieval.py); `neighbours` needs the index. Both are names in their
+    registry or `package.module:function`.
     dedup: an arrival whose nearest same-class item is closer than `dedup` times the
     class's typical such distance refreshes (overwrites) that item instead of taking a
     slot through the selector; 0 turns it off. Needs the index.
@@ -80,11 +83,11 @@ class ReplayBuffer:
         capacity: int,
         feature_shape: tuple[int, ...],
         dtype: str = "uint8",
-        policy: Policy = "class-balanced",
+        policy: str = "class-balanced",
         num_classes: int = 10,
         seed: int = 0,
         embed: Embed | None = None,
-        retrieval: Retrieval = "uniform",
+        retrieval: str = "uniform",
         dedup: float = 0.0,
         index_device: Literal["cpu", "cuda"] = "cpu",
         condensed: int = 0,
@@ -97,21 +100,14 @@ class ReplayBuffer:
                 f"memory of {capacity} items cannot hold {condensed} condensed exemplars for "
                 f"each of {num_classes} classes and at least 1 raw item"
             )
-        if policy not in ("reservoir", "class-balanced"):
-            raise ConfigError(f"memory policy must be reservoir or class-balanced, got {policy!r}")
-        if retrieval not in ("uniform", "class-balanced", "neighbours", "interfered"):
-            raise ConfigError(
-                "memory retrieval must be uniform, class-balanced, neighbours or interfered, "
-                f"got {retrieval!r}"
-            )
         if refresh is not None and refresh < 0:
             raise ConfigError(f"memory refresh must be >= 0 items per update, got {refresh}")
         if not 0.0 <= dedup < 1.0:
             raise ConfigError(f"memory dedup must be in [0, 1), got {dedup}")
-        if embed is None and (retrieval in ("neighbours", "interfered") or dedup > 0):
+        self.retrieval: Retrieval = RETRIEVALS.create(retrieval)
+        if embed is None and (self.retrieval.needs_index or dedup > 0):
             raise ConfigError(f"memory retrieval {retrieval!r} / dedup {dedup} need an embedding")
         self.policy = policy
-        self.retrieval: Retrieval = retrieval
         self.dedup = dedup
         self.num_classes = num_classes
         self.store = ExemplarStore(capacity - num_classes * condensed, feature_shape, dtype)
@@ -120,11 +116,7 @@ class ReplayBuffer:
             if condensed
             else None
         )
-        self.selector: Selector = (
-            ReservoirSelector(seed)
-            if policy == "reservoir"
-            else ClassBalancedSelector(num_classes, seed)
-        )
+        self.selector: Selector = SELECTORS.create(policy, num_classes=num_classes, seed=seed)
         self.embed = embed
         self.index: EmbeddingIndex | None = None
         if embed is not None:
@@ -171,7 +163,11 @@ class ReplayBuffer:
         """Offer `[B, *shape]` exemplars; returns how many were stored (refreshes included)."""
         if self.condensed is not None:
             self.condensed.observe(features, labels, tasks)
-        embeddings = self.embed(features) if self.embed is not None else None
+        stale = self._due_for_refresh()
+        embeddings = None
+        if self.embed is not None:  # arrivals and due items in one pass of the model
+            both = self.embed(np.concatenate([features, self.store.features[stale]]))
+            embeddings, renewed = both[: len(features)], both[len(features) :]
         refresh = np.full(len(labels), SKIP, dtype=np.int64)
         if self.dedup > 0 and embeddings is not None:
             refresh = self._near_duplicates(embeddings, labels)
@@ -184,23 +180,25 @@ class ReplayBuffer:
         for i, slot in zip(fresh.tolist(), chosen, strict=True):
             if slot != SKIP:
                 latest[slot] = i
+        slots = np.fromiter(latest.keys(), np.int64, len(latest))
         if latest:
-            slots = np.fromiter(latest.keys(), np.int64, len(latest))
             rows = np.fromiter(latest.values(), np.int64, len(latest))
             self.store.write(slots, features[rows], labels[rows], tasks[rows])
             if self.index is not None and embeddings is not None:
                 self.index.write(slots, embeddings[rows])
-        self._refresh_some()
+        if self.index is not None and len(stale):
+            kept = ~np.isin(stale, slots)  # an item overwritten just now has its embedding
+            self.index.write(stale[kept], renewed[kept])
         return len(latest)
 
-    def _refresh_some(self) -> None:
-        """Re-embed the next `refresh` slots, round-robin (the per-update budget)."""
+    def _due_for_refresh(self) -> np.ndarray:
+        """The next `refresh` stored slots, round-robin (the per-update budget)."""
         size = self.store.size
-        if not self.refresh or not size:
-            return
+        if not self.refresh or not size or self.index is None:
+            return np.zeros(0, dtype=np.int64)
         slots = (self.cursor + np.arange(min(self.refresh, size))) % size
         self.cursor = int((slots[-1] + 1) % size)
-        self.reembed(slots)
+        return slots
 
     def reembed(self, slots: np.ndarray) -> None:
         """Recompute the embeddings of stored `slots` with the current `embed`."""
@@ -260,13 +258,13 @@ class ReplayBuffer:
     ) -> Draw:
         """Draw `n` exemplars with replacement by the buffer's retrieval policy.
 
-        near, near_labels: the incoming batch `[B, *shape]` and `[B]`, which the
-        `neighbours` and `interfered` policies draw around; ignored by the others.
+        near, near_labels: the incoming batch `[B, *shape]` and `[B]`, which retrieval
+        policies that `needs_index` draw around; ignored by the others.
         interference: scores candidates for `interfered` (uniform draws without it).
         Empty buffer: empty draw.
         """
         queries = None
-        if self.retrieval in ("neighbours", "interfered") and near is not None and self.embed:
+        if self.retrieval.needs_index and near is not None and self.embed is not None:
             queries = self.embed(near)
         size, extra = self.store.size, len(self.condensed) if self.condensed is not None else 0
         from_condensed = 0
@@ -274,7 +272,8 @@ class ReplayBuffer:
             from_condensed = int(
                 (torch.rand(n, generator=generator) * (size + extra) >= size).sum()
             )
-        if self.retrieval == "interfered" and interference is not None and queries is not None:
+        interfered = isinstance(self.retrieval, Interfered) and interference is not None
+        if interfered and interference is not None and queries is not None:
             # queries exist only with an embed (so an index) and the batch given
             assert self.index is not None and near is not None and near_labels is not None
             score = interference(near, near_labels)

@@ -56,18 +56,20 @@ class Mirror:
         """Offer a batch; returns the operations it made (inserts, evictions, refreshes)."""
         buffer, store = self.buffer, self.buffer.store
         assert buffer.embed is not None
-        cursor, before = buffer.cursor, store.tasks.copy()
+        cursor, before, size = buffer.cursor, store.tasks.copy(), store.size
         ids = first_id + np.arange(len(labels))
         buffer.add(features, labels, ids)
         written = np.flatnonzero(store.tasks != before)
+        # Refreshed: the next `refresh` of the items stored before the batch, round-robin,
+        # re-embedded along with it (an item the batch overwrote keeps its new embedding).
+        due = (cursor + np.arange(min(buffer.refresh or 0, size))) % max(size, 1)
+        due = due[~np.isin(due, written)]
+        self.embeddings[due] = buffer.embed(store.features[due])
         self.evictions += int((self.ids[written] >= 0).sum())
         self.ids[written] = store.tasks[written]
         self.labels[written] = labels[self.ids[written] - first_id]
         self.embeddings[written] = buffer.embed(features[self.ids[written] - first_id])
-        budget = min(buffer.refresh or 0, store.size)
-        refreshed = (cursor + np.arange(budget)) % max(store.size, 1)
-        self.embeddings[refreshed] = buffer.embed(store.features[refreshed])
-        return len(labels) + len(refreshed)
+        return len(labels) + len(due)
 
     def refresh_all(self) -> int:
         """A boundary: every item re-embedded, unless the budget says embeddings are fixed."""

@@ -56,7 +56,6 @@ from streamcl.learner.checkpoint import (
 from streamcl.learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
-DEFAULT_THREADS = 1
 REPORTED_LATENCIES = 100_000
 """Arrival-to-update latencies the final report's p50/p99 are taken over (the latest)."""
 # Settings that change what a checkpoint's tensors mean; a mismatch is a start-up error.
@@ -109,7 +108,7 @@ class Service:
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
         settings = kafka_settings(config)
         wait_for_bootstrap(settings, config.kafka.connect_timeout_s)  # before any slow set-up
-        configure_threads(config.learner.threads or DEFAULT_THREADS)
+        configure_threads(config.learner.threads)
         self.spec = StreamSpec(
             config.spec.feature_shape, config.spec.dtype, config.spec.num_classes
         )
