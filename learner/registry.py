@@ -36,6 +36,7 @@ from streamcl.learner.filters import (
 from streamcl.learner.packnet import PackNet
 from streamcl.learner.strategies import ExperienceReplay, Naive, Strategy
 from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.retrieval import Interference
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class StrategyContext:
     replay_size: int
     memory: Callable[[], ReplayBuffer]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    interference: Interference | None = None  # interfered retrieval's virtual-update scores
 
 
 StrategyFactory = Callable[[StrategyContext], Strategy]
@@ -64,7 +66,12 @@ def naive(context: StrategyContext) -> Strategy:
 
 
 def experience_replay(context: StrategyContext) -> Strategy:
-    return ExperienceReplay(context.memory(), context.replay_size, seed=context.seed + 2)
+    return ExperienceReplay(
+        context.memory(),
+        context.replay_size,
+        seed=context.seed + 2,
+        interference=context.interference,
+    )
 
 
 def online_ewc(context: StrategyContext) -> Strategy:

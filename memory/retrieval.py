@@ -7,6 +7,11 @@
   whose predictions the coming update is most likely to overwrite: a cheap, index-based
   stand-in for maximally interfered retrieval (Aljundi et al. 2019), which would need a
   virtual update and a forward pass over candidates per step.
+- `interfered`: maximally interfered retrieval itself. The items nearest the incoming
+  batch (`NEAR_CANDIDATES` per arrival, any label) and as many drawn uniformly are the
+  candidates; an `Interference` callable from the learner scores each by how much its
+  loss would rise under a virtual update on the batch, and the `n // 2` highest are
+  replayed, the rest of the draws uniform.
 
 A retrieval policy is an object with `needs_index` (True: the buffer must keep its FAISS
 index and hands `draw` the incoming batch's embeddings) and `draw`; `RETRIEVALS` holds
@@ -25,6 +30,10 @@ import torch
 from streamcl.ingest.registry import Registry
 from streamcl.memory.index import EmbeddingIndex
 
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Candidates' features `[m, *shape]` and labels `[m]` -> `[m]` loss increase."""
+Interference = Callable[[np.ndarray, np.ndarray], Scorer]
+"""The incoming batch's features and labels -> the `Scorer` of its virtual update."""
 NEAR_CANDIDATES = 10
 """Nearest items searched per arrival for the `neighbours` policy."""
 
@@ -136,9 +145,41 @@ def _near_other_class(
     return slots[valid]
 
 
+class Interfered(Uniform):
+    """Maximally interfered retrieval: the buffer draws through `interfered_slots` with
+    the learner's `Interference`; without one (no model to score with) draws are uniform."""
+
+    needs_index = True
+
+
+def interfered_slots(
+    n: int,
+    index: EmbeddingIndex,
+    size: int,
+    queries: np.ndarray,
+    score: Callable[[np.ndarray], np.ndarray],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Half the draws: the candidates with the highest `score(slots)`, candidates being the
+    items near `queries` plus as many drawn uniformly (MIR's own candidates are uniform:
+    near-batch items alone left classes far from the batch unreplayed); the rest uniform."""
+    _, slots = index.search(queries, min(NEAR_CANDIDATES, size))
+    near = slots[(slots >= 0) & (slots < size)]
+    anywhere = torch.randint(0, size, (len(near),), generator=generator).numpy()
+    candidates = np.unique(np.concatenate([near, anywhere]))
+    top = candidates[np.argsort(-score(candidates), kind="stable")[: n // 2]].astype(np.int64)
+    rest = torch.randint(0, size, (n - len(top),), generator=generator)
+    return torch.cat([torch.from_numpy(top), rest])
+
+
 RETRIEVALS: Registry[Callable[[], Retrieval]] = Registry(
     "memory retrieval",
-    {"uniform": Uniform, "class-balanced": ClassBalanced, "neighbours": Neighbours},
+    {
+        "uniform": Uniform,
+        "class-balanced": ClassBalanced,
+        "neighbours": Neighbours,
+        "interfered": Interfered,
+    },
     required=("needs_index", "draw"),
 )
 """Retrieval policies by name."""

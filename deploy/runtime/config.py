@@ -221,7 +221,8 @@ class LearnerConfig(BaseModel):
         "uniform",
         description="how replay draws from memory (memory/retrieval.py): uniform, "
         "class-balanced, neighbours (half the draws among other-class items nearest "
-        "the incoming batch, via FAISS) or 'package.module:function'",
+        "the incoming batch, via FAISS), interfered (of the items nearest the batch, those "
+        "whose loss a virtual update on it raises most) or 'package.module:function'",
     )
     memory_dedup: float = Field(
         0.0,
@@ -229,6 +230,17 @@ class LearnerConfig(BaseModel):
         lt=1,
         description="refresh a same-class item closer than this share of the class's "
         "typical nearest distance instead of storing a near duplicate; 0 off",
+    )
+    memory_embedding: Literal["input", "penultimate"] = Field(
+        "penultimate",
+        description="what the memory's FAISS index holds: the model's penultimate features "
+        "(refreshed on the memory_refresh budget) or pooled inputs (never stale)",
+    )
+    memory_refresh: int = Field(
+        10,
+        ge=0,
+        description="penultimate embedding: stored items re-embedded per update, round-robin; "
+        "every item is re-embedded at each task boundary as well",
     )
     memory_condensed: int = Field(
         0,

@@ -157,6 +157,7 @@ def strategy_section(learner: OnlineLearner) -> dict[str, Any]:
         "drift_event_reasons": [event.reason for event in events],
         "task_boundaries": learner.boundaries.total,
         "task_boundaries_by_reason": dict(sorted(learner.boundaries.by_reason.items())),
+        **({"memory": learner.memory.usage()} if learner.memory is not None else {}),
     }
 
 

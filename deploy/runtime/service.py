@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
-from streamcl.deploy.runtime.metrics import ServiceMetrics
+from streamcl.deploy.runtime.metrics import ServiceMetrics, record_memory
 from streamcl.deploy.runtime.replay import strategy_section
 from streamcl.deploy.runtime.resume import plan_resume
 from streamcl.deploy.runtime.retry import Backoff
@@ -521,6 +521,7 @@ class Service:
         if self.memory is not None:
             m.memory_items.set(len(self.memory))
             m.memory_bytes.set(self.memory.nbytes)
+            record_memory(m, self.memory.usage())
         now_ms = time.time() * 1000
         for origin in batch.origins:
             if origin is not None:

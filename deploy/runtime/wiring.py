@@ -12,19 +12,22 @@ from dataclasses import replace
 
 import torch
 from pydantic import BaseModel
+from torch import nn
 
 from streamcl.deploy.runtime.config import LearnerConfig
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import StreamSpec
 from streamcl.learner.drift import BoundaryDetector
+from streamcl.learner.features import penultimate_embedding
 from streamcl.learner.filters import NoiseFilter, input_embedding
+from streamcl.learner.interference import virtual_update
 from streamcl.learner.loop import OnlineLearner
 from streamcl.learner.losses import TrainingLoss
 from streamcl.learner.models import build_model
 from streamcl.learner.quarantine import Quarantine
 from streamcl.learner.registry import FILTERS, STRATEGIES, FilterContext, StrategyContext
 from streamcl.learner.strategies import Strategy, replay_buffer
-from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.buffer import Embed, ReplayBuffer
 from streamcl.memory.index import gpu_available, set_threads
 from streamcl.memory.retrieval import RETRIEVALS
 
@@ -63,7 +66,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    strategies = build_strategies(config, spec, device)
+    strategies = build_strategies(config, spec, device, model)
     memory = replay_buffer(strategies)
     learner = OnlineLearner(
         model,
@@ -91,16 +94,27 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
 
 
 def build_strategies(
-    config: LearnerConfig, spec: StreamSpec, device: torch.device | None = None
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None = None,
+    model: nn.Module | None = None,
 ) -> list[Strategy]:
     """One strategy per part of `config.strategy`, in composition order (er, ewc, packnet,
-    then plug-ins), each made by its factory in `STRATEGIES` with its config section."""
+    then plug-ins), each made by its factory in `STRATEGIES` with its config section.
+    `model`: what a penultimate-feature memory embeds with and interfered retrieval scores
+    with (needed only for those)."""
+    interference = None
+    if config.memory_retrieval == "interfered":
+        if model is None:
+            raise ValueError("interfered retrieval needs the model for its virtual update")
+        interference = virtual_update(model, config.lr, spec.dtype, on(device))
     context = StrategyContext(
         spec,
-        device if device is not None else torch.device("cpu"),
+        on(device),
         seed=config.seed,
         replay_size=config.replay_draws,
-        memory=lambda: build_memory(config, spec, device),
+        memory=lambda: build_memory(config, spec, device, model),
+        interference=interference,
     )
     strategies: list[Strategy] = []
     for part in config.parts:
@@ -111,15 +125,19 @@ def build_strategies(
 
 
 def build_memory(
-    config: LearnerConfig, spec: StreamSpec, device: torch.device | None = None
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None = None,
+    model: nn.Module | None = None,
 ) -> ReplayBuffer:
     """A replay memory as `config` describes it.
 
-    It gets a FAISS index over pooled inputs when something uses it (the kNN filter, a
-    retrieval policy that needs it, dedup, a memory head); on the GPU when the model is
-    and faiss can.
+    It gets a FAISS index when something uses it (the kNN filter, a retrieval policy
+    that needs it, dedup, a memory head), over `model`'s penultimate features or pooled
+    inputs (`memory_embedding`); on the GPU when the model is and faiss can.
     """
     indexed = config.memory_indexed or RETRIEVALS.create(config.memory_retrieval).needs_index
+    penultimate = config.memory_embedding == "penultimate"
     return ReplayBuffer(
         config.memory,
         spec.feature_shape,
@@ -127,7 +145,8 @@ def build_memory(
         policy=config.memory_policy,
         num_classes=spec.num_classes,
         seed=config.seed + 1,
-        embed=input_embedding(spec.dtype) if indexed else None,
+        embed=memory_embedding(config, spec, device, model) if indexed else None,
+        refresh=config.memory_refresh if penultimate else None,
         retrieval=config.memory_retrieval,
         dedup=config.memory_dedup,
         condensed=config.memory_condensed,
@@ -135,6 +154,24 @@ def build_memory(
             "cuda" if device is not None and device.type == "cuda" and gpu_available() else "cpu"
         ),
     )
+
+
+def memory_embedding(
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None,
+    model: nn.Module | None,
+) -> Embed:
+    """The memory's `embed` callable: penultimate features of `model`, or pooled inputs."""
+    if config.memory_embedding == "input":
+        return input_embedding(spec.dtype)
+    if model is None:
+        raise ValueError("a penultimate-feature memory embedding needs the model")
+    return penultimate_embedding(model, spec.dtype, on(device))
+
+
+def on(device: torch.device | None) -> torch.device:
+    return device if device is not None else torch.device("cpu")
 
 
 def build_detector(config: LearnerConfig, spec: StreamSpec) -> BoundaryDetector | None:
@@ -181,5 +218,10 @@ def build_noise_filter(
         return None
     switches = (("knn", settings.knn), ("small-loss", settings.small_loss))
     enabled = [name for name, on in switches if on] + list(settings.extra_filters)
-    context = FilterContext(spec, settings.model_dump(), memory)
+    # The kNN filter compares pooled inputs: it may search the memory's index only when
+    # that holds pooled inputs too; over penultimate features it keeps to its window.
+    shared = memory if config.memory_embedding == "input" else None
+    if memory is not None and shared is None and settings.knn:
+        log.info("knn noise filter searches its window only: the memory indexes features")
+    context = FilterContext(spec, settings.model_dump(), shared)
     return NoiseFilter([FILTERS.create(name, context) for name in enabled])
