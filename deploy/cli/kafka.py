@@ -138,8 +138,8 @@ def serve(config_file: str | None, **overrides: Any) -> None:
     restart resumes from the newest checkpoint. Rejected messages go to the
     dead-letter topic with their reason in the headers.
     """
+    from streamcl.deploy.cli.summary import summary_lines
     from streamcl.deploy.runtime.serve import run_service
-    from streamcl.deploy.runtime.session import summary_lines
 
     config = service_config(config_file, overrides)
     check_file(config.report, "report")
@@ -340,8 +340,8 @@ def demo(
     127.0.0.1 for the duration and is stopped at the end.
     """
     from streamcl.deploy.cli.demo import run_demo
+    from streamcl.deploy.cli.summary import summary_lines
     from streamcl.deploy.runtime.config import LearnerConfig
-    from streamcl.deploy.runtime.session import summary_lines
 
     learner = validated(LearnerConfig, {"strategy": strategy, "memory": memory, "seed": seed})
     report = run_demo(
