@@ -1,8 +1,8 @@
 """`streamcl serve`: the long-running learner fed from Kafka, and its poll loop.
 
-The loop polls, learns, and asks the checkpoint/commit coordinator (commits.py) when
-to make what it learned durable; the metrics glue (exporter.py) keeps Prometheus'
-view current.
+A prefetch thread polls and decodes (ingest/prefetch.py) while the loop learns; the loop
+asks the checkpoint/commit coordinator (commits.py) when to make what it learned durable;
+the metrics glue (exporter.py) keeps Prometheus' view current.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from streamcl.ingest.kafka import (
     wait_for_bootstrap,
 )
 from streamcl.ingest.offsets import Reset, read_topic_state
+from streamcl.ingest.prefetch import Prefetcher
 from streamcl.ingest.schema import Batch, Rejected, Sample, StreamSpec
 from streamcl.learner.checkpoint import CheckpointError
 from streamcl.learner.strategies import replay_buffer
@@ -161,41 +162,44 @@ class Service:
         self._progress_at, self._progress_learned = started, self.session.samples_learned
         self._learned_at_start = self.session.samples_learned
         idle_since = time.monotonic()
-        while not stop.is_set():
-            try:
-                arrivals = self.source.poll(kafka.poll_timeout_ms, kafka.max_records)
-            except UnreadableBatchError:
-                # on_unreadable: stop. Keep what was learned before the batch, then stop once.
-                self.metrics.unreadable_batches.inc()
-                self._final_checkpoint()
-                raise
-            now = time.monotonic()
-            self.last_progress = now
-            self.metrics.last_poll.set(time.time())
-            self._export_lag()
-            if not arrivals and self.session.pending:
-                # The stream paused: learn the partial batch now rather than letting it
-                # wait for traffic (a quiet topic must not hide samples from the model).
-                with self.model_lock:
-                    self.session.flush()
-            if not self.source.assignment():
-                idle_since = now  # no partitions (yet): a quiet topic is not a finished one
-            if arrivals:
-                idle_since = now
-                if self._first_arrival is None:
-                    self._first_arrival = now
-                self._handle(arrivals)
-            if self._checkpoint_due(now):
-                self.checkpoint()
-            if self.config.log_every and now - self._progress_at >= self.config.log_every:
-                self._log_progress(now)
-            if self._idle_enough(now - idle_since):
-                log.info("no messages for %.1f s and no lag: stopping", now - idle_since)
-                # The stream is over: learn the partial batch and score the final model.
-                with self.model_lock:
-                    self.session.flush()
-                    self.session.evaluate()
-                break
+        with Prefetcher(self.source, kafka.poll_timeout_ms, kafka.max_records) as feed:
+            while not stop.is_set():
+                try:
+                    arrivals = feed.get(kafka.poll_timeout_ms / 1000)
+                except UnreadableBatchError:
+                    # on_unreadable: stop. Keep what was learned before the batch, then stop
+                    # once (the prefetch thread has ended: the consumer is free).
+                    self.metrics.unreadable_batches.inc()
+                    self._final_checkpoint()
+                    raise
+                now = time.monotonic()
+                self.last_progress = min(now, feed.alive_at)
+                self.metrics.last_poll.set(time.time() - (now - self.last_progress))
+                lag, assigned = feed.lag(), feed.assignment()
+                self._export_lag(lag)
+                if not arrivals and self.session.pending:
+                    # The stream paused: learn the partial batch now rather than letting it
+                    # wait for traffic (a quiet topic must not hide samples from the model).
+                    with self.model_lock:
+                        self.session.flush()
+                if not assigned:
+                    idle_since = now  # no partitions (yet): a quiet topic is not a finished one
+                if arrivals:
+                    idle_since = now
+                    if self._first_arrival is None:
+                        self._first_arrival = now
+                    self._handle(arrivals)
+                if self._checkpoint_due(now):
+                    self.checkpoint()
+                if self.config.log_every and now - self._progress_at >= self.config.log_every:
+                    self._log_progress(now, lag)
+                if self._idle_enough(now - idle_since, lag, assigned):
+                    log.info("no messages for %.1f s and no lag: stopping", now - idle_since)
+                    # The stream is over: learn the partial batch and score the final model.
+                    with self.model_lock:
+                        self.session.flush()
+                        self.session.evaluate()
+                    break
         # On a signal, pending samples go into the checkpoint instead, for the next run.
         self._final_checkpoint()
         session = self.session
@@ -241,7 +245,7 @@ class Service:
             self.metrics.offset_out_of_range.labels(reset.reason).inc()
         return resume
 
-    def _log_progress(self, now: float) -> None:
+    def _log_progress(self, now: float, lag: dict[int, int]) -> None:
         """One periodic line, like Kafka's console tools: totals, rate, lag, accuracy."""
         session = self.session
         rate = (session.samples_learned - self._progress_learned) / (now - self._progress_at)
@@ -251,7 +255,7 @@ class Service:
             "prequential_accuracy=%.4f average_accuracy=%s",
             session.samples_learned,
             rate,
-            sum(self.source.lag().values()),
+            sum(lag.values()),
             session.samples_rejected,
             self.learner.updates,
             session.prequential.get_windowed(),
@@ -260,10 +264,18 @@ class Service:
         self._progress_at, self._progress_learned = now, session.samples_learned
 
     def _handle(self, arrivals: list[Arrival]) -> None:
-        """Learn or dead-letter each arrival; checkpoint as soon as one is due, mid-poll."""
+        """Learn or dead-letter each arrival; checkpoint as soon as one is due, mid-poll.
+
+        An arrival fetched before its partition was revoked or reassigned is dropped: it
+        is another member's now, or is fetched again from where this one stands.
+        """
+        stale = 0
         for arrival in arrivals:
             item = arrival.item
-            with self.model_lock:
+            with self.model_lock, self.source.ownership:
+                if not self.source.current(arrival):
+                    stale += 1
+                    continue
                 if isinstance(item, Rejected):
                     self.dead_letters.send(item, arrival.key, arrival.headers, arrival.timestamp_ms)
                     self.session.reject(item.reason, item.count)
@@ -286,6 +298,8 @@ class Service:
                     self.source.mark_handled(item.origin, last)
             if self._checkpoint_due(time.monotonic()):
                 self.checkpoint()
+        if stale:
+            log.info("dropped %d messages fetched before a rebalance of their partition", stale)
 
     def _final_checkpoint(self, attempts: int = 5) -> None:
         for attempt in range(attempts):
@@ -377,8 +391,9 @@ class Service:
                 Rejected(encode(sample), f"suspect_label_{reason}", f"filter={reason}", origin)
             )
 
-    def _export_lag(self) -> None:
-        self.exporter.lag(self.source.lag())
+    def _export_lag(self, lag: dict[int, int] | None = None) -> None:
+        """Export `lag` (the prefetch thread's), else the source's now."""
+        self.exporter.lag(self.source.lag() if lag is None else lag)
 
     def _evaluated(self, session: LearningSession) -> None:
         self.exporter.evaluated(session)
@@ -386,13 +401,21 @@ class Service:
     def _checkpoint_due(self, now: float) -> bool:
         return self.checkpoints.due(now)
 
-    def _idle_enough(self, idle_seconds: float) -> bool:
-        """`until_idle` seconds without a message while partitions are assigned, no lag."""
+    def _idle_enough(
+        self,
+        idle_seconds: float,
+        lag: dict[int, int] | None = None,
+        assigned: list[int] | None = None,
+    ) -> bool:
+        """`until_idle` seconds without a message while partitions are assigned, no lag.
+
+        `lag` and `assigned`: as the prefetch thread saw them, else the source's now.
+        """
         limit = self.config.until_idle
         if limit is None or idle_seconds < limit:
             return False
-        lag = self.source.lag()
-        assigned = self.source.assignment()
+        lag = self.source.lag() if lag is None else lag
+        assigned = self.source.assignment() if assigned is None else assigned
         # Caught up: every assigned partition's lag is known (fetched) and exactly 0. Not
         # the sum: a partition past its end (negative lag) must not cancel another's.
         caught_up = bool(assigned) and lag.keys() >= set(assigned) and not any(lag.values())
