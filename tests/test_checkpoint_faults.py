@@ -139,7 +139,7 @@ def test_a_full_disk_keeps_learning_commits_nothing_new_logs_little_and_recovers
 
 def ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """Records of streamcl's packages (kafka-python's own are not under test here)."""
-    return [r for r in caplog.records if r.name.split(".")[0] == "streamcl"]
+    return [r for r in caplog.records if r.name.startswith("streamcl.")]
 
 
 def _sample(service: Service, name: str) -> float:

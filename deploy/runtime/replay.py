@@ -30,7 +30,6 @@ from streamcl.learner.checkpoint import CheckpointError, read_checkpoint, write_
 from streamcl.learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
-DEFAULT_THREADS = 1
 # Where outputs go and how a run was split: not part of what the run computes.
 REPLAY_KEYS = {"config", "position", "learner", "session"}
 """What `save` writes, and `restore` needs."""
@@ -39,7 +38,7 @@ RUN_ONLY_SETTINGS = {"report", "plots", "stop_after", "checkpoint", "resume", "a
 
 def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, Any]:
     """Replay `config.stream` through a fresh learner; returns the report dict."""
-    configure_threads(config.threads or DEFAULT_THREADS)
+    configure_threads(config.threads)
     started = time.perf_counter()
     with StreamReader(config.stream) as reader:
         learner = build_learner(config, reader.spec)

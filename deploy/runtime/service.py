@@ -47,7 +47,6 @@ from streamcl.learner.checkpoint import CheckpointError
 from streamcl.learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
-DEFAULT_THREADS = 1
 
 
 def kafka_settings(config: ServiceConfig) -> KafkaSettings:
@@ -81,7 +80,7 @@ class Service:
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
         settings = kafka_settings(config)
         wait_for_bootstrap(settings, config.kafka.connect_timeout_s)  # before any slow set-up
-        configure_threads(config.learner.threads or DEFAULT_THREADS)
+        configure_threads(config.learner.threads)
         self.spec = StreamSpec(
             config.spec.feature_shape, config.spec.dtype, config.spec.num_classes
         )

@@ -42,15 +42,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def configure_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (None keeps torch's default); returns the count in use.
+def configure_threads(threads: int) -> int:
+    """Set torch's and FAISS's intra-op threads; returns the count in use.
 
     Tiny online models spend more time synchronising threads than computing, so
-    callers default to 1 on CPU (see benchmarks/results/throughput.json).
+    `LearnerConfig.threads` defaults to 1 (see benchmarks/results/throughput.json).
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
-        set_threads(threads)
+    torch.set_num_threads(threads)
+    set_threads(threads)
     return torch.get_num_threads()
 
 
