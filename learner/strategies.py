@@ -16,6 +16,10 @@ change, detected drift, or every N samples on a stream with neither) the loop ca
 `consolidate(model, boundary)` before learning the next batch. Strategies compose by
 running in list order; `task_aware` ones need task ids (or detected boundaries) at
 train and test time.
+
+A strategy of your own is a factory in `learner/registry.py`'s `STRATEGIES`, or named by
+path (`--strategy mypkg.parts:make`); it gets a `StrategyContext` and returns an object
+with these hooks (subclass `NoHooks`, define the hooks it needs and its state).
 """
 
 from __future__ import annotations

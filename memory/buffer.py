@@ -22,14 +22,8 @@ from streamcl.ingest.errors import ConfigError
 from streamcl.memory.condensed import CondensedSet
 from streamcl.memory.index import EMPTY, EmbeddingIndex
 from streamcl.memory.nearest import Head, class_means, knn_scores, ncm_scores
-from streamcl.memory.retrieval import Retrieval, draw_slots
-from streamcl.memory.selectors import (
-    SKIP,
-    ClassBalancedSelector,
-    Policy,
-    ReservoirSelector,
-    Selector,
-)
+from streamcl.memory.retrieval import RETRIEVALS, Retrieval, draw_slots
+from streamcl.memory.selectors import SELECTORS, SKIP, Selector
 from streamcl.memory.store import ExemplarStore
 
 Embed = Callable[[np.ndarray], np.ndarray]
@@ -53,7 +47,9 @@ class Draw:
 class ReplayBuffer:
     """Fixed item budget; `add` offers exemplars to the selector, `sample` draws.
 
-    retrieval: how `sample` draws (memory/retrieval.py); `neighbours` needs the index.
+    policy: the selector keeping what fits (memory/selectors.py); retrieval: how `sample`
+    draws (memory/retrieval.py); `neighbours` needs the index. Both are names in their
+    registry or `package.module:function`.
     dedup: an arrival whose nearest same-class item is closer than `dedup` times the
     class's typical such distance refreshes (overwrites) that item instead of taking a
     slot through the selector; 0 turns it off. Needs the index.
@@ -67,11 +63,11 @@ class ReplayBuffer:
         capacity: int,
         feature_shape: tuple[int, ...],
         dtype: str = "uint8",
-        policy: Policy = "class-balanced",
+        policy: str = "class-balanced",
         num_classes: int = 10,
         seed: int = 0,
         embed: Embed | None = None,
-        retrieval: Retrieval = "uniform",
+        retrieval: str = "uniform",
         dedup: float = 0.0,
         index_device: Literal["cpu", "cuda"] = "cpu",
         condensed: int = 0,
@@ -83,18 +79,12 @@ class ReplayBuffer:
                 f"memory of {capacity} items cannot hold {condensed} condensed exemplars for "
                 f"each of {num_classes} classes and at least 1 raw item"
             )
-        if policy not in ("reservoir", "class-balanced"):
-            raise ConfigError(f"memory policy must be reservoir or class-balanced, got {policy!r}")
-        if retrieval not in ("uniform", "class-balanced", "neighbours"):
-            raise ConfigError(
-                f"memory retrieval must be uniform, class-balanced or neighbours, got {retrieval!r}"
-            )
         if not 0.0 <= dedup < 1.0:
             raise ConfigError(f"memory dedup must be in [0, 1), got {dedup}")
-        if embed is None and (retrieval == "neighbours" or dedup > 0):
+        self.retrieval: Retrieval = RETRIEVALS.create(retrieval)
+        if embed is None and (self.retrieval.needs_index or dedup > 0):
             raise ConfigError(f"memory retrieval {retrieval!r} / dedup {dedup} need an embedding")
         self.policy = policy
-        self.retrieval: Retrieval = retrieval
         self.dedup = dedup
         self.num_classes = num_classes
         self.store = ExemplarStore(capacity - num_classes * condensed, feature_shape, dtype)
@@ -103,11 +93,7 @@ class ReplayBuffer:
             if condensed
             else None
         )
-        self.selector: Selector = (
-            ReservoirSelector(seed)
-            if policy == "reservoir"
-            else ClassBalancedSelector(num_classes, seed)
-        )
+        self.selector: Selector = SELECTORS.create(policy, num_classes=num_classes, seed=seed)
         self.embed = embed
         self.index: EmbeddingIndex | None = None
         if embed is not None:
@@ -191,11 +177,12 @@ class ReplayBuffer:
     ) -> Draw:
         """Draw `n` exemplars with replacement by the buffer's retrieval policy.
 
-        near, near_labels: the incoming batch `[B, *shape]` and `[B]`, which the
-        `neighbours` policy draws around; ignored by the others. Empty buffer: empty draw.
+        near, near_labels: the incoming batch `[B, *shape]` and `[B]`, which retrieval
+        policies that `needs_index` draw around; ignored by the others. Empty buffer:
+        empty draw.
         """
         queries = None
-        if self.retrieval == "neighbours" and near is not None and self.embed is not None:
+        if self.retrieval.needs_index and near is not None and self.embed is not None:
             queries = self.embed(near)
         size, extra = self.store.size, len(self.condensed) if self.condensed is not None else 0
         from_condensed = 0

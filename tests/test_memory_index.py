@@ -14,7 +14,7 @@ from streamcl.ingest.errors import ConfigError
 from streamcl.learner.filters import input_embedding
 from streamcl.memory.buffer import ReplayBuffer
 from streamcl.memory.index import EmbeddingIndex, gpu_available
-from streamcl.memory.retrieval import draw_slots
+from streamcl.memory.retrieval import ClassBalanced, Uniform, draw_slots
 
 
 def indexed(capacity: int = 50, dim: int = 6, **kwargs: object) -> ReplayBuffer:
@@ -138,10 +138,10 @@ def test_dedup_refreshes_near_duplicates_instead_of_filling_the_memory() -> None
 
 def test_class_balanced_retrieval_evens_out_an_imbalanced_memory() -> None:
     labels = np.array([0] * 90 + [1] * 10)
-    slots = draw_slots("class-balanced", 2000, labels, torch.Generator().manual_seed(0))
+    slots = draw_slots(ClassBalanced(), 2000, labels, torch.Generator().manual_seed(0))
     share = (labels[slots.numpy()] == 1).mean()
     assert 0.45 < share < 0.55  # binomial sd at n=2000 is 0.011
-    uniform = draw_slots("uniform", 2000, labels, torch.Generator().manual_seed(0))
+    uniform = draw_slots(Uniform(), 2000, labels, torch.Generator().manual_seed(0))
     assert (labels[uniform.numpy()] == 1).mean() < 0.15
 
 

@@ -7,7 +7,7 @@ underscores; flags and their environment variables override it.
 from __future__ import annotations
 
 import difflib
-import re
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.registry import Registry, is_plugin
 from streamcl.ingest.schema import StreamSpec
 from streamcl.learner.tasks import DEFAULT_TASK_WINDOW
 
@@ -32,17 +33,35 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
-STRATEGY_PARTS = ("naive", "er", "ewc", "packnet")
-"""What `strategy` may join with '+' (e.g. er+ewc); they compose in this order."""
-USER_MODEL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-"""A user model factory: `package.module:function`."""
-
 
 def _ints_from_text(value: Any) -> Any:
     """Accept `28,28` (a flag or an environment variable) as well as a list."""
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+REGISTRIES = {
+    "strategies": "streamcl.learner.registry",
+    "filters": "streamcl.learner.registry",
+    "selectors": "streamcl.memory.selectors",
+    "retrievals": "streamcl.memory.retrieval",
+}
+"""Where each pluggable part's registry lives (a module attribute of the upper-cased name)."""
+
+
+def _registry(name: str) -> Registry[Any]:
+    """The registry of a pluggable part, imported when a value is checked, not with this
+    module: the parts pull in torch and faiss, which `streamcl --help` need not load."""
+    registry: Registry[Any] = getattr(importlib.import_module(REGISTRIES[name]), name.upper())
+    return registry
+
+
+def _registered(registry: Registry[Any], value: str) -> str:
+    """A name in `registry` or a `package.module:function` (imported when the learner is built)."""
+    if registry.known(value):
+        return value
+    raise ValueError(f"{registry.kind} must be {registry.describe()}, got {value!r}")
 
 
 class EwcConfig(BaseModel):
@@ -110,10 +129,25 @@ class NoiseConfig(BaseModel):
     min_separation: float = Field(
         2.0, gt=0, description="small-loss: Ashman's D the two loss modes must reach"
     )
+    extra: str = Field(
+        "",
+        description="more filters, judging after knn and small-loss: registered names or "
+        "'package.module:function' joined by + (learner/registry.py)",
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _known_filters(cls, value: str) -> str:
+        filters = _registry("filters")
+        return "+".join(_registered(filters, part.strip()) for part in value.split("+") if part)
+
+    @property
+    def extra_filters(self) -> tuple[str, ...]:
+        return tuple(self.extra.split("+")) if self.extra else ()
 
     @property
     def enabled(self) -> bool:
-        return self.knn or self.small_loss
+        return self.knn or self.small_loss or bool(self.extra)
 
 
 class QuarantineConfig(BaseModel):
@@ -161,7 +195,8 @@ class LearnerConfig(BaseModel):
         "er",
         description="how to learn: naive (fine-tune on arrivals only), or parts joined by "
         "'+': er (experience replay), ewc (online EWC), packnet (parameter isolation; task "
-        "ids at train and test time), e.g. er+ewc",
+        "ids at train and test time) or your own 'package.module:function' "
+        "(learner/registry.py), e.g. er+ewc",
     )
     model: str = Field(
         "mlp",
@@ -177,14 +212,16 @@ class LearnerConfig(BaseModel):
     batch_size: int = Field(10, ge=1, description="new samples per update")
     steps_per_batch: int = Field(1, ge=1, description="optimizer steps per incoming batch")
     memory: int = Field(1000, ge=1, description="replay memory capacity in items")
-    memory_policy: Literal["reservoir", "class-balanced"] = Field(
-        "class-balanced", description="which exemplars the memory keeps when full"
+    memory_policy: str = Field(
+        "class-balanced",
+        description="which exemplars the memory keeps when full: reservoir, class-balanced "
+        "or 'package.module:function' (memory/selectors.py)",
     )
-    memory_retrieval: Literal["uniform", "class-balanced", "neighbours"] = Field(
+    memory_retrieval: str = Field(
         "uniform",
         description="how replay draws from memory (memory/retrieval.py): uniform, "
-        "class-balanced, or neighbours (half the draws among other-class items nearest "
-        "the incoming batch, via FAISS)",
+        "class-balanced, neighbours (half the draws among other-class items nearest "
+        "the incoming batch, via FAISS) or 'package.module:function'",
     )
     memory_dedup: float = Field(
         0.0,
@@ -247,24 +284,38 @@ class LearnerConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        """Accept '+'-joined parts in any order; store them in composition order."""
-        parts = [part.strip() for part in value.lower().split("+")]
-        unknown = [part for part in parts if part not in STRATEGY_PARTS]
-        if unknown or not parts:
+        """Accept '+'-joined parts in any order; store them in composition order: the
+        registered ones in registration order, then plug-ins in the order given."""
+        parts = [part.strip() for part in value.split("+")]
+        parts = [part if is_plugin(part) else part.lower() for part in parts]
+        strategies = _registry("strategies")
+        if not all(strategies.known(part) for part in parts):
+            builtins = ", ".join(name for name in strategies.names() if name != "naive")
             raise ValueError(
-                f"strategy must be naive or parts of er, ewc, packnet joined by '+' "
-                f"(e.g. er+ewc), got {value!r}"
+                f"strategy must be naive or parts of {builtins} or 'package.module:function' "
+                f"joined by '+' (e.g. er+ewc), got {value!r}"
             )
         if len(set(parts)) != len(parts):
             raise ValueError(f"strategy names a part twice: {value!r}")
         if "naive" in parts and len(parts) > 1:
             raise ValueError(f"naive combines with nothing, got {value!r}")
-        return "+".join(part for part in STRATEGY_PARTS if part in parts)
+        registered = [name for name in strategies.names() if name in parts]
+        return "+".join(registered + [part for part in parts if is_plugin(part)])
+
+    @field_validator("memory_policy")
+    @classmethod
+    def _known_selector(cls, value: str) -> str:
+        return _registered(_registry("selectors"), value)
+
+    @field_validator("memory_retrieval")
+    @classmethod
+    def _known_retrieval(cls, value: str) -> str:
+        return _registered(_registry("retrievals"), value)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value in ("mlp", "cnn") or USER_MODEL.fullmatch(value):
+        if value in ("mlp", "cnn") or is_plugin(value):
             return value
         raise ValueError(f"model must be mlp, cnn or 'package.module:function', got {value!r}")
 
@@ -287,13 +338,9 @@ class LearnerConfig(BaseModel):
 
     @property
     def memory_indexed(self) -> bool:
-        """Whether the replay memory needs its FAISS index (something queries it)."""
-        return (
-            self.noise.knn
-            or self.memory_retrieval == "neighbours"
-            or self.memory_dedup > 0
-            or self.predict_head != "softmax"
-        )
+        """Whether the replay memory needs its FAISS index for something besides retrieval
+        (whose policy says so itself: `Retrieval.needs_index`)."""
+        return self.noise.knn or self.memory_dedup > 0 or self.predict_head != "softmax"
 
     @property
     def parts(self) -> tuple[str, ...]:
