@@ -357,6 +357,9 @@ class NoiseFilter:
     """Run the enabled filters; a row is suspect when any of them flags it."""
 
     def __init__(self, filters: list[Filter]):
+        names = [f.name for f in filters]
+        if len(set(names)) != len(names):  # their states are saved by name
+            raise ConfigError(f"noise filters need distinct names, got {', '.join(names)}")
         self.filters = filters
 
     def judge(

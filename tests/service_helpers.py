@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,15 @@ def learned_offsets(audit_log: Path) -> Counter[tuple[int, int]]:
             continue  # a line cut short by kill -9
         counts.update((p, o) for p, o in entry["learned"])
     return counts
+
+
+def metric(base: str, name: str) -> float:
+    """One sample's value from the service's /metrics page."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -79,7 +79,7 @@ def test_a_full_disk_keeps_learning_commits_nothing_new_logs_little_and_recovers
     service = Service(config)
     disk = FullDisk()
     monkeypatch.setattr(torch, "save", disk)
-    caplog.set_level(logging.INFO, logger="deploy")
+    caplog.set_level(logging.INFO, logger="streamcl")
     stop = threading.Event()
     outcome: dict[str, Any] = {}
 
@@ -139,7 +139,7 @@ def test_a_full_disk_keeps_learning_commits_nothing_new_logs_little_and_recovers
 
 def ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """Records of streamcl's packages (kafka-python's own are not under test here)."""
-    return [r for r in caplog.records if r.name.split(".")[0] in ("deploy", "ingest", "learner")]
+    return [r for r in caplog.records if r.name.startswith("streamcl.")]
 
 
 def _sample(service: Service, name: str) -> float:
@@ -177,7 +177,7 @@ def test_start_up_warns_when_the_volume_cannot_hold_keep_plus_one(
     for free, warned in ((needed - 1, True), (needed, False)):
         caplog.clear()
         monkeypatch.setattr(
-            "streamcl.deploy.runtime.service.shutil.disk_usage",
+            "streamcl.deploy.runtime.commits.shutil.disk_usage",
             lambda _path, free=free: usage._replace(free=free),
         )
         Service(config).close()

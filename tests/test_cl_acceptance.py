@@ -119,8 +119,7 @@ def test_default_noise_filters_leave_a_clean_shifting_stream_alone(
 def test_er_ewc_resumed_in_a_fresh_process_reports_like_an_uninterrupted_run(
     fmnist_streams: dict[str, Path], tmp_path: Path
 ) -> None:
-    # threads=1: the command line's default, so the resumed run's settings match.
-    settings = {"stream": fmnist_streams["permuted"], "strategy": "er+ewc", "threads": 1}
+    settings = {"stream": fmnist_streams["permuted"], "strategy": "er+ewc"}
     straight = run_replay(validated(ReplayConfig, settings), progress=False)
     checkpoint = tmp_path / "er-ewc.pt"
     stop = 23_457  # task 2, mid-batch: the pending samples travel in the checkpoint

@@ -28,6 +28,7 @@ from tests.service_helpers import (
     ServiceThread,
     digit_payloads,
     learned_offsets,
+    metric,
     produce,
     read_topic_records,
     service_config,
@@ -107,17 +108,6 @@ def unreadable_topic(
 
     monkeypatch.setattr(DefaultRecordBatch, "_maybe_uncompress", missing_codec)
     return topic
-
-
-def metric(base: str, name: str) -> float:
-    """One sample's value from the service's /metrics page."""
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-    raise AssertionError(f"{name} not exported")
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ from typing import Any
 from tqdm import tqdm
 
 from streamcl.deploy.runtime.config import ReplayConfig
-from streamcl.deploy.runtime.session import LearningSession, environment
+from streamcl.deploy.runtime.sections import environment, strategy_section
+from streamcl.deploy.runtime.session import LearningSession
 from streamcl.deploy.runtime.wiring import build_learner, configure_threads
 from streamcl.ingest import heldout as heldout_io
 from streamcl.ingest.codec import decode
@@ -29,7 +30,6 @@ from streamcl.learner.checkpoint import CheckpointError, read_checkpoint, write_
 from streamcl.learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
-DEFAULT_THREADS = 1
 # Where outputs go and how a run was split: not part of what the run computes.
 REPLAY_KEYS = {"config", "position", "learner", "session"}
 """What `save` writes, and `restore` needs."""
@@ -38,7 +38,7 @@ RUN_ONLY_SETTINGS = {"report", "plots", "stop_after", "checkpoint", "resume", "a
 
 def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, Any]:
     """Replay `config.stream` through a fresh learner; returns the report dict."""
-    configure_threads(config.threads or DEFAULT_THREADS)
+    configure_threads(config.threads)
     started = time.perf_counter()
     with StreamReader(config.stream) as reader:
         learner = build_learner(config, reader.spec)
@@ -138,27 +138,6 @@ def load_heldout(stream: Path, explicit: Path | None = None) -> HeldOut | None:
         log.warning("no held-out set at %s: only prequential accuracy will be reported", path)
         return None
     return heldout_io.load(path)
-
-
-def strategy_section(learner: OnlineLearner) -> dict[str, Any]:
-    """How the learner saw tasks: evaluation scenario, detector events, task boundaries.
-
-    Every boundary (task-id change, detector event on a task-free batch, or periodic)
-    is a consolidation for the strategies; a detector event on a batch with task ids
-    is counted but is not a boundary. Event lists hold the latest `RECENT_EVENTS`.
-    """
-    detector = learner.detector
-    events = detector.events if detector is not None else []
-    return {
-        # Task-incremental: predictions are given each probe row's task id.
-        "scenario": "task-incremental" if learner.task_aware else "task-agnostic",
-        # The latest events (all of them up to RECENT_EVENTS); the counts cover every one.
-        "drift_events": [event.sample for event in events],
-        "drift_event_count": detector.event_count if detector is not None else 0,
-        "drift_event_reasons": [event.reason for event in events],
-        "task_boundaries": learner.boundaries.total,
-        "task_boundaries_by_reason": dict(sorted(learner.boundaries.by_reason.items())),
-    }
 
 
 def save(

@@ -1,33 +1,35 @@
-"""Assemble the learner (model, optimizer, strategies) from a `LearnerConfig`."""
+"""Assemble the learner (model, optimizer, strategies) from a `LearnerConfig`.
+
+Strategies, noise filters, memory selectors and retrieval policies are looked up by name
+in the registries of the layers that define them (learner/registry.py, memory/selectors.py,
+memory/retrieval.py); a `package.module:function` name is imported here, at start-up.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
+from pydantic import BaseModel
+from torch import nn
 
 from streamcl.deploy.runtime.config import LearnerConfig
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import StreamSpec
 from streamcl.learner.drift import BoundaryDetector
-from streamcl.learner.ewc import OnlineEWC
-from streamcl.learner.filters import (
-    Filter,
-    IndexNeighbours,
-    NeighbourAgreement,
-    NoiseFilter,
-    SmallLoss,
-    embedding_dim,
-    input_embedding,
-)
+from streamcl.learner.features import penultimate_embedding
+from streamcl.learner.filters import NoiseFilter, input_embedding
+from streamcl.learner.interference import virtual_update
 from streamcl.learner.loop import OnlineLearner
 from streamcl.learner.losses import TrainingLoss
 from streamcl.learner.models import build_model
-from streamcl.learner.packnet import PackNet
 from streamcl.learner.quarantine import Quarantine
-from streamcl.learner.strategies import ExperienceReplay, Naive, Strategy, replay_buffer
-from streamcl.memory.buffer import ReplayBuffer
+from streamcl.learner.registry import FILTERS, STRATEGIES, FilterContext, StrategyContext
+from streamcl.learner.strategies import Strategy, replay_buffer
+from streamcl.memory.buffer import Embed, ReplayBuffer
 from streamcl.memory.index import gpu_available, set_threads
+from streamcl.memory.retrieval import RETRIEVALS
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def configure_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (None keeps torch's default); returns the count in use.
+def configure_threads(threads: int) -> int:
+    """Set torch's and FAISS's intra-op threads; returns the count in use.
 
     Tiny online models spend more time synchronising threads than computing, so
-    callers default to 1 on CPU (see benchmarks/results/throughput.json).
+    `LearnerConfig.threads` defaults to 1 (see benchmarks/results/throughput.json).
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
-        set_threads(threads)
+    torch.set_num_threads(threads)
+    set_threads(threads)
     return torch.get_num_threads()
 
 
@@ -65,7 +66,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    strategies = build_strategies(config, spec, device)
+    strategies = build_strategies(config, spec, device, model)
     memory = replay_buffer(strategies)
     learner = OnlineLearner(
         model,
@@ -93,56 +94,84 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
 
 
 def build_strategies(
-    config: LearnerConfig, spec: StreamSpec, device: torch.device | None = None
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None = None,
+    model: nn.Module | None = None,
 ) -> list[Strategy]:
-    """One strategy per part of `config.strategy`, in composition order (er, ewc, packnet).
-
-    The memory gets a FAISS index over pooled inputs when something uses it (the kNN
-    filter, neighbour retrieval, dedup); on the GPU when the model is and faiss can.
-    """
+    """One strategy per part of `config.strategy`, in composition order (er, ewc, packnet,
+    then plug-ins), each made by its factory in `STRATEGIES` with its config section.
+    `model`: what a penultimate-feature memory embeds with and interfered retrieval scores
+    with (needed only for those)."""
+    interference = None
+    if config.memory_retrieval == "interfered":
+        if model is None:
+            raise ValueError("interfered retrieval needs the model for its virtual update")
+        interference = virtual_update(model, config.lr, spec.dtype, on(device))
+    context = StrategyContext(
+        spec,
+        on(device),
+        seed=config.seed,
+        replay_size=config.replay_draws,
+        memory=lambda: build_memory(config, spec, device, model),
+        interference=interference,
+    )
     strategies: list[Strategy] = []
     for part in config.parts:
-        if part == "naive":
-            strategies.append(Naive())
-        elif part == "er":
-            buffer = ReplayBuffer(
-                config.memory,
-                spec.feature_shape,
-                spec.dtype,
-                policy=config.memory_policy,
-                num_classes=spec.num_classes,
-                seed=config.seed + 1,
-                embed=input_embedding(spec.dtype) if config.memory_indexed else None,
-                retrieval=config.memory_retrieval,
-                dedup=config.memory_dedup,
-                condensed=config.memory_condensed,
-                index_device=(
-                    "cuda"
-                    if device is not None and device.type == "cuda" and gpu_available()
-                    else "cpu"
-                ),
-            )
-            strategies.append(ExperienceReplay(buffer, config.replay_draws, seed=config.seed + 2))
-        elif part == "ewc":
-            strategies.append(
-                OnlineEWC(
-                    config.ewc.lambda_,
-                    decay=config.ewc.decay,
-                    gamma=config.ewc.gamma,
-                    anchor_lag=config.ewc.anchor_lag,
-                )
-            )
-        elif part == "packnet":
-            strategies.append(
-                PackNet(
-                    spec.num_classes,
-                    prune_fraction=config.packnet.prune_fraction,
-                    multi_head=config.packnet.multi_head,
-                )
-            )
-        else:  # LearnerConfig validates the parts; this is a programming error
-            raise ConfigError(f"no strategy named {part!r}")
+        section = getattr(config, part, None) if part in STRATEGIES.names() else None
+        settings = section.model_dump() if isinstance(section, BaseModel) else {}
+        strategies.append(STRATEGIES.create(part, replace(context, settings=settings)))
     return strategies
+
+
+def build_memory(
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None = None,
+    model: nn.Module | None = None,
+) -> ReplayBuffer:
+    """A replay memory as `config` describes it.
+
+    It gets a FAISS index when something uses it (the kNN filter, a retrieval policy
+    that needs it, dedup, a memory head), over `model`'s penultimate features or pooled
+    inputs (`memory_embedding`); on the GPU when the model is and faiss can.
+    """
+    indexed = config.memory_indexed or RETRIEVALS.create(config.memory_retrieval).needs_index
+    penultimate = config.memory_embedding == "penultimate"
+    return ReplayBuffer(
+        config.memory,
+        spec.feature_shape,
+        spec.dtype,
+        policy=config.memory_policy,
+        num_classes=spec.num_classes,
+        seed=config.seed + 1,
+        embed=memory_embedding(config, spec, device, model) if indexed else None,
+        refresh=config.memory_refresh if penultimate else None,
+        retrieval=config.memory_retrieval,
+        dedup=config.memory_dedup,
+        condensed=config.memory_condensed,
+        index_device=(
+            "cuda" if device is not None and device.type == "cuda" and gpu_available() else "cpu"
+        ),
+    )
+
+
+def memory_embedding(
+    config: LearnerConfig,
+    spec: StreamSpec,
+    device: torch.device | None,
+    model: nn.Module | None,
+) -> Embed:
+    """The memory's `embed` callable: penultimate features of `model`, or pooled inputs."""
+    if config.memory_embedding == "input":
+        return input_embedding(spec.dtype)
+    if model is None:
+        raise ValueError("a penultimate-feature memory embedding needs the model")
+    return penultimate_embedding(model, spec.dtype, on(device))
+
+
+def on(device: torch.device | None) -> torch.device:
+    return device if device is not None else torch.device("cpu")
 
 
 def build_detector(config: LearnerConfig, spec: StreamSpec) -> BoundaryDetector | None:
@@ -182,28 +211,17 @@ def build_loss(config: LearnerConfig, spec: StreamSpec) -> TrainingLoss:
 def build_noise_filter(
     config: LearnerConfig, spec: StreamSpec, memory: ReplayBuffer | None
 ) -> NoiseFilter | None:
-    """The enabled filters; the neighbour search covers the replay memory when there is one."""
+    """The enabled filters (knn, small-loss, then `noise.extra`); neighbour search covers
+    the replay memory when there is one."""
     settings = config.noise
     if not settings.enabled:
         return None
-    filters: list[Filter] = []
-    if settings.knn:
-        knn = NeighbourAgreement(
-            embedding_dim(spec.feature_size),
-            settings.knn_k,
-            settings.knn_window,
-            min_agreement=settings.knn_min_agreement,
-        )
-        knn.neighbours = IndexNeighbours(knn.window, memory)
-        filters.append(knn)
-    if settings.small_loss:
-        filters.append(
-            SmallLoss(
-                spec.num_classes,
-                warmup=settings.warmup,
-                window=settings.loss_window,
-                min_class_samples=settings.min_class_samples,
-                min_separation=settings.min_separation,
-            )
-        )
-    return NoiseFilter(filters)
+    switches = (("knn", settings.knn), ("small-loss", settings.small_loss))
+    enabled = [name for name, on in switches if on] + list(settings.extra_filters)
+    # The kNN filter compares pooled inputs: it may search the memory's index only when
+    # that holds pooled inputs too; over penultimate features it keeps to its window.
+    shared = memory if config.memory_embedding == "input" else None
+    if memory is not None and shared is None and settings.knn:
+        log.info("knn noise filter searches its window only: the memory indexes features")
+    context = FilterContext(spec, settings.model_dump(), shared)
+    return NoiseFilter([FILTERS.create(name, context) for name in enabled])
