@@ -16,6 +16,12 @@ the diagonal Fisher information at the anchor theta*. For a stream:
   `2 * anchor_lag` updates old: a detector fires tens of samples after the change, and by
   then the next task's first, largest gradients have entered R and moved theta. Exact
   boundaries (task ids, the periodic one) use the current values.
+
+Per step the running Fisher and the penalty are a handful of `torch._foreach_*` ops over
+all parameters at once (no Python loop over them), and the penalty's gradient
+`lambda * F * (theta - theta*)` is added to `.grad` directly: no autograd graph and no
+second backward pass. That keeps ER+EWC within 1.3x of ER's step time
+(benchmarks/throughput.py).
 """
 
 from __future__ import annotations
@@ -61,28 +67,38 @@ class OnlineEWC(NoHooks):
         """Fold this step's squared task-loss gradient into the running Fisher."""
         self._place(model)
         self.steps += 1
+        named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+        if any(name not in self._running for name, _ in named):
+            self._running.update(
+                (name, torch.zeros_like(p)) for name, p in named if name not in self._running
+            )
+        running = [self._running[name] for name, _ in named]
+        grads = [param.grad for _, param in named]
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.grad is None:
-                    continue
-                running = self._running.get(name)
-                if running is None:
-                    running = self._running[name] = torch.zeros_like(param)
-                running.mul_(self.decay).addcmul_(param.grad, param.grad, value=1 - self.decay)
+            torch._foreach_mul_(running, self.decay)
+            torch._foreach_addcmul_(running, grads, grads, value=1 - self.decay)
         if self.anchor_lag and self.steps % self.anchor_lag == 0:
             self._lagged, self._recent = self._recent, self._snapshot(model)
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        """`lambda/2 * sum F (theta - theta*)^2`; None before the first consolidation."""
+        """Add the gradient of `lambda/2 * sum F (theta - theta*)^2` to `.grad`; return the
+        penalty's value (0-dim, no graph), or None before the first consolidation."""
         if not self._anchor or not self.lambda_:
             return None
         self._place(model)
-        terms = [
-            (self._fisher[name] * (param - self._anchor[name]).pow(2)).sum()
-            for name, param in model.named_parameters()
-            if name in self._anchor
-        ]
-        return 0.5 * self.lambda_ * torch.stack(terms).sum()
+        named = [(name, p) for name, p in model.named_parameters() if name in self._anchor]
+        params = [param for _, param in named]
+        for param in (p for p in params if p.grad is None):  # unused in this step's forward
+            param.grad = torch.zeros_like(param)
+        with torch.no_grad():
+            scaled = torch._foreach_sub(params, [self._anchor[name] for name, _ in named])
+            moved = torch._foreach_mul(scaled, scaled)  # (theta - theta*)^2
+            torch._foreach_mul_(scaled, [self._fisher[name] for name, _ in named])
+            torch._foreach_add_([param.grad for param in params], scaled, alpha=self.lambda_)
+            torch._foreach_mul_(moved, [self._fisher[name] for name, _ in named])
+            # F (theta - theta*)^2 >= 0, so each tensor's L1 norm is its sum.
+            total = torch.stack(torch._foreach_norm(moved, 1)).sum()
+        return 0.5 * self.lambda_ * total
 
     def consolidate(self, model: nn.Module, boundary: Boundary) -> None:
         """Anchor at the weights; add the running Fisher to the consolidated one."""
