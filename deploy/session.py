@@ -70,7 +70,9 @@ class LearningSession:
         self.curve: deque[dict[str, float]] = deque(maxlen=RECENT_POINTS)
         self.final_probe: ProbeResult | None = None
         self.evaluation_seconds = 0.0
-        self._pending: list[Sample] = []
+        # Samples offered one by one, or row ranges of batches: at most `batch_size` rows.
+        self._pending: list[Sample | Batch] = []
+        self._pending_rows = 0
         # The learner's rule, its window: both see the same samples, so they agree.
         self._tasks = TaskFollower(learner.tasks.window)
         self._next_eval = eval_every or 0
@@ -79,7 +81,7 @@ class LearningSession:
     @property
     def pending(self) -> int:
         """Valid samples waiting for their batch to fill."""
-        return len(self._pending)
+        return self._pending_rows
 
     @property
     def samples_rejected(self) -> int:
@@ -116,10 +118,39 @@ class LearningSession:
             self.flush()
             self.evaluate()
         self._pending.append(sample)
+        self._pending_rows += 1
         self.class_counts[sample.label] += 1
-        if len(self._pending) >= self.batch_size:
+        if self._pending_rows >= self.batch_size:
             self.flush()
         return True
+
+    def offer_batch(self, batch: Batch) -> None:
+        """Queue valid samples `[n]` in arrival order: the same as `offer` on each row,
+        without a per-sample object (the recorded-stream path)."""
+        if self.probe is not None:  # the probe diverts sample by sample
+            for i in range(len(batch)):
+                self.offer(_row(batch, i))
+            return
+        self.samples_seen += len(batch)
+        self.class_counts += np.bincount(batch.labels, minlength=len(self.class_counts))
+        start = 0
+        for i, task in enumerate(batch.tasks.tolist()):
+            if self._tasks.arrives(task):
+                self._queue(batch, start, i)
+                self.flush()
+                self.evaluate()
+                start = i
+        self._queue(batch, start, len(batch))
+
+    def _queue(self, batch: Batch, start: int, stop: int) -> None:
+        """Queue rows `start:stop`, learning each time a batch fills."""
+        while start < stop:
+            take = min(stop - start, self.batch_size - self._pending_rows)
+            self._pending.append(_rows(batch, start, start + take))
+            self._pending_rows += take
+            start += take
+            if self._pending_rows >= self.batch_size:
+                self.flush()
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Account for `count` messages rejected for `reason` (an unreadable batch: several)."""
@@ -130,8 +161,8 @@ class LearningSession:
         """Learn whatever is pending (a partial batch at a boundary or before a checkpoint)."""
         if not self._pending:
             return
-        batch = Batch.from_samples(self._pending)
-        self._pending = []
+        batch = _stacked(self._pending)
+        self._pending, self._pending_rows = [], 0
         started = time.perf_counter()
         result = self.learner.learn(batch)
         seconds = time.perf_counter() - started
@@ -228,7 +259,7 @@ class LearningSession:
         batch composition: a service run equals a replay of the same stream.
         """
         return {
-            "pending": _samples_state(self._pending),
+            "pending": _samples_state(_stacked(self._pending) if self._pending else None),
             "samples_seen": self.samples_seen,
             "samples_learned": self.samples_learned,
             "samples_held_out": self.samples_held_out,
@@ -252,7 +283,8 @@ class LearningSession:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = _samples_from_state(state["pending"])
+        self._pending = list(_samples_from_state(state["pending"]))
+        self._pending_rows = len(self._pending)
         self.samples_seen = int(state["samples_seen"])
         self.samples_learned = int(state["samples_learned"])
         self.samples_held_out = int(state["samples_held_out"])
@@ -360,10 +392,56 @@ def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def _samples_state(samples: list[Sample]) -> dict[str, Any]:
-    if not samples:
+def _stacked(items: list[Sample | Batch]) -> Batch:
+    """One batch of pending items in order (runs of samples stacked, batches joined)."""
+    parts: list[Batch] = []
+    run: list[Sample] = []
+    for item in items:
+        if isinstance(item, Batch):
+            if run:
+                parts.append(Batch.from_samples(run))
+                run = []
+            parts.append(item)
+        else:
+            run.append(item)
+    if run:
+        parts.append(Batch.from_samples(run))
+    if len(parts) == 1:
+        return parts[0]
+    return Batch(
+        *(np.concatenate([getattr(p, name) for p in parts]) for name in BATCH_ARRAYS),
+        origins=tuple(o for p in parts for o in (p.origins or (None,) * len(p)))
+        if any(p.origins for p in parts)
+        else (),
+    )
+
+
+BATCH_ARRAYS = ("features", "labels", "tasks", "sample_ids", "event_times_ms")
+
+
+def _rows(batch: Batch, start: int, stop: int) -> Batch:
+    if start == 0 and stop == len(batch):
+        return batch
+    return Batch(
+        *(getattr(batch, name)[start:stop] for name in BATCH_ARRAYS),
+        origins=batch.origins[start:stop],
+    )
+
+
+def _row(batch: Batch, i: int) -> Sample:
+    return Sample(
+        batch.features[i],
+        int(batch.labels[i]),
+        int(batch.tasks[i]),
+        int(batch.sample_ids[i]),
+        int(batch.event_times_ms[i]),
+        batch.origins[i] if batch.origins else None,
+    )
+
+
+def _samples_state(batch: Batch | None) -> dict[str, Any]:
+    if batch is None:
         return {"count": 0}
-    batch = Batch.from_samples(samples)
     return {
         "count": len(batch),
         "features": torch.from_numpy(batch.features.copy()),
