@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from deploy.config import ReplayConfig
-from deploy.replay import run_replay
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 RESULTS = Path(__file__).parent / "results" / "accuracy.json"
 RUNS = {

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.config import DetectorConfig, LearnerConfig, NoiseConfig
-from deploy.session import LearningSession
-from deploy.wiring import build_learner
-from evaluation.reservoir import ProbeReservoir
-from ingest.schema import NO_TASK, Origin, Sample, StreamSpec
-from learner.checkpoint import CheckpointStore, read_checkpoint
+from streamcl.deploy.runtime.config import DetectorConfig, LearnerConfig, NoiseConfig
+from streamcl.deploy.runtime.session import LearningSession
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.evaluation.reservoir import ProbeReservoir
+from streamcl.ingest.schema import NO_TASK, Origin, Sample, StreamSpec
+from streamcl.learner.checkpoint import CheckpointStore, read_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "checkpoint_growth.json"
 SPEC = StreamSpec((4,), "float32", 4)

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from deploy.config import PLAIN_LEARNING, ReplayConfig
-from deploy.replay import run_replay
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 RESULTS = Path(__file__).parent / "results" / "dirty_streams.json"
 STREAMS: dict[str, dict[str, Any]] = {

@@ -30,11 +30,11 @@ from typing import Any
 import yaml
 from kafka.admin import KafkaAdminClient
 
-from deploy.broker import EmbeddedBroker, free_port
-from deploy.transfer import publish_stream
-from ingest.datasets import load_digits
-from ingest.kafka import KafkaSettings
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 RESULTS = Path(__file__).parent / "results" / "full_disk.json"
 ROOT = Path(__file__).parent.parent
@@ -98,7 +98,7 @@ def run(mount: Path, size: str, repo: Path, work: Path) -> dict[str, Any]:
                 [
                     sys.executable,
                     "-m",
-                    "deploy.cli",
+                    "streamcl.deploy.cli",
                     "serve",
                     "--config",
                     str(work / "service.yaml"),

@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
-from deploy.broker import EmbeddedBroker, free_port
-from deploy.config import ReplayConfig, ServiceConfig, validated
-from deploy.replay import run_replay
-from deploy.serve import run_service
-from deploy.transfer import publish_stream
-from ingest.codec import decode
-from ingest.datasets import load
-from ingest.kafka import KafkaSettings
-from ingest.recorded import StreamReader
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
+from streamcl.deploy.runtime.config import ReplayConfig, ServiceConfig, validated
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.codec import decode
+from streamcl.ingest.datasets import load
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.ingest.recorded import StreamReader
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 RESULTS = Path(__file__).parent / "results" / "kafka_service.json"
 FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}

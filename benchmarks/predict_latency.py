@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import ServiceConfig
-from deploy.http import ServiceHttp
-from deploy.service import Service
-from ingest.datasets import load
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.http import ServiceHttp
+from streamcl.deploy.runtime.service import Service
+from streamcl.ingest.datasets import load
 
 RESULTS = Path(__file__).parent / "results" / "predict_latency.json"
 

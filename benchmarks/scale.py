@@ -5,7 +5,7 @@ and final accuracy per seed (so the two-rank accuracy gap is read against seed s
     python benchmarks/scale.py [--dataset digits|fashion-mnist] [--seeds 0 1 2]
 
 Writes benchmarks/results/scale.json. Each rank runs ER on 1 thread; the global batch (10),
-memory (1000) and replay draws are split over the ranks (deploy/distributed.py).
+memory (1000) and replay draws are split over the ranks (deploy/runtime/distributed.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from kafka import KafkaProducer
 
-from deploy.broker import EmbeddedBroker, free_port
-from ingest.datasets import load
-from ingest.recorded import Frame, StreamReader
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
+from streamcl.ingest.datasets import load
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
@@ -74,7 +74,14 @@ def serve(broker: EmbeddedBroker, topic: str, stream: Path, workdir: Path, ranks
     path = workdir / "service.json"
     path.write_text(json.dumps(config))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={ranks}", "-m", "deploy.cli", "serve", "--config", str(path)]
+    command += [
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "streamcl.deploy.cli",
+        "serve",
+        "--config",
+        str(path),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from deploy.config import PLAIN_LEARNING, ReplayConfig, validated
-from deploy.replay import run_replay
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig, validated
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 RESULTS = Path(__file__).parent / "results" / "seed_spread.json"
 SAMPLES_PER_TASK = 10_000

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.session import without_timings
-from ingest.codec import decode
-from ingest.recorded import Frame, StreamReader
-from ingest.schema import Sample
+from streamcl.deploy.runtime.session import without_timings
+from streamcl.ingest.codec import decode
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.ingest.schema import Sample
 
 RESULTS = Path(__file__).parent / "results" / "strategies.json"
 STREAM_COMMANDS = [
@@ -42,7 +42,7 @@ RESUME_COMMANDS = [
     "streamcl replay --stream permuted.scs --strategy er+ewc --resume er-ewc.pt --report R.json",
 ]
 DETECTION_WINDOW = 1000
-STREAMCL = [sys.executable, "-m", "deploy.cli"]
+STREAMCL = [sys.executable, "-m", "streamcl.deploy.cli"]
 
 
 def main() -> None:

@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.config import PLAIN_LEARNING, ReplayConfig
-from deploy.replay import run_replay
-from ingest.codec import decode
-from ingest.datasets import load
-from ingest.recorded import Frame, StreamReader
-from ingest.scenarios import ScenarioConfig, build, write
-from learner.models import mlp
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.ingest.codec import decode
+from streamcl.ingest.datasets import load
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
+from streamcl.learner.models import mlp
 
 RESULTS = Path(__file__).parent / "results" / "throughput.json"
 VARIANTS: dict[str, dict[str, Any]] = {

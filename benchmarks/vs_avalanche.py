@@ -5,13 +5,13 @@
 
 Needs the 'avalanche' extra (tests/run.sh builds .venv-avalanche). Each stream is built
 once by streamcl (Split Fashion-MNIST, 5 tasks x 2 classes, stream seed 0), recorded,
-exported with `stream export` and loaded with `ingest.avalanche.load_benchmark`, so both
+exported with `stream export` and loaded with `streamcl.ingest.avalanche.load_benchmark`, so both
 libraries see the same samples in the same order, scaled the same way to [0, 1]. Same
 model (MLP 256x2, seeded init), SGD lr 0.1, mini-batch 10, one pass, 10 replayed samples
 per step, 1 PyTorch thread, all in this one process. Both are scored by the same code:
 accuracy on each task's held-out test split after each task (streamcl's evaluation
 points; for Avalanche, after each experience's last mini-experience), then
-`evaluation.metrics` for final average accuracy and average forgetting. Samples/second
+`streamcl.evaluation.metrics` for final average accuracy and average forgetting. Samples/second
 counts training only; peak RSS is the process's resident set sampled during the run
 (one process holds both libraries, so it compares runs, not absolute footprints).
 
@@ -19,7 +19,7 @@ Avalanche 0.6.0 faults handled here:
 - `split_online_stream` never sets `is_last_subexp` when an experience's length is a
   multiple of the mini-batch (10: every balanced task here), and renumbers the
   mini-experiences, so experience-keyed state (forgetting, per-experience plugins) reads
-  the mini-batch index: `ingest.avalanche.online_experiences` flags the last one and
+  the mini-batch index: `streamcl.ingest.avalanche.online_experiences` flags the last one and
   keeps the origin experience id, and it does not shuffle (the arrival order is the
   experiment).
 - Forgetting: computed from the accuracy matrix with streamcl's definitions, not from
@@ -57,14 +57,14 @@ import numpy as np
 import psutil
 import torch
 
-from deploy.config import ReplayConfig
-from deploy.replay import run_replay
-from evaluation import metrics
-from ingest.avalanche import load_benchmark, online_experiences
-from ingest.datasets import load
-from ingest.exporters import export_npz
-from ingest.scenarios import ScenarioConfig, build, write
-from learner.models import mlp
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.evaluation import metrics
+from streamcl.ingest.avalanche import load_benchmark, online_experiences
+from streamcl.ingest.datasets import load
+from streamcl.ingest.exporters import export_npz
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
+from streamcl.learner.models import mlp
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).parent / "results" / "vs_avalanche.json"

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.probes import ProbeResult
-from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+from streamcl.evaluation.probes import ProbeResult
+from streamcl.evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
 
 
 def metric_section(

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation import metrics
+from streamcl.evaluation import metrics
 
 
 @dataclass(frozen=True)

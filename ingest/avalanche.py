@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ingest.errors import ConfigError, DataError
-from ingest.importers import from_arrays
-from ingest.scenarios import BuiltStream
+from streamcl.ingest.errors import ConfigError, DataError
+from streamcl.ingest.importers import from_arrays
+from streamcl.ingest.scenarios import BuiltStream
 
 log = logging.getLogger(__name__)
 CLASSIC = "avalanche:"

@@ -28,7 +28,7 @@ from typing import Final, Literal
 
 import numpy as np
 
-from ingest.schema import NO_TASK, Batch, Origin, Rejected, Sample, StreamSpec
+from streamcl.ingest.schema import NO_TASK, Batch, Origin, Rejected, Sample, StreamSpec
 
 RejectReason = Literal[
     "empty",

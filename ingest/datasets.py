@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from ingest.errors import DataError
+from streamcl.ingest.errors import DataError
 
 DatasetName = Literal["fashion-mnist", "digits"]
 DATA_DIR_ENV = "STREAMCL_DATA"

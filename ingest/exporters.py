@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest import heldout as heldout_io
-from ingest.codec import decode
-from ingest.errors import ConfigError, DataError
-from ingest.recorded import CorruptFrame, StreamReader
-from ingest.schema import NO_TASK, Rejected
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode
+from streamcl.ingest.errors import ConfigError, DataError
+from streamcl.ingest.recorded import CorruptFrame, StreamReader
+from streamcl.ingest.schema import NO_TASK, Rejected
 
 
 @dataclass

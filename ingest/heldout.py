@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from ingest.errors import DataError
+from streamcl.ingest.errors import DataError
 
 GroupKind = Literal["task", "class"]
 SIDECAR_SUFFIX = ".eval.npz"

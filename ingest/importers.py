@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from ingest import heldout as heldout_io
-from ingest.codec import _MAX_TASK
-from ingest.errors import ConfigError, DataError
-from ingest.heldout import HeldOut
-from ingest.scenarios import BuiltStream, write_frames
-from ingest.schema import NO_TASK, StreamSpec
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import _MAX_TASK
+from streamcl.ingest.errors import ConfigError, DataError
+from streamcl.ingest.heldout import HeldOut
+from streamcl.ingest.scenarios import BuiltStream, write_frames
+from streamcl.ingest.schema import NO_TASK, StreamSpec
 
 REQUIRED = ("features", "labels")
 OPTIONAL = (

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ingest import heldout as heldout_io
-from ingest.codec import decode
-from ingest.recorded import CorruptFrame, StreamReader, StreamTally
-from ingest.schema import NO_TASK, Rejected, StreamSpec
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode
+from streamcl.ingest.recorded import CorruptFrame, StreamReader, StreamTally
+from streamcl.ingest.schema import NO_TASK, Rejected, StreamSpec
 
 
 @dataclass

@@ -33,9 +33,9 @@ from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
-from ingest.codec import decode
-from ingest.errors import StreamclError
-from ingest.schema import Origin, Rejected, Sample, StreamSpec
+from streamcl.ingest.codec import decode
+from streamcl.ingest.errors import StreamclError
+from streamcl.ingest.schema import Origin, Rejected, Sample, StreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ ASSIGNORS: dict[str, tuple[type, ...]] = {
     "eager": (RangePartitionAssignor, RoundRobinPartitionAssignor),
 }
 TOMBSTONE = "tombstone"
-"""Reject reason of a null value (`ingest.codec.decode`)."""
+"""Reject reason of a null value (`streamcl.ingest.codec.decode`)."""
 UNREADABLE = "unreadable_batch"
 """Reject reason of offsets the client could not decode (missing codec, corrupt batch)."""
 OnUnreadable = Literal["skip", "stop"]

@@ -18,8 +18,8 @@ from typing import Literal
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from ingest.errors import StreamclError
-from ingest.kafka import KafkaSettings, KafkaSourceError, Offsets
+from streamcl.ingest.errors import StreamclError
+from streamcl.ingest.kafka import KafkaSettings, KafkaSourceError, Offsets
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Final, NamedTuple
 
-from ingest.errors import ConfigError, DataError
-from ingest.schema import StreamSpec
+from streamcl.ingest.errors import ConfigError, DataError
+from streamcl.ingest.schema import StreamSpec
 
 FILE_MAGIC: Final = b"SCSTREAM"
 FRAME_MAGIC: Final = b"SCFR"

@@ -8,13 +8,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ingest import heldout as heldout_io
-from ingest.codec import encode
-from ingest.datasets import LabelledData
-from ingest.errors import ConfigError
-from ingest.heldout import HeldOut
-from ingest.recorded import StreamWriter
-from ingest.schema import Sample, StreamSpec
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import encode
+from streamcl.ingest.datasets import LabelledData
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.heldout import HeldOut
+from streamcl.ingest.recorded import StreamWriter
+from streamcl.ingest.schema import Sample, StreamSpec
 
 ScenarioName = Literal["class-incremental", "permuted"]
 NoiseType = Literal["symmetric", "pairflip"]

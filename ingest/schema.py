@@ -8,7 +8,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 FeatureDtype = Literal["uint8", "float32"]
 NO_TASK = -1
@@ -131,6 +131,22 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @classmethod
+    def from_arrays(
+        cls, features: np.ndarray, labels: np.ndarray, tasks: np.ndarray | None = None
+    ) -> Batch:
+        """A batch of arrays alone, for callers without a stream (an embedded learner):
+        features `[B, *shape]`, labels `[B]`, tasks `[B]` or None (no task ids); sample ids
+        are the row numbers and event times 0."""
+        n = len(labels)
+        return cls(
+            features=np.asarray(features),
+            labels=np.asarray(labels, dtype=np.int64),
+            tasks=np.full(n, NO_TASK, np.int64) if tasks is None else np.asarray(tasks, np.int64),
+            sample_ids=np.arange(n, dtype=np.int64),
+            event_times_ms=np.zeros(n, dtype=np.int64),
+        )
 
     @classmethod
     def from_samples(cls, samples: list[Sample]) -> Batch:

@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ingest import strictjson
-from ingest.errors import StreamclError
+from streamcl.ingest import strictjson
+from streamcl.ingest.errors import StreamclError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from river import drift
 
-from ingest.errors import ConfigError
-from learner.history import EventLog
+from streamcl.ingest.errors import ConfigError
+from streamcl.learner.history import EventLog
 
 DetectorKind = Literal["page-hinkley", "adwin"]
 Signal = Literal["error", "loss"]

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
-from learner.strategies import Boundary, NoHooks
+from streamcl.ingest.errors import ConfigError
+from streamcl.learner.strategies import Boundary, NoHooks
 
 RESCALE_BELOW = 1e-10
 """Fold the running Fisher's lazy decay back into its tensors below this factor."""

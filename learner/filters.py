@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
-from memory.buffer import Embed, ReplayBuffer
-from memory.index import EmbeddingIndex
+from streamcl.ingest.errors import ConfigError
+from streamcl.memory.buffer import Embed, ReplayBuffer
+from streamcl.memory.index import EmbeddingIndex
 
 PASS, FLAG, ABSTAIN = 0, 1, -1
 NeighbourLabels = Callable[[torch.Tensor, int], torch.Tensor]
@@ -357,6 +357,9 @@ class NoiseFilter:
     """Run the enabled filters; a row is suspect when any of them flags it."""
 
     def __init__(self, filters: list[Filter]):
+        names = [f.name for f in filters]
+        if len(set(names)) != len(names):  # their states are saved by name
+            raise ConfigError(f"noise filters need distinct names, got {', '.join(names)}")
         self.filters = filters
 
     def judge(

@@ -12,17 +12,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ingest.errors import ConfigError
-from ingest.schema import NO_TASK, Batch, Sample, StreamSpec
-from learner.drift import BoundaryDetector
-from learner.filters import NoiseFilter, embed_inputs
-from learner.history import EventLog
-from learner.losses import TrainingLoss
-from learner.quarantine import Held, Quarantine
-from learner.strategies import Boundary, Strategy, UpdateBatch
-from learner.tasks import DEFAULT_TASK_WINDOW, TaskFollower
-from memory.buffer import ReplayBuffer
-from memory.nearest import Head
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import NO_TASK, Batch, Sample, StreamSpec
+from streamcl.learner.drift import BoundaryDetector
+from streamcl.learner.filters import NoiseFilter, embed_inputs
+from streamcl.learner.history import EventLog
+from streamcl.learner.losses import TrainingLoss
+from streamcl.learner.quarantine import Held, Quarantine
+from streamcl.learner.strategies import Boundary, Strategy, UpdateBatch
+from streamcl.learner.tasks import DEFAULT_TASK_WINDOW, TaskFollower
+from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.nearest import Head
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 RobustLoss = Literal["ce", "gce", "sce"]
 Reweight = Literal["none", "effective-number"]

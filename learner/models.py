@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.registry import load_factory
 
 
 def build_model(
@@ -64,13 +64,7 @@ def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
 
 
 def _user_model(path: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    module_name, _, attr = path.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"cannot import model factory {path!r}: {err}") from err
-    if not callable(factory):
-        raise ConfigError(f"model factory {path!r} is a {type(factory).__name__}, not callable")
+    factory = load_factory(path, "model")
     try:
         model = factory(input_shape=input_shape, num_classes=num_classes)
     except Exception as err:  # the user's code: any failure is a configuration error

@@ -32,9 +32,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
-from ingest.schema import NO_TASK
-from learner.strategies import Boundary, NoHooks, TaskMasks, UpdateBatch
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import NO_TASK
+from streamcl.learner.strategies import Boundary, NoHooks, TaskMasks, UpdateBatch
 
 log = logging.getLogger(__name__)
 Phase = Literal["waiting", "learning", "full"]

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ingest.errors import ConfigError
-from ingest.schema import Batch, Origin, Sample
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import Batch, Origin, Sample
 
 
 @dataclass

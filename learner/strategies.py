@@ -17,6 +17,10 @@ change, detected drift, or every N samples on a stream with neither) the loop ca
 `consolidate(model, boundary)` before learning the next batch. Strategies compose by
 running in list order; `task_aware` ones need task ids (or detected boundaries) at
 train and test time.
+
+A strategy of your own is a factory in `learner/registry.py`'s `STRATEGIES`, or named by
+path (`--strategy mypkg.parts:make`); it gets a `StrategyContext` and returns an object
+with these hooks (subclass `NoHooks`, define the hooks it needs and its state).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from ingest.schema import Batch
-from memory.buffer import ReplayBuffer
+from streamcl.ingest.schema import Batch
+from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.retrieval import Interference
 
 
 @dataclass(frozen=True)
@@ -142,10 +147,17 @@ class ExperienceReplay(NoHooks):
     each step trains on the new samples plus `replay_size` draws from memory.
     """
 
-    def __init__(self, buffer: ReplayBuffer, replay_size: int = 10, seed: int = 0):
+    def __init__(
+        self,
+        buffer: ReplayBuffer,
+        replay_size: int = 10,
+        seed: int = 0,
+        interference: Interference | None = None,
+    ):
         if replay_size < 0:
             raise ValueError(f"replay_size must be >= 0, got {replay_size}")
         self.buffer = buffer
+        self.interference = interference  # scores draws for `interfered` retrieval
         self.replay_size = replay_size
         self._gen = torch.Generator().manual_seed(seed)
 
@@ -158,6 +170,7 @@ class ExperienceReplay(NoHooks):
             self._gen,
             near=update.features[new].numpy(),
             near_labels=update.labels[new].numpy(),
+            interference=self.interference,
         )
         return UpdateBatch(
             features=torch.cat([update.features, draw.features]),
@@ -168,6 +181,9 @@ class ExperienceReplay(NoHooks):
 
     def after_update(self, batch: Batch) -> None:
         self.buffer.add(batch.features, batch.labels, batch.tasks)
+
+    def consolidate(self, model: nn.Module, boundary: Boundary) -> None:
+        self.buffer.consolidate()  # the model moved: re-embed the memory (if it follows it)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict(), "generator": self._gen.get_state()}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingest.errors import ConfigError
-from ingest.schema import NO_TASK
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import NO_TASK
 
 DEFAULT_TASK_WINDOW = 10_000
 """Samples a task may be absent and still be current. A consumer reads its partitions in

@@ -4,13 +4,23 @@ With an `embed` callable (handed over by the learner; memory imports nothing of 
 every stored item also has a unit embedding in a FAISS `EmbeddingIndex` whose ids are
 the store's slots. The index serves neighbour queries (the kNN noise filter),
 near-duplicate-aware insertion, neighbour-informed replay draws and nearest-neighbour
-prediction. Embeddings are a function of the stored features alone (the learner hands
-over pooled inputs, not model features), so they never go stale and need no refresh;
-a checkpoint holds the items, and loading re-embeds them and rebuilds the index.
+prediction.
+
+Embeddings of the model's features go stale as the model learns. The refresh budget,
+`refresh` items re-embedded per `add` plus every item at `consolidate` (a task
+boundary, detected shift or periodic consolidation), round-robin over the slots: no
+stored embedding is older than `capacity / refresh` updates or than the last boundary,
+at `refresh` embedding rows per update, embedded in the same pass as the arriving batch
+(0: boundaries only).
+`refresh = None` means the embeddings are a function of the features alone (pooled
+inputs) and are never recomputed.
+A checkpoint holds the embeddings too (restored draws are identical); embeddings that
+disagree with the stored items are recomputed on load, with a log line.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,16 +28,25 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ingest.errors import ConfigError
-from memory.condensed import CondensedSet
-from memory.index import EMPTY, EmbeddingIndex
-from memory.nearest import Head, class_means, knn_scores, ncm_scores
-from memory.retrieval import Retrieval, draw_slots
-from memory.selectors import SKIP, ClassBalancedSelector, Policy, ReservoirSelector, Selector
-from memory.store import ExemplarStore
+from streamcl.ingest.errors import ConfigError
+from streamcl.memory.condensed import CondensedSet
+from streamcl.memory.index import EMPTY, EmbeddingIndex
+from streamcl.memory.nearest import Head, class_means, knn_scores, ncm_scores
+from streamcl.memory.retrieval import (
+    RETRIEVALS,
+    Interfered,
+    Interference,
+    Retrieval,
+    draw_slots,
+    interfered_slots,
+)
+from streamcl.memory.selectors import SELECTORS, SKIP, Selector
+from streamcl.memory.store import ExemplarStore
 
 Embed = Callable[[np.ndarray], np.ndarray]
 """`[n, *shape]` features in the stream dtype -> `[n, D]` float32 unit rows."""
+
+log = logging.getLogger(__name__)
 
 DEDUP_NEIGHBOURS = 8
 """Nearest items searched for an arrival's nearest same-class item (duplicate check)."""
@@ -47,13 +66,17 @@ class Draw:
 class ReplayBuffer:
     """Fixed item budget; `add` offers exemplars to the selector, `sample` draws.
 
-    retrieval: how `sample` draws (memory/retrieval.py); `neighbours` needs the index.
+    policy: the selector keeping what fits (memory/selectors.py); retrieval: how `sample`
+    draws (memory/retrieval.py); `neighbours` needs the index. Both are names in their
+    registry or `package.module:function`.
     dedup: an arrival whose nearest same-class item is closer than `dedup` times the
     class's typical such distance refreshes (overwrites) that item instead of taking a
     slot through the selector; 0 turns it off. Needs the index.
     condensed: k-means centroids kept per class (memory/condensed.py), taken out of
     `capacity` (raw slots = capacity - num_classes x condensed) and replayed like raw
     items, in proportion to their number; they are not in the index.
+    refresh: items re-embedded per `add` (and all at `consolidate`), for an `embed`
+    that follows the model; None for one that does not (module docstring).
     """
 
     def __init__(
@@ -61,14 +84,15 @@ class ReplayBuffer:
         capacity: int,
         feature_shape: tuple[int, ...],
         dtype: str = "uint8",
-        policy: Policy = "class-balanced",
+        policy: str = "class-balanced",
         num_classes: int = 10,
         seed: int = 0,
         embed: Embed | None = None,
-        retrieval: Retrieval = "uniform",
+        retrieval: str = "uniform",
         dedup: float = 0.0,
         index_device: Literal["cpu", "cuda"] = "cpu",
         condensed: int = 0,
+        refresh: int | None = None,
     ):
         if capacity < 1:
             raise ConfigError(f"memory capacity must be >= 1 item, got {capacity}")
@@ -77,18 +101,14 @@ class ReplayBuffer:
                 f"memory of {capacity} items cannot hold {condensed} condensed exemplars for "
                 f"each of {num_classes} classes and at least 1 raw item"
             )
-        if policy not in ("reservoir", "class-balanced"):
-            raise ConfigError(f"memory policy must be reservoir or class-balanced, got {policy!r}")
-        if retrieval not in ("uniform", "class-balanced", "neighbours"):
-            raise ConfigError(
-                f"memory retrieval must be uniform, class-balanced or neighbours, got {retrieval!r}"
-            )
+        if refresh is not None and refresh < 0:
+            raise ConfigError(f"memory refresh must be >= 0 items per update, got {refresh}")
         if not 0.0 <= dedup < 1.0:
             raise ConfigError(f"memory dedup must be in [0, 1), got {dedup}")
-        if embed is None and (retrieval == "neighbours" or dedup > 0):
+        self.retrieval: Retrieval = RETRIEVALS.create(retrieval)
+        if embed is None and (self.retrieval.needs_index or dedup > 0):
             raise ConfigError(f"memory retrieval {retrieval!r} / dedup {dedup} need an embedding")
         self.policy = policy
-        self.retrieval: Retrieval = retrieval
         self.dedup = dedup
         self.num_classes = num_classes
         self.store = ExemplarStore(capacity - num_classes * condensed, feature_shape, dtype)
@@ -97,11 +117,7 @@ class ReplayBuffer:
             if condensed
             else None
         )
-        self.selector: Selector = (
-            ReservoirSelector(seed)
-            if policy == "reservoir"
-            else ClassBalancedSelector(num_classes, seed)
-        )
+        self.selector: Selector = SELECTORS.create(policy, num_classes=num_classes, seed=seed)
         self.embed = embed
         self.index: EmbeddingIndex | None = None
         if embed is not None:
@@ -109,6 +125,8 @@ class ReplayBuffer:
             self.index = EmbeddingIndex(self.store.capacity, dim, index_device)
         self.typical = np.zeros(num_classes)  # running nearest same-class distance per class
         self.refreshed = 0  # arrivals that refreshed a near duplicate instead of a slot
+        self.refresh = refresh
+        self.cursor = 0  # next slot the per-update refresh re-embeds
 
     def __len__(self) -> int:
         return self.store.size + (len(self.condensed) if self.condensed is not None else 0)
@@ -124,11 +142,33 @@ class ReplayBuffer:
         condensed = self.condensed.nbytes if self.condensed is not None else 0
         return self.store.nbytes + index + condensed
 
+    def usage(self) -> dict[str, Any]:
+        """What the memory holds, for metrics and reports: index backend, items, and bytes
+        by part (`embeddings` are the stored vectors, `index` what FAISS adds beyond them)."""
+        index = self.index
+        embeddings = index.embedding_bytes if index is not None else 0
+        return {
+            "backend": index.backend if index is not None else "none",
+            "items": len(self),
+            "indexed_items": index.count if index is not None else 0,
+            "non_finite_embeddings": index.non_finite if index is not None else 0,
+            "bytes": {
+                "features": self.store.nbytes,
+                "embeddings": embeddings,
+                "index": index.nbytes - embeddings if index is not None else 0,
+                "condensed": self.condensed.nbytes if self.condensed is not None else 0,
+            },
+        }
+
     def add(self, features: np.ndarray, labels: np.ndarray, tasks: np.ndarray) -> int:
         """Offer `[B, *shape]` exemplars; returns how many were stored (refreshes included)."""
         if self.condensed is not None:
             self.condensed.observe(features, labels, tasks)
-        embeddings = self.embed(features) if self.embed is not None else None
+        stale = self._due_for_refresh()
+        embeddings = None
+        if self.embed is not None:  # arrivals and due items in one pass of the model
+            both = self.embed(np.concatenate([features, self.store.features[stale]]))
+            embeddings, renewed = both[: len(features)], both[len(features) :]
         refresh = np.full(len(labels), SKIP, dtype=np.int64)
         if self.dedup > 0 and embeddings is not None:
             refresh = self._near_duplicates(embeddings, labels)
@@ -141,13 +181,35 @@ class ReplayBuffer:
         for i, slot in zip(fresh.tolist(), chosen, strict=True):
             if slot != SKIP:
                 latest[slot] = i
+        slots = np.fromiter(latest.keys(), np.int64, len(latest))
         if latest:
-            slots = np.fromiter(latest.keys(), np.int64, len(latest))
             rows = np.fromiter(latest.values(), np.int64, len(latest))
             self.store.write(slots, features[rows], labels[rows], tasks[rows])
             if self.index is not None and embeddings is not None:
                 self.index.write(slots, embeddings[rows])
+        if self.index is not None and len(stale):
+            kept = ~np.isin(stale, slots)  # an item overwritten just now has its embedding
+            self.index.write(stale[kept], renewed[kept])
         return len(latest)
+
+    def _due_for_refresh(self) -> np.ndarray:
+        """The next `refresh` stored slots, round-robin (the per-update budget)."""
+        size = self.store.size
+        if not self.refresh or not size or self.index is None:
+            return np.zeros(0, dtype=np.int64)
+        slots = (self.cursor + np.arange(min(self.refresh, size))) % size
+        self.cursor = int((slots[-1] + 1) % size)
+        return slots
+
+    def reembed(self, slots: np.ndarray) -> None:
+        """Recompute the embeddings of stored `slots` with the current `embed`."""
+        if self.index is not None and self.embed is not None and len(slots):
+            self.index.write(slots, self.embed(self.store.features[slots]))
+
+    def consolidate(self) -> None:
+        """At a boundary the model has moved most: re-embed every item (unless refresh is None)."""
+        if self.refresh is not None:
+            self.reembed(np.arange(self.store.size))
 
     def _near_duplicates(self, embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Per row, the slot of a near-duplicate same-class item to refresh, else `SKIP`.
@@ -160,19 +222,30 @@ class ReplayBuffer:
             return out
         scores, slots = self.index.search(embeddings, DEDUP_NEIGHBOURS)
         stored = np.where(slots >= 0, self.store.labels[slots.clip(0)], EMPTY)
-        for i, label in enumerate(labels.tolist()):
-            same = np.flatnonzero(stored[i] == label)
-            if not len(same):
-                continue
-            distance = max(0.0, 1.0 - float(scores[i, same[0]]))
-            typical = self.typical[label]
-            if typical > 0 and distance < self.dedup * typical:
-                out[i] = slots[i, same[0]]
-            self.typical[label] = (
+        same = stored == labels[:, None]
+        nearest = same.argmax(axis=1)  # the nearest same-class neighbour, where one exists
+        rows = np.flatnonzero(same.any(axis=1) & np.isfinite(embeddings).all(axis=1))
+        picked = (rows, nearest[rows])
+        distances = np.maximum(0.0, 1.0 - scores[picked].astype(np.float64))
+        # In arrival order: each row is judged against the running typical distance of
+        # its class so far (a NaN distance, from a non-finite row, would pass any threshold).
+        typical = self.typical.tolist()
+        for i, label, slot, distance in zip(
+            rows.tolist(),
+            labels[rows].tolist(),
+            slots[picked].tolist(),
+            distances.tolist(),
+            strict=True,
+        ):
+            before = typical[label]
+            if before > 0 and distance < self.dedup * before:
+                out[i] = slot
+            typical[label] = (
                 distance
-                if typical == 0
-                else DEDUP_MOMENTUM * typical + (1 - DEDUP_MOMENTUM) * distance
+                if before == 0
+                else DEDUP_MOMENTUM * before + (1 - DEDUP_MOMENTUM) * distance
             )
+        self.typical = np.array(typical)
         self.refreshed += int((out != SKIP).sum())
         return out
 
@@ -182,14 +255,17 @@ class ReplayBuffer:
         generator: torch.Generator,
         near: np.ndarray | None = None,
         near_labels: np.ndarray | None = None,
+        interference: Interference | None = None,
     ) -> Draw:
         """Draw `n` exemplars with replacement by the buffer's retrieval policy.
 
-        near, near_labels: the incoming batch `[B, *shape]` and `[B]`, which the
-        `neighbours` policy draws around; ignored by the others. Empty buffer: empty draw.
+        near, near_labels: the incoming batch `[B, *shape]` and `[B]`, which retrieval
+        policies that `needs_index` draw around; ignored by the others.
+        interference: scores candidates for `interfered` (uniform draws without it).
+        Empty buffer: empty draw.
         """
         queries = None
-        if self.retrieval == "neighbours" and near is not None and self.embed is not None:
+        if self.retrieval.needs_index and near is not None and self.embed is not None:
             queries = self.embed(near)
         size, extra = self.store.size, len(self.condensed) if self.condensed is not None else 0
         from_condensed = 0
@@ -197,15 +273,30 @@ class ReplayBuffer:
             from_condensed = int(
                 (torch.rand(n, generator=generator) * (size + extra) >= size).sum()
             )
-        slots = draw_slots(
-            self.retrieval,
-            n - from_condensed,
-            self.store.labels[:size],
-            generator,
-            self.index,
-            queries,
-            near_labels,
-        )
+        interfered = isinstance(self.retrieval, Interfered) and interference is not None
+        if interfered and interference is not None and queries is not None:
+            # queries exist only with an embed (so an index) and the batch given
+            assert self.index is not None and near is not None and near_labels is not None
+            score = interference(near, near_labels)
+            store = self.store
+            slots = interfered_slots(
+                n - from_condensed,
+                self.index,
+                size,
+                queries,
+                lambda s: score(store.features[s], store.labels[s]),
+                generator,
+            )
+        else:
+            slots = draw_slots(
+                self.retrieval,
+                n - from_condensed,
+                self.store.labels[:size],
+                generator,
+                self.index,
+                queries,
+                near_labels,
+            )
         draw = self.store.read(slots)
         if not from_condensed or self.condensed is None:
             return Draw(*draw)
@@ -246,14 +337,21 @@ class ReplayBuffer:
         return np.bincount(self.store.labels[: self.store.size], minlength=num_classes)
 
     def state_dict(self) -> dict[str, Any]:
-        """Items and selector state; the index is rebuilt from the items, never saved."""
-        return {
+        """Items, selector state and the stored embeddings (NaN rows: not indexed)."""
+        state = {
             "store": self.store.state_dict(),
             "selector": self.selector.state_dict(),
             "typical": torch.from_numpy(self.typical.copy()),
             "refreshed": self.refreshed,
+            "cursor": self.cursor,
             **({"condensed": self.condensed.state_dict()} if self.condensed is not None else {}),
         }
+        if self.index is not None:
+            size = self.store.size
+            rows = np.where(self.index.indexed[:size, None], self.index.embeddings[:size], np.nan)
+            state["embeddings"] = torch.from_numpy(rows.astype(np.float32))
+            state["non_finite"] = self.index.non_finite
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.store.load_state_dict(state["store"])
@@ -261,10 +359,22 @@ class ReplayBuffer:
         if "typical" in state:  # checkpoints from before dedup existed lack it
             self.typical = state["typical"].numpy().copy()
             self.refreshed = int(state["refreshed"])
+        self.cursor = int(state.get("cursor", 0))
         if self.condensed is not None:
             self.condensed.load_state_dict(state["condensed"])
         if self.index is not None and self.embed is not None:
             self.index.clear()
             size = self.store.size
-            if size:
+            saved = state.get("embeddings")
+            if saved is not None and tuple(saved.shape) == (size, self.index.dim):
+                self.index.write(np.arange(size), saved.numpy())
+                self.index.non_finite = int(state["non_finite"])
+            elif size:
+                log.warning(
+                    "memory checkpoint: stored embeddings %s disagree with %d items of dim %d; "
+                    "re-embedding the items",
+                    None if saved is None else tuple(saved.shape),
+                    size,
+                    self.index.dim,
+                )
                 self.index.write(np.arange(size), self.embed(self.store.features[:size]))

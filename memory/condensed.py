@@ -6,7 +6,7 @@ rows plus the current centroids, each centroid weighted by the arrivals it alrea
 stands for (capped at `stage`, so old data never freezes the summary), starting from the
 current centroids. Cost: one k-means of `stage + per_class` points every `stage`
 arrivals of a class, `iterations` passes each: about 1 ms per 100 arrivals at 784
-features (benchmarks/replay_memory.py). Centroids are replayed like raw exemplars: at
+features (benchmarks/memory.py). Centroids are replayed like raw exemplars: at
 a small budget a handful of class means covers a class better than the same number of
 random samples (the issue's "distribution matching", done here by k-means, not by
 learning synthetic images through an embedding network).
@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import torch
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 
 class CondensedSet:

@@ -1,19 +1,22 @@
 """Selectors decide, per arriving exemplar, which slot it overwrites (or that it is skipped).
 
 Both draw from their own seeded `torch.Generator`, saved in `state_dict`, so a
-restored buffer makes the same choices as an uninterrupted one.
+restored buffer makes the same choices as an uninterrupted one. `SELECTORS` holds them by
+name; `package.module:function` names one of yours, called as
+`function(num_classes=..., seed=...)` and returning a `Selector`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from memory.store import ExemplarStore
+from streamcl.ingest.registry import Registry
+from streamcl.memory.store import ExemplarStore
 
-Policy = Literal["reservoir", "class-balanced"]
 SKIP = -1
 
 
@@ -122,3 +125,19 @@ class ClassBalancedSelector:
             self.members.append(slots[start : start + count])
             start += count
         self._gen.set_state(state["generator"])
+
+
+def reservoir(num_classes: int, seed: int) -> Selector:
+    return ReservoirSelector(seed)
+
+
+def class_balanced(num_classes: int, seed: int) -> Selector:
+    return ClassBalancedSelector(num_classes, seed)
+
+
+SELECTORS: Registry[Callable[..., Selector]] = Registry(
+    "memory selector",
+    {"reservoir": reservoir, "class-balanced": class_balanced},
+    required=("slots", "state_dict", "load_state_dict"),
+)
+"""Memory selectors (the memory's `policy`) by name."""

@@ -21,13 +21,8 @@ from typing import Any
 
 import pytest
 
-from deploy.broker import (
-    BrokerError,
-    EmbeddedBroker,
-    MotoServer,
-    find_moto_server,
-    find_tansu_binary,
-)
+from streamcl.deploy.devbroker.tansu import BrokerError, EmbeddedBroker, find_tansu_binary
+from tests.s3 import MotoServer, find_moto_server
 
 # Group joins take ~max(1 s, session_timeout/2) on Tansu; defaults make it ~23 s.
 FAST_GROUP: dict[str, Any] = {

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ingest.datasets import load_digits
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 # One embedded broker for the whole run (fixtures memory_broker, s3_broker).
 pytest_plugins = ["tests.brokers"]

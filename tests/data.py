@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from ingest.datasets import find_fashion_mnist
-from ingest.errors import DataError
+from streamcl.ingest.datasets import find_fashion_mnist
+from streamcl.ingest.errors import DataError
 
 
 def require_fashion_mnist() -> None:

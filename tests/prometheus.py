@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.broker import free_port
+from streamcl.deploy.devbroker.tansu import free_port
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 REPO = Path(__file__).parent.parent

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +14,12 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from deploy.broker import EmbeddedBroker, free_port
-from deploy.config import ServiceConfig
-from deploy.serve import run_service
-from ingest.codec import encode
-from ingest.datasets import load_digits
-from ingest.schema import Sample
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.ingest.codec import encode
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.schema import Sample
 from tests.brokers import FAST_GROUP
 
 
@@ -62,6 +63,15 @@ def learned_offsets(audit_log: Path) -> Counter[tuple[int, int]]:
             continue  # a line cut short by kill -9
         counts.update((p, o) for p, o in entry["learned"])
     return counts
+
+
+def metric(base: str, name: str) -> float:
+    """One sample's value from the service's /metrics page."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -13,19 +13,19 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import DetectorConfig, LearnerConfig
-from deploy.service import Service
-from deploy.session import LearningSession
-from deploy.transfer import publish_stream
-from deploy.wiring import build_learner
-from evaluation.reservoir import ProbeReservoir
-from evaluation.tracker import RECENT_POINTS
-from ingest.codec import encode
-from ingest.errors import ConfigError
-from ingest.kafka import KafkaSettings
-from ingest.schema import NO_TASK, Origin, Sample, StreamSpec
-from learner.tasks import TaskFollower
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import DetectorConfig, LearnerConfig
+from streamcl.deploy.runtime.service import Service
+from streamcl.deploy.runtime.session import LearningSession
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.evaluation.reservoir import ProbeReservoir
+from streamcl.evaluation.tracker import RECENT_POINTS
+from streamcl.ingest.codec import encode
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.ingest.schema import NO_TASK, Origin, Sample, StreamSpec
+from streamcl.learner.tasks import TaskFollower
 from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import service_config
 

@@ -11,9 +11,9 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from deploy import broker as broker_module
-from deploy.broker import BrokerError, EmbeddedBroker, find_tansu_binary
-from ingest.errors import StreamclError
+from streamcl.deploy.devbroker import tansu as broker_module
+from streamcl.deploy.devbroker.tansu import BrokerError, EmbeddedBroker, find_tansu_binary
+from streamcl.ingest.errors import StreamclError
 from tests.brokers import (  # noqa: F401
     FAST_GROUP,
     memory_broker,
@@ -117,7 +117,7 @@ def test_taken_port_is_caught_when_tansu_panics_and_exits_zero(
 ) -> None:
     """Lose the race the pre-check cannot close: Tansu panics on bind yet exits 0."""
     require_broker()
-    monkeypatch.setattr(broker_module, "_port_is_free", lambda host, port: True)
+    monkeypatch.setattr(broker_module, "port_is_free", lambda host, port: True)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()

@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from deploy.config import LearnerConfig
-from deploy.session import LearningSession
-from deploy.wiring import build_learner
-from ingest.datasets import load_digits
-from ingest.schema import Origin, Sample, StreamSpec
-from learner import checkpoint
-from learner.checkpoint import CheckpointError, CheckpointStore, write_snapshot
+from streamcl.deploy.runtime.config import LearnerConfig
+from streamcl.deploy.runtime.session import LearningSession
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.schema import Origin, Sample, StreamSpec
+from streamcl.learner import checkpoint
+from streamcl.learner.checkpoint import CheckpointError, CheckpointStore, write_snapshot
 
 SPEC = StreamSpec((8, 8), "uint8", 10)
 CONFIG = LearnerConfig(strategy="er", memory=50, hidden=(16,), device="cpu")
@@ -71,7 +71,9 @@ def assert_state_equal(a: Any, b: Any, where: str = "state") -> None:
 
 def error_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
-        r for r in caplog.records if r.name == "learner.checkpoint" and r.levelno == logging.ERROR
+        r
+        for r in caplog.records
+        if r.name == "streamcl.learner.checkpoint" and r.levelno == logging.ERROR
     ]
 
 
@@ -177,7 +179,7 @@ def test_unreadable_newest_falls_back_to_the_previous(
     else:
         newest.write_bytes(b"")
 
-    with caplog.at_level(logging.ERROR, logger="learner.checkpoint"):
+    with caplog.at_level(logging.ERROR, logger="streamcl.learner.checkpoint"):
         restored = store.load_latest()
     assert restored is not None
     assert restored.path == tmp_path / numbered(1)
@@ -209,7 +211,7 @@ def test_flipped_tensor_bytes_fail_the_checksum_and_the_previous_is_used(
     tampered = torch.load(damaged, weights_only=True)["state"]["w"]
     assert not torch.equal(tampered, small_state(2)["w"])
 
-    with caplog.at_level(logging.ERROR, logger="learner.checkpoint"):
+    with caplog.at_level(logging.ERROR, logger="streamcl.learner.checkpoint"):
         restored = store.load_latest()
     assert restored is not None
     assert restored.path == tmp_path / numbered(1)
@@ -273,7 +275,7 @@ def test_pickled_objects_are_refused_and_the_previous_checkpoint_used(
     torch.save({"x": Payload(), "w": torch.ones(2)}, hostile)
     assert store.paths()[-1] == hostile
 
-    with caplog.at_level(logging.ERROR, logger="learner.checkpoint"):
+    with caplog.at_level(logging.ERROR, logger="streamcl.learner.checkpoint"):
         restored = store.load_latest()
     assert UNPICKLED == []
     assert restored is not None
@@ -294,7 +296,7 @@ def test_only_a_pickled_checkpoint_raises_checkpoint_error(
     torch.save({"x": Payload()}, tmp_path / numbered(1))
     store = CheckpointStore(tmp_path)
     with (
-        caplog.at_level(logging.ERROR, logger="learner.checkpoint"),
+        caplog.at_level(logging.ERROR, logger="streamcl.learner.checkpoint"),
         pytest.raises(CheckpointError, match=r"none of 1 checkpoints in .+ loads") as raised,
     ):
         store.load_latest()

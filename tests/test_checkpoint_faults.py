@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from deploy.broker import EmbeddedBroker
-from deploy.service import Service
-from deploy.transfer import publish_stream
-from ingest.kafka import KafkaSettings
-from learner.checkpoint import CheckpointStore, read_checkpoint
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.service import Service
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.learner.checkpoint import CheckpointStore, read_checkpoint
 from tests.brokers import unique_topic
 from tests.service_helpers import service_config, wait_until
 from tests.test_service import DIGITS, group_offsets
@@ -79,7 +79,7 @@ def test_a_full_disk_keeps_learning_commits_nothing_new_logs_little_and_recovers
     service = Service(config)
     disk = FullDisk()
     monkeypatch.setattr(torch, "save", disk)
-    caplog.set_level(logging.INFO, logger="deploy")
+    caplog.set_level(logging.INFO, logger="streamcl")
     stop = threading.Event()
     outcome: dict[str, Any] = {}
 
@@ -139,7 +139,7 @@ def test_a_full_disk_keeps_learning_commits_nothing_new_logs_little_and_recovers
 
 def ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """Records of streamcl's packages (kafka-python's own are not under test here)."""
-    return [r for r in caplog.records if r.name.split(".")[0] in ("deploy", "ingest", "learner")]
+    return [r for r in caplog.records if r.name.startswith("streamcl.")]
 
 
 def _sample(service: Service, name: str) -> float:
@@ -173,11 +173,11 @@ def test_start_up_warns_when_the_volume_cannot_hold_keep_plus_one(
     size = CheckpointStore(config.checkpoint.dir).paths()[-1].stat().st_size
     needed = 4 * size - size  # keep 3 + 1, one already held
     usage = shutil.disk_usage(tmp_path)
-    caplog.set_level(logging.WARNING, logger="deploy.service")
+    caplog.set_level(logging.WARNING, logger="streamcl.deploy.runtime.service")
     for free, warned in ((needed - 1, True), (needed, False)):
         caplog.clear()
         monkeypatch.setattr(
-            "deploy.service.shutil.disk_usage",
+            "streamcl.deploy.runtime.service.shutil.disk_usage",
             lambda _path, free=free: usage._replace(free=free),
         )
         Service(config).close()

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from deploy.config import PLAIN_LEARNING, ReplayConfig, validated
-from deploy.replay import run_replay
-from deploy.session import without_timings
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig, validated
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.session import without_timings
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 from tests.data import require_fashion_mnist
 
 SAMPLES_PER_TASK = 10_000
@@ -119,8 +119,7 @@ def test_default_noise_filters_leave_a_clean_shifting_stream_alone(
 def test_er_ewc_resumed_in_a_fresh_process_reports_like_an_uninterrupted_run(
     fmnist_streams: dict[str, Path], tmp_path: Path
 ) -> None:
-    # threads=1: the command line's default, so the resumed run's settings match.
-    settings = {"stream": fmnist_streams["permuted"], "strategy": "er+ewc", "threads": 1}
+    settings = {"stream": fmnist_streams["permuted"], "strategy": "er+ewc"}
     straight = run_replay(validated(ReplayConfig, settings), progress=False)
     checkpoint = tmp_path / "er-ewc.pt"
     stop = 23_457  # task 2, mid-batch: the pending samples travel in the checkpoint
@@ -132,7 +131,15 @@ def test_er_ewc_resumed_in_a_fresh_process_reports_like_an_uninterrupted_run(
     report = tmp_path / "resumed.json"
     flags = ["--strategy", "er+ewc", "--resume", str(checkpoint), "--report", str(report)]
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "replay", "--stream", str(settings["stream"]), *flags],
+        [
+            sys.executable,
+            "-m",
+            "streamcl.deploy.cli",
+            "replay",
+            "--stream",
+            str(settings["stream"]),
+            *flags,
+        ],
         capture_output=True,
         text=True,
         check=False,

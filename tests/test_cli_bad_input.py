@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from deploy.cli import cli
-from ingest import heldout as heldout_io
-from ingest.errors import ConfigError, DataError
-from ingest.recorded import StreamReader, StreamWriter
-from learner.checkpoint import CheckpointError, write_checkpoint
+from streamcl.deploy.cli.main import cli
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.errors import ConfigError, DataError
+from streamcl.ingest.recorded import StreamReader, StreamWriter
+from streamcl.learner.checkpoint import CheckpointError, write_checkpoint
 from tests.test_replay import write_damaged_stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real entry point in a subprocess: exit code and stderr as a user sees them."""
     return subprocess.run(
-        [sys.executable, "-c", "from deploy.cli import main; main()", *args],
+        [sys.executable, "-c", "from streamcl.deploy.cli.main import main; main()", *args],
         capture_output=True,
         text=True,
         check=False,

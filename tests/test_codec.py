@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ingest.codec import REJECT_REASONS, decode, decode_many, encode, encode_json
-from ingest.schema import NO_TASK, Batch, Origin, Rejected, Sample, StreamSpec
+from streamcl.ingest.codec import REJECT_REASONS, decode, decode_many, encode, encode_json
+from streamcl.ingest.schema import NO_TASK, Batch, Origin, Rejected, Sample, StreamSpec
 
 U8 = StreamSpec((2, 3), "uint8", 10)
 F32 = StreamSpec((4,), "float32", 5)

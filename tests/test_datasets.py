@@ -8,9 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest import datasets
-from ingest.datasets import find_fashion_mnist, load, load_digits, load_fashion_mnist, read_idx
-from ingest.errors import DataError
+from streamcl.ingest import datasets
+from streamcl.ingest.datasets import (
+    find_fashion_mnist,
+    load,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+)
+from streamcl.ingest.errors import DataError
 
 STEMS = {
     "train_x": "train-images-idx3-ubyte",

@@ -4,8 +4,9 @@ There is no Docker engine or cluster in CI, so these files are validated by read
 them: they parse, every path and name they reference exists, the ports, probes and
 mount paths agree with each other and with the service config (which must validate as
 `streamcl serve` would load it), and every metric the dashboard and the alerts use is
-one `deploy.metrics.ServiceMetrics` exports. promtool checks and unit-tests the rules;
-without it those tests skip, unless STREAMCL_REQUIRE_PROMETHEUS=1 makes that a failure.
+one `streamcl.deploy.runtime.metrics.ServiceMetrics` exports. promtool checks and
+unit-tests the rules; without it those tests skip, unless STREAMCL_REQUIRE_PROMETHEUS=1
+makes that a failure.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from deploy.config import ServiceConfig
-from deploy.kafka_cli import service_config
-from deploy.metrics import ServiceMetrics
+from streamcl.deploy.cli.kafka import service_config
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.metrics import ServiceMetrics
 from tests.prometheus import DASHBOARD, alert_rules, dashboard_exprs, render_grafana_expr
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.config import LearnerConfig, ReplayConfig, validated
-from deploy.replay import run_replay
-from deploy.session import LearningSession
-from deploy.wiring import build_learner
-from ingest import heldout as heldout_io
-from ingest.codec import decode
-from ingest.datasets import load_digits
-from ingest.errors import ConfigError
-from ingest.recorded import StreamReader
-from ingest.scenarios import ScenarioConfig, build, write
-from ingest.schema import Batch, Sample
-from learner.loop import LearnResult
+from streamcl.deploy.runtime.config import LearnerConfig, ReplayConfig, validated
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.session import LearningSession
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.recorded import StreamReader
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
+from streamcl.ingest.schema import Batch, Sample
+from streamcl.learner.loop import LearnResult
 
 # Small enough for digits (1,348 training samples): the filters judge from sample ~200 on.
 DIGITS = {

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import ServiceConfig
-from deploy.distributed import rank_config, rank_path, share
-from deploy.serve import run_service
-from ingest.errors import ConfigError
-from ingest.recorded import Frame, StreamReader
-from learner.checkpoint import CheckpointStore
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.distributed import rank_config, rank_path, share
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.learner.checkpoint import CheckpointStore
 from tests.brokers import FAST_GROUP, unique_topic
 from tests.service_helpers import (
     PLAIN_LEARNER,
@@ -83,17 +83,30 @@ def group_offsets(broker: EmbeddedBroker, group: str) -> dict[int, int]:
         admin.close()
 
 
+def rank_env() -> dict[str, str]:
+    """The ranks import the code under test: the caller's PYTHONPATH (a worktree's view) first."""
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(config: ServiceConfig, workdir: Path, ranks: int) -> list[dict[str, Any]]:
     """`streamcl serve` under torchrun; every rank's report."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "service.json"
     path.write_text(json.dumps(config.model_dump(mode="json")))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # One elastic restart, as in production: should a group's join stall (every rank without
-    # partitions; seen in ~1 of 4 resumes while every rank read the group's offsets, none
-    # since rank 0 alone does), the ranks fail to settle and torchrun restarts the group.
+    env = rank_env()
+    # One elastic restart, as in production. It does not cure the stall still seen in 3 of 6
+    # loaded runs of the 2 -> 1 resume (every rank without partitions for 120 s): Tansu 0.6.0
+    # keeps a group's departed leader after its members leave, and SyncGroup never completes.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1"]
-    command += [f"--nproc-per-node={ranks}", "-m", "deploy.cli", "serve", "--config", str(path)]
+    command += [
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "streamcl.deploy.cli",
+        "serve",
+        "--config",
+        str(path),
+    ]
     log_path = workdir / f"torchrun-{len(list(workdir.glob('torchrun-*.log')))}.log"
     with log_path.open("w") as log_file:
         done = subprocess.run(command, env=env, stdout=log_file, stderr=log_file, timeout=150)
@@ -188,11 +201,11 @@ def test_a_rank_killed_mid_stream_restarts_the_group_from_the_last_checkpoint(
     )
     path = tmp_path / "service.json"
     path.write_text(json.dumps(config.model_dump(mode="json")))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = rank_env()
     # Two restarts: the kill uses one; a restarted group's gloo mesh now and then fails to
     # connect on this loaded machine (it then restarts once more).
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=2"]
-    command += ["--nproc-per-node=2", "-m", "deploy.cli", "serve", "--config", str(path)]
+    command += ["--nproc-per-node=2", "-m", "streamcl.deploy.cli", "serve", "--config", str(path)]
     log_file = (tmp_path / "torchrun.log").open("w")
     launcher = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file, text=True)
     try:
@@ -223,19 +236,23 @@ def test_resume_with_another_rank_count_two_to_one_to_two(
     topic = unique_topic("scalecount")
     memory_broker.create_topic(topic, partitions=PARTITIONS)
     payloads = digits_payloads(digits_stream)
-    config = service_config(
-        memory_broker,
-        topic,
-        tmp_path,
-        until_idle=1.5,
-        kafka={"group_id": f"count-{topic}", **INTERLEAVED},
-        http=ANY_PORTS,
-        learner={"memory": 200, **PLAIN_LEARNER},
-        report=str(tmp_path / "report.json"),
-    )
     thirds = [0, DIGITS // 3, 2 * DIGITS // 3, DIGITS]
     memory_items = []
     for part, ranks in enumerate((2, 1, 2)):
+        # A group per run: after every member of a group has left, Tansu (0.5) can keep
+        # answering JoinGroup with the departed leader, and SyncGroup then fails with
+        # REBALANCE_IN_PROGRESS for good (reproduced with plain kafka-python consumers in
+        # 6 of 8 trials). Resuming does not need the group: offsets come from the checkpoint.
+        config = service_config(
+            memory_broker,
+            topic,
+            tmp_path,
+            until_idle=1.5,
+            kafka={"group_id": f"count-{topic}-{part}", **INTERLEAVED},
+            http=ANY_PORTS,
+            learner={"memory": 200, **PLAIN_LEARNER},
+            report=str(tmp_path / "report.json"),
+        )
         publish_round_robin(
             memory_broker, topic, payloads[thirds[part] : thirds[part + 1]], first=thirds[part]
         )
@@ -246,6 +263,6 @@ def test_resume_with_another_rank_count_two_to_one_to_two(
     learned += learned_offsets(tmp_path / "audit.rank1.jsonl")
     assert sum(learned.values()) == DIGITS and set(learned.values()) == {1}
     ends = {p: len(range(p, DIGITS, PARTITIONS)) for p in range(PARTITIONS)}
-    assert group_offsets(memory_broker, f"count-{topic}") == ends
+    assert group_offsets(memory_broker, f"count-{topic}-2") == ends
     # The global memory budget (200) is full after each run: pooled and dealt, never lost.
     assert memory_items == [200, 200, 200]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from deploy.config import ReplayConfig
-from deploy.replay import run_replay
-from deploy.session import without_timings
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.session import without_timings
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 from tests.data import require_fashion_mnist
 
 

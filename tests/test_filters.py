@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from ingest.errors import ConfigError
-from ingest.schema import Batch
-from learner.filters import (
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import Batch
+from streamcl.learner.filters import (
     ABSTAIN,
     FLAG,
     PASS,
@@ -24,9 +24,9 @@ from learner.filters import (
     input_embedding,
     mixture_threshold,
 )
-from learner.losses import TrainingLoss
-from learner.quarantine import Quarantine
-from memory.buffer import ReplayBuffer
+from streamcl.learner.losses import TrainingLoss
+from streamcl.learner.quarantine import Quarantine
+from streamcl.memory.buffer import ReplayBuffer
 
 
 def unit(rows: list[list[float]]) -> torch.Tensor:

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import HttpConfig
-from deploy.http import ServiceHttp
-from deploy.service import Service
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import HttpConfig
+from streamcl.deploy.runtime.http import ServiceHttp
+from streamcl.deploy.runtime.service import Service
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import service_config, wait_until
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from deploy.cli import cli
-from ingest import heldout as heldout_io
-from ingest.codec import decode
-from ingest.errors import DataError
-from ingest.exporters import experience_ids, export_npz
-from ingest.importers import from_npz
-from ingest.recorded import StreamReader
-from ingest.schema import NO_TASK, Sample
+from streamcl.deploy.cli.main import cli
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode
+from streamcl.ingest.errors import DataError
+from streamcl.ingest.exporters import experience_ids, export_npz
+from streamcl.ingest.importers import from_npz
+from streamcl.ingest.recorded import StreamReader
+from streamcl.ingest.schema import NO_TASK, Sample
 
 
 def arrays(n: int = 40, m: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
@@ -71,7 +71,7 @@ def test_float_features_without_tasks_or_heldout(tmp_path: Path) -> None:
     stale.write_bytes(b"old")
     built = from_npz(save(tmp_path, features=feats, labels=np.arange(30) % 3))
     assert built.spec.dtype == "float32" and built.spec.num_classes == 3
-    from ingest.importers import write
+    from streamcl.ingest.importers import write
 
     assert write(built, out) is None
     assert not stale.exists()
@@ -242,9 +242,9 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def test_export_counts_what_it_skips_and_windows_task_free_streams(tmp_path: Path) -> None:
-    from ingest.codec import encode
-    from ingest.recorded import StreamWriter
-    from ingest.schema import StreamSpec
+    from streamcl.ingest.codec import encode
+    from streamcl.ingest.recorded import StreamWriter
+    from streamcl.ingest.schema import StreamSpec
 
     spec = StreamSpec((3,), "float32", 2)
     path = tmp_path / "rec.scs"
@@ -273,7 +273,7 @@ def _run_cli(args: list[str]):  # type: ignore[no-untyped-def]
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(
-        [sys.executable, "-m", "deploy.cli", *args],
+        [sys.executable, "-m", "streamcl.deploy.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -302,8 +302,8 @@ def test_import_and_export_explain_themselves_with_env_twins() -> None:
 
 
 def test_a_source_that_is_neither_npz_nor_a_benchmark_is_named(tmp_path: Path) -> None:
-    from ingest.avalanche import resolve
-    from ingest.errors import ConfigError
+    from streamcl.ingest.avalanche import resolve
+    from streamcl.ingest.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"must be a \.npz file, 'avalanche:NAME' or"):
         resolve(str(tmp_path / "data.csv"), {})

@@ -13,12 +13,12 @@ from kafka.errors import CorruptRecordError, UnsupportedCodecError
 from kafka.record.default_records import DefaultRecordBatch
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
-from deploy.broker import EmbeddedBroker
-from deploy.serve import run_service
-from ingest.codec import encode_json
-from ingest.datasets import load_digits
-from ingest.kafka import UNREADABLE, UnreadableBatchError
-from ingest.schema import Sample
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.ingest.codec import encode_json
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.kafka import UNREADABLE, UnreadableBatchError
+from streamcl.ingest.schema import Sample
 from tests import wire_spec_producer
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import (
@@ -28,6 +28,7 @@ from tests.service_helpers import (
     ServiceThread,
     digit_payloads,
     learned_offsets,
+    metric,
     produce,
     read_topic_records,
     service_config,
@@ -107,17 +108,6 @@ def unreadable_topic(
 
     monkeypatch.setattr(DefaultRecordBatch, "_maybe_uncompress", missing_codec)
     return topic
-
-
-def metric(base: str, name: str) -> float:
-    """One sample's value from the service's /metrics page."""
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-    raise AssertionError(f"{name} not exported")
 
 
 @pytest.mark.parametrize(

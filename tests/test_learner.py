@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.config import LearnerConfig
-from deploy.wiring import build_learner
-from ingest.errors import ConfigError
-from ingest.schema import Batch, StreamSpec
-from learner.models import build_model
+from streamcl.deploy.runtime.config import LearnerConfig
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import Batch, StreamSpec
+from streamcl.learner.models import build_model
 
 SPEC = StreamSpec((8, 8), "uint8", 10)
 STRATEGIES = ["naive", "er"]

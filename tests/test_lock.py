@@ -5,9 +5,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from deploy.broker import EmbeddedBroker
-from deploy.transfer import publish_stream
-from ingest.kafka import KafkaSettings
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.kafka import KafkaSettings
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import service_config, wait_until
 from tests.test_recovery import start_service

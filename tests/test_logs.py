@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from deploy.logs import JsonFormatter, configure_logging, fields
+from streamcl.deploy.cli.logs import JsonFormatter, configure_logging, fields
 
 
 def test_single_token_fields_are_lifted_and_typed() -> None:
@@ -21,10 +21,16 @@ def test_single_token_fields_are_lifted_and_typed() -> None:
 
 def test_a_record_is_one_json_object_and_fields_never_replace_the_core_keys() -> None:
     record = logging.LogRecord(
-        "deploy.service", logging.INFO, __file__, 1, "x level=9 learned=%d", (12,), None
+        "streamcl.deploy.runtime.service",
+        logging.INFO,
+        __file__,
+        1,
+        "x level=9 learned=%d",
+        (12,),
+        None,
     )
     doc = json.loads(JsonFormatter().format(record))
-    assert doc["level"] == "INFO" and doc["logger"] == "deploy.service"
+    assert doc["level"] == "INFO" and doc["logger"] == "streamcl.deploy.runtime.service"
     assert doc["message"] == "x level=9 learned=12"
     assert doc["learned"] == 12
     assert doc["time"].endswith("+00:00")

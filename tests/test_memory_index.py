@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from ingest.errors import ConfigError
-from learner.filters import input_embedding
-from memory.buffer import ReplayBuffer
-from memory.index import EmbeddingIndex, gpu_available
-from memory.retrieval import draw_slots
+from streamcl.deploy.runtime.config import LearnerConfig, ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import Batch, StreamSpec
+from streamcl.learner.features import penultimate_embedding
+from streamcl.learner.filters import input_embedding
+from streamcl.learner.interference import virtual_update
+from streamcl.learner.loop import OnlineLearner
+from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.index import EmbeddingIndex, gpu_available
+from streamcl.memory.retrieval import ClassBalanced, Uniform, draw_slots
 
 
 def indexed(capacity: int = 50, dim: int = 6, **kwargs: object) -> ReplayBuffer:
@@ -138,10 +148,10 @@ def test_dedup_refreshes_near_duplicates_instead_of_filling_the_memory() -> None
 
 def test_class_balanced_retrieval_evens_out_an_imbalanced_memory() -> None:
     labels = np.array([0] * 90 + [1] * 10)
-    slots = draw_slots("class-balanced", 2000, labels, torch.Generator().manual_seed(0))
+    slots = draw_slots(ClassBalanced(), 2000, labels, torch.Generator().manual_seed(0))
     share = (labels[slots.numpy()] == 1).mean()
     assert 0.45 < share < 0.55  # binomial sd at n=2000 is 0.011
-    uniform = draw_slots("uniform", 2000, labels, torch.Generator().manual_seed(0))
+    uniform = draw_slots(Uniform(), 2000, labels, torch.Generator().manual_seed(0))
     assert (labels[uniform.numpy()] == 1).mean() < 0.15
 
 
@@ -167,6 +177,8 @@ def test_indexed_options_need_an_embedding_and_sane_values() -> None:
         indexed(10, dedup=1.5)
     with pytest.raises(ConfigError, match="retrieval must be uniform"):
         indexed(10, retrieval="mir")
+    with pytest.raises(ConfigError, match="need an embedding"):
+        ReplayBuffer(10, (2,), retrieval="interfered")
     with pytest.raises(ConfigError, match="no embedding index"):
         ReplayBuffer(10, (2,)).search(np.zeros((1, 2), np.float32), 1)
 
@@ -278,3 +290,100 @@ def test_gpu_index_answers_like_the_cpu_index() -> None:
             index.write(slots, rows)
         queries = rng.normal(size=(4, 8)).astype(np.float32)
         np.testing.assert_array_equal(cpu.search(queries, 6)[1], gpu.search(queries, 6)[1])
+
+
+def digits_learner(**settings: object) -> tuple[OnlineLearner, Batch]:
+    """An ER learner on 8x8 digits whose memory indexes penultimate features (the default)."""
+    spec = StreamSpec((8, 8), "uint8", 10)
+    config = LearnerConfig(predict_head="knn", memory=60, hidden=(32,), threads=1, **settings)  # type: ignore[arg-type]
+    data = load_digits()
+    ids = np.arange(200, dtype=np.int64)
+    batch = Batch(data.train_x[:200], data.train_y[:200], ids * 0, ids, ids * 0)
+    return build_learner(config, spec), batch
+
+
+def test_penultimate_embedding_is_the_classifiers_unit_input_and_keeps_the_mode() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    model.train()
+    embed = penultimate_embedding(model, "uint8", torch.device("cpu"))
+    features = np.random.default_rng(0).integers(0, 255, size=(5, 8, 8)).astype(np.uint8)
+    rows = embed(features)
+    trunk = model[:3](torch.from_numpy(features).float() / 255.0)
+    expected = (trunk / trunk.norm(dim=1, keepdim=True)).detach().numpy()
+    np.testing.assert_allclose(rows, expected, atol=1e-6)
+    assert model.training and rows.shape == (5, 16)
+    with pytest.raises(ConfigError, match=r"needs a model whose classifier is an nn\.Linear"):
+        penultimate_embedding(nn.Sequential(nn.Flatten()), "uint8", torch.device("cpu"))
+
+
+def test_penultimate_embeddings_go_stale_and_a_boundary_refreshes_every_item() -> None:
+    learner, batch = digits_learner(memory_refresh=0)  # no per-update budget: only boundaries
+    memory = learner.memory
+    assert memory is not None and memory.index is not None and memory.embed is not None
+    assert memory.index.dim == 32  # the hidden layer, not the pooled input
+    for start in range(0, 200, 10):
+        rows = slice(start, start + 10)
+        parts = (batch.features, batch.labels, batch.tasks, batch.sample_ids, batch.tasks)
+        learner.learn(Batch(*(a[rows] for a in parts)))
+    size = memory.store.size
+    fresh = memory.embed(memory.store.features[:size])
+    assert np.abs(memory.index.embeddings[:size] - fresh).max() > 1e-3  # stale
+    learner._boundary("task", 1, learner.samples)
+    np.testing.assert_allclose(memory.index.embeddings[:size], fresh, atol=1e-6)
+
+
+def test_checkpoint_restores_embeddings_and_rebuilds_ones_that_disagree(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    learner, batch = digits_learner(memory_retrieval="neighbours")
+    learner.learn(batch)
+    memory = learner.memory
+    assert memory is not None and memory.index is not None
+    state = memory.state_dict()
+    twin, _ = digits_learner(memory_retrieval="neighbours")
+    twin.model.load_state_dict(learner.model.state_dict())
+    assert twin.memory is not None and twin.memory.index is not None
+    twin.memory.load_state_dict(state)
+    np.testing.assert_array_equal(twin.memory.index.embeddings, memory.index.embeddings)
+    near, near_labels = batch.features[:10], batch.labels[:10]
+    draws = [
+        m.sample(20, torch.Generator().manual_seed(1), near=near, near_labels=near_labels)
+        for m in (memory, twin.memory)
+    ]
+    assert torch.equal(draws[0].features, draws[1].features)
+    state["embeddings"] = state["embeddings"][:-1]  # one row short: disagrees with the items
+    with caplog.at_level("WARNING"):
+        twin.memory.load_state_dict(state)
+    assert "re-embedding the items" in caplog.text
+    size = memory.store.size
+    np.testing.assert_allclose(
+        twin.memory.index.embeddings[:size], memory.embed(memory.store.features[:size]), atol=1e-6
+    )
+
+
+def test_replay_report_says_what_the_memory_holds(digits_stream: Path) -> None:
+    config = ReplayConfig(stream=digits_stream, threads=1, memory=200, predict_head="knn")
+    memory = run_replay(config, progress=False)["memory"]
+    assert memory["backend"] == "faiss-cpu-flat"
+    assert memory["items"] == memory["indexed_items"] == 200
+    assert memory["bytes"]["embeddings"] == 200 * 256 * 4  # MLP-256's penultimate features
+    assert memory["bytes"]["features"] == 200 * (64 + 16) and memory["bytes"]["condensed"] == 0
+
+
+def test_virtual_update_raises_the_loss_of_other_labels_and_lowers_its_own() -> None:
+    """A step on a batch labelled 0 makes the same inputs more likely 0: their loss under
+    label 0 falls and under label 1 rises; interfered retrieval replays the latter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    scorer = virtual_update(model, 0.5, "float32", torch.device("cpu"))
+    batch = rows(8)
+    score = scorer(batch, np.zeros(8, np.int64))
+    assert (score(batch, np.zeros(8, np.int64)) < 0).all()
+    assert (score(batch, np.ones(8, np.int64)) > 0).all()
+    buffer = indexed(16, retrieval="interfered")
+    buffer.add(np.concatenate([batch, batch]), np.repeat([0, 1], 8), np.zeros(16, np.int64))
+    draw = buffer.sample(
+        8, torch.Generator(), near=batch, near_labels=np.zeros(8, np.int64), interference=scorer
+    )
+    # Half the draws are the most interfered: the label-1 copies the step would hurt.
+    assert (draw.labels[:4] == 1).all()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation import metrics
-from evaluation.probes import evaluate
-from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+from streamcl.evaluation import metrics
+from streamcl.evaluation.probes import evaluate
+from streamcl.evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
 
 # Three tasks learned in order; row i is measured right after task i.
 R = np.array(

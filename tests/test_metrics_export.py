@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.cli import cli
-from deploy.metrics import OUTCOMES, ServiceMetrics
+from streamcl.deploy.cli.main import cli
+from streamcl.deploy.runtime.metrics import OUTCOMES, ServiceMetrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -59,6 +59,11 @@ def test_replay_writes_final_metrics_in_text_format(digits_stream: Path, tmp_pat
     assert values[("streamcl_group_accuracy_ratio", (("group", "4"),))] == pytest.approx(
         report["accuracy_matrix"][-1][4]
     )
+    memory = report["memory"]  # the default memory has no index: nothing queries it
+    assert values[("streamcl_memory_index_info", (("backend", "none"),))] == 1
+    assert memory["bytes"]["features"] > 0 and memory["bytes"]["index"] == 0
+    for part, size in memory["bytes"].items():
+        assert values[("streamcl_memory_part_bytes", (("part", part),))] == size
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")

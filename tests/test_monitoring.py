@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.broker import EmbeddedBroker
-from deploy.transfer import publish_stream
-from ingest.codec import encode
-from ingest.kafka import KafkaSettings, Publisher
-from ingest.schema import Sample
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.codec import encode
+from streamcl.ingest.kafka import KafkaSettings, Publisher
+from streamcl.ingest.schema import Sample
 from tests.brokers import unique_topic
 from tests.prometheus import (
     ALERTS,

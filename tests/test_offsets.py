@@ -14,21 +14,21 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import ResumeConfig, ServiceConfig
-from deploy.resume import plan_resume
-from deploy.service import Service, kafka_settings
-from deploy.session import summary_lines
-from ingest.codec import encode
-from ingest.kafka import KafkaSettings, KafkaSource, Publisher
-from ingest.offsets import (
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import ResumeConfig, ServiceConfig
+from streamcl.deploy.runtime.resume import plan_resume
+from streamcl.deploy.runtime.service import Service, kafka_settings
+from streamcl.deploy.runtime.session import summary_lines
+from streamcl.ingest.codec import encode
+from streamcl.ingest.kafka import KafkaSettings, KafkaSource, Publisher
+from streamcl.ingest.offsets import (
     LogBounds,
     OffsetOutOfRangeError,
     TopicState,
     apply_policy,
     read_topic_state,
 )
-from ingest.schema import Sample, StreamSpec
+from streamcl.ingest.schema import Sample, StreamSpec
 from tests.brokers import FAST_GROUP, unique_topic
 from tests.service_helpers import service_config
 from tests.test_service_startup import streamcl
@@ -169,7 +169,7 @@ def test_past_the_end_with_policy_earliest_learns_the_new_topic_logged_and_count
         memory_broker, topic, tmp_path, until_idle=1.0, resume={"out_of_range": "earliest"}
     )
     write_checkpoint(config, 5000)
-    caplog.set_level(logging.WARNING, logger="deploy.resume")
+    caplog.set_level(logging.WARNING, logger="streamcl.deploy.runtime.resume")
     report, service = serve(config)
 
     assert report["samples_seen"] == MESSAGES  # nothing skipped
@@ -240,7 +240,7 @@ def test_a_checkpoint_the_group_disagrees_with_wins_and_both_are_logged(
     topic = new_topic(memory_broker, "disagree")
     config = service_config(memory_broker, topic, tmp_path)
     commit(memory_broker, config, 80)
-    caplog.set_level(logging.INFO, logger="deploy.resume")
+    caplog.set_level(logging.INFO, logger="streamcl.deploy.runtime.resume")
     offsets, resets = plan(config, 50)
     assert offsets == {(topic, 0): 50} and resets == []
     (record,) = [r for r in caplog.records if "disagree" in r.getMessage()]
@@ -269,7 +269,7 @@ def test_without_a_checkpoint_the_groups_commits_are_an_explicit_decision(
     topic = new_topic(memory_broker, "nockpt")
     config = service_config(memory_broker, topic, tmp_path, resume={"without_checkpoint": policy})
     commit(memory_broker, config, 60)
-    caplog.set_level(logging.INFO, logger="deploy.resume")
+    caplog.set_level(logging.INFO, logger="streamcl.deploy.runtime.resume")
     offsets, _ = plan(config, None)
     assert offsets == {(topic, 0): expected}
     (record,) = [r for r in caplog.records if "no checkpoint" in r.getMessage()]
@@ -311,7 +311,7 @@ def test_a_live_position_past_the_end_is_exported_warned_once_and_counted(
     service = Service(service_config(memory_broker, unique_topic("live"), tmp_path))
     try:
         monkeypatch.setattr(service.source, "lag", lambda: {0: -400, 1: 7})
-        caplog.set_level(logging.WARNING, logger="deploy.service")
+        caplog.set_level(logging.WARNING, logger="streamcl.deploy.runtime.service")
         for _ in range(3):
             service._export_lag()
         registry = service.metrics.registry

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from deploy.broker import free_port
-from deploy.metrics import ServiceMetrics
+from streamcl.deploy.devbroker.tansu import free_port
+from streamcl.deploy.runtime.metrics import ServiceMetrics
 from tests.prometheus import (
     ALERTS,
     PrometheusError,

@@ -7,12 +7,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from deploy.broker import EmbeddedBroker, free_port
-from deploy.config import LearnerConfig
-from deploy.demo import run_demo
-from ingest.codec import decode
-from ingest.kafka import QUARANTINE_SUFFIX
-from ingest.schema import Sample, StreamSpec
+from streamcl.deploy.cli.demo import run_demo
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
+from streamcl.deploy.runtime.config import LearnerConfig
+from streamcl.ingest.codec import decode
+from streamcl.ingest.kafka import QUARANTINE_SUFFIX
+from streamcl.ingest.schema import Sample, StreamSpec
 from tests.brokers import unique_topic
 from tests.prometheus import ALERTS, PrometheusServer, require_prometheus
 from tests.service_helpers import read_topic_records, wait_until

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 
-from deploy.broker import EmbeddedBroker
-from deploy.service import Service
-from ingest.kafka import ASSIGNORS
-from ingest.schema import Batch
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.service import Service
+from streamcl.ingest.kafka import ASSIGNORS
+from streamcl.ingest.schema import Batch
 from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import ServiceThread, learned_offsets, service_config, wait_until
 from tests.test_recovery import publish_in_background
@@ -61,7 +61,7 @@ def test_members_joining_and_leaving_twice_neither_stop_nor_skip(
     caplog: pytest.LogCaptureFixture,
     rebalance: str,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ingest.kafka")
+    caplog.set_level(logging.INFO, logger="streamcl.ingest.kafka")
     topic = unique_topic("rebal")
     memory_broker.create_topic(topic, partitions=PARTITIONS)
     every_updates, batch = 20, 10

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest.codec import decode, encode
-from ingest.errors import DataError
-from ingest.recorded import CorruptFrame, Frame, StreamReader, StreamWriter
-from ingest.schema import Sample, StreamSpec
+from streamcl.ingest.codec import decode, encode
+from streamcl.ingest.errors import DataError
+from streamcl.ingest.recorded import CorruptFrame, Frame, StreamReader, StreamWriter
+from streamcl.ingest.schema import Sample, StreamSpec
 
 SPEC = StreamSpec((4,), "uint8", 3)
 META = {"dataset": "unit", "note": "hand-made"}

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import ServiceConfig
-from deploy.transfer import publish_stream
-from ingest.datasets import load_digits
-from ingest.kafka import KafkaSettings
-from ingest.scenarios import ScenarioConfig, build, write
-from learner.checkpoint import CheckpointStore
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
+from streamcl.learner.checkpoint import CheckpointStore
 from tests.brokers import unique_topic
 from tests.service_helpers import learned_offsets, service_config, wait_until
 from tests.test_service import group_offsets
@@ -43,7 +43,7 @@ def start_service(config: ServiceConfig, workdir: Path, *extra: str) -> subproce
         [
             sys.executable,
             "-m",
-            "deploy.cli",
+            "streamcl.deploy.cli",
             "--log-level",
             "INFO",
             "serve",

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from deploy.cli import cli
-from deploy.session import without_timings
-from ingest.codec import encode, encode_json
-from ingest.recorded import Frame, StreamReader, StreamWriter
-from ingest.schema import Sample
+from streamcl.deploy.cli.main import cli
+from streamcl.deploy.runtime.session import without_timings
+from streamcl.ingest.codec import encode, encode_json
+from streamcl.ingest.recorded import Frame, StreamReader, StreamWriter
+from streamcl.ingest.schema import Sample
 
 REQUIRED_KEYS = {
     "final_average_accuracy",
@@ -169,7 +169,7 @@ def test_not_a_stream_file_exits_2_with_reason(tmp_path: Path) -> None:
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"hello world, not a stream")
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "replay", "--stream", str(junk)],
+        [sys.executable, "-m", "streamcl.deploy.cli", "replay", "--stream", str(junk)],
         capture_output=True,
         text=True,
         check=False,

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from deploy.retry import Backoff
+from streamcl.deploy.runtime.retry import Backoff
 
 
 class Clock:

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest import heldout
-from ingest.codec import decode
-from ingest.datasets import LabelledData, load_digits
-from ingest.errors import ConfigError
-from ingest.recorded import Frame, StreamReader
-from ingest.scenarios import (
+from streamcl.ingest import heldout
+from streamcl.ingest.codec import decode
+from streamcl.ingest.datasets import LabelledData, load_digits
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.ingest.scenarios import (
     EVENT_TIME_BASE_MS,
     BuiltStream,
     ScenarioConfig,
@@ -22,7 +22,7 @@ from ingest.scenarios import (
     long_tail_indices,
     write,
 )
-from ingest.schema import Sample, StreamSpec
+from streamcl.ingest.schema import Sample, StreamSpec
 
 
 @pytest.fixture(scope="module")

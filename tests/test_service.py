@@ -14,15 +14,15 @@ from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient
 from safetensors.torch import load_file
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import ReplayConfig
-from deploy.replay import run_replay
-from deploy.serve import run_service
-from deploy.transfer import publish_stream, record_topic
-from ingest.codec import encode, encode_json
-from ingest.kafka import KafkaSettings, Publisher
-from ingest.recorded import Frame, StreamReader
-from ingest.schema import Sample
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.deploy.runtime.transfer import publish_stream, record_topic
+from streamcl.ingest.codec import encode, encode_json
+from streamcl.ingest.kafka import KafkaSettings, Publisher
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.ingest.schema import Sample
 from tests.brokers import unique_topic
 from tests.service_helpers import ServiceThread, learned_offsets, service_config, wait_until
 
@@ -271,7 +271,7 @@ def test_broker_restart_loses_nothing(
 
 
 def test_the_example_service_config_is_valid_and_documents_every_setting() -> None:
-    from deploy.config import ServiceConfig, read_config_file
+    from streamcl.deploy.runtime.config import ServiceConfig, read_config_file
 
     example = Path(__file__).parent.parent / "deploy" / "service.example.yaml"
     config = ServiceConfig.model_validate(read_config_file(example))

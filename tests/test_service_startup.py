@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.broker import EmbeddedBroker, free_port
-from deploy.serve import run_service
-from deploy.service import Service
-from deploy.transfer import publish_stream
-from ingest.errors import ConfigError
-from ingest.kafka import KafkaSettings
-from learner.checkpoint import CheckpointError
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.deploy.runtime.service import Service
+from streamcl.deploy.runtime.transfer import publish_stream
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.learner.checkpoint import CheckpointError
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import service_config
 
@@ -31,7 +31,7 @@ def streamcl(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[st
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-c", "from deploy.cli import main; main()", *args],
+        [sys.executable, "-c", "from streamcl.deploy.cli.main import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

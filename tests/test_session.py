@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.config import LearnerConfig
-from deploy.session import LearningSession
-from deploy.wiring import build_learner
-from ingest import heldout as heldout_io
-from ingest.codec import decode
-from ingest.heldout import HeldOut
-from ingest.recorded import Frame, StreamReader
-from ingest.schema import Batch, Origin, Rejected, Sample, StreamSpec
-from learner.loop import OnlineLearner
+from streamcl.deploy.runtime.config import LearnerConfig
+from streamcl.deploy.runtime.session import LearningSession
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode
+from streamcl.ingest.heldout import HeldOut
+from streamcl.ingest.recorded import Frame, StreamReader
+from streamcl.ingest.schema import Batch, Origin, Rejected, Sample, StreamSpec
+from streamcl.learner.loop import OnlineLearner
 
 SPEC = StreamSpec((8, 8), "uint8", 10)
 CONFIG = LearnerConfig(strategy="er", memory=50, hidden=(16,), device="cpu")

@@ -23,22 +23,22 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from deploy.cli import cli
-from deploy.config import PLAIN_LEARNING, LearnerConfig, ReplayConfig, validated
-from deploy.replay import run_replay
-from deploy.session import without_timings
-from deploy.wiring import build_learner, build_strategies
-from ingest.codec import encode
-from ingest.datasets import load_digits
-from ingest.errors import ConfigError
-from ingest.recorded import Frame, StreamReader, StreamWriter
-from ingest.scenarios import ScenarioConfig, build, write
-from ingest.schema import NO_TASK, Batch, StreamSpec
-from learner.drift import BoundaryDetector, DriftEvent, PageHinkleyUp
-from learner.ewc import OnlineEWC
-from learner.loop import OnlineLearner
-from learner.packnet import PackNet
-from learner.strategies import Boundary, UpdateBatch
+from streamcl.deploy.cli.main import cli
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, LearnerConfig, ReplayConfig, validated
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.deploy.runtime.session import without_timings
+from streamcl.deploy.runtime.wiring import build_learner, build_strategies
+from streamcl.ingest.codec import encode
+from streamcl.ingest.datasets import load_digits
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.recorded import Frame, StreamReader, StreamWriter
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
+from streamcl.ingest.schema import NO_TASK, Batch, StreamSpec
+from streamcl.learner.drift import BoundaryDetector, DriftEvent, PageHinkleyUp
+from streamcl.learner.ewc import OnlineEWC
+from streamcl.learner.loop import OnlineLearner
+from streamcl.learner.packnet import PackNet
+from streamcl.learner.strategies import Boundary, UpdateBatch
 
 SPEC = StreamSpec((8, 8), "uint8", 10)
 STRATEGIES = ["naive", "er", "ewc", "packnet", "er+ewc", "er+ewc+packnet"]
@@ -234,8 +234,8 @@ def test_replay_with_packnet_reports_a_task_incremental_scenario(
 
 def write_task_free_copy(source: Path, target: Path) -> None:
     """The same stream with every task id removed (the held-out sidecar is not needed)."""
-    from ingest.codec import decode
-    from ingest.schema import Sample
+    from streamcl.ingest.codec import decode
+    from streamcl.ingest.schema import Sample
 
     with StreamReader(source) as reader, StreamWriter(target, reader.spec, {}) as writer:
         for frame in reader:
@@ -255,7 +255,7 @@ def test_packnet_on_a_stream_without_task_ids_is_a_clean_cli_error(
     free = tmp_path / "free.scs"
     write_task_free_copy(digits_stream, free)
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "replay", "--stream", str(free), *PACKNET],
+        [sys.executable, "-m", "streamcl.deploy.cli", "replay", "--stream", str(free), *PACKNET],
         capture_output=True,
         text=True,
         check=False,
@@ -295,8 +295,8 @@ def test_task_free_class_incremental_stream_is_cut_at_each_new_class_pair(
 
 
 def decode_task(frame: Frame) -> int:
-    from ingest.codec import decode
-    from ingest.schema import Sample
+    from streamcl.ingest.codec import decode
+    from streamcl.ingest.schema import Sample
 
     sample = decode(frame.payload, SPEC)
     assert isinstance(sample, Sample)
@@ -322,7 +322,7 @@ def test_er_ewc_replay_stops_and_resumes_in_a_fresh_process_to_the_same_report(
     resumed = tmp_path / "resumed.json"
     resume = ["--resume", str(checkpoint), "--report", str(resumed)]
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "replay", *common, *resume],
+        [sys.executable, "-m", "streamcl.deploy.cli", "replay", *common, *resume],
         capture_output=True,
         text=True,
         check=False,

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deploy.broker import EmbeddedBroker
-from deploy.logs import fields
-from deploy.serve import run_service
-from evaluation.report import metric_section
-from evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
-from ingest import strictjson
+from streamcl.deploy.cli.logs import fields
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.evaluation.report import metric_section
+from streamcl.evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+from streamcl.ingest import strictjson
 from tests.brokers import memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import (
     PLAIN_LEARNER,

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ingest.codec import REJECT_REASONS, decode
-from ingest.schema import NO_TASK, Rejected, Sample, StreamSpec
+from streamcl.ingest.codec import REJECT_REASONS, decode
+from streamcl.ingest.schema import NO_TASK, Rejected, Sample, StreamSpec
 from tests.vectors.make_wire_vectors import OUT, render
 
 VECTORS: list[dict[str, Any]] = json.loads(Path(OUT).read_text())["vectors"]

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from deploy.cli import cli
-from ingest.datasets import find_fashion_mnist
+from streamcl.deploy.cli.main import cli
+from streamcl.ingest.datasets import find_fashion_mnist
 from tests.data import require_fashion_mnist
 
 if os.environ.get("STREAMCL_REQUIRE_AVALANCHE") != "1":
@@ -59,7 +59,7 @@ def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _samples(stream) -> list[tuple[int, np.ndarray, int]]:  # type: ignore[no-untyped-def]
-    from ingest.avalanche import as_array
+    from streamcl.ingest.avalanche import as_array
 
     return [
         (e, as_array(item[0]), int(item[1]))
@@ -73,7 +73,7 @@ def test_split_fmnist_round_trip_gives_avalanche_the_same_samples(
 ) -> None:
     from avalanche.benchmarks.classic import SplitFMNIST
 
-    from ingest.avalanche import load_benchmark
+    from streamcl.ingest.avalanche import load_benchmark
 
     args = f"n_experiences=5,seed=3,dataset_root={fmnist_root}"
     stream, exported = tmp_path / "split.scs", tmp_path / "split.npz"
@@ -100,7 +100,7 @@ def test_online_experiences_flag_the_last_and_keep_the_experience_id(fmnist_root
     from avalanche.benchmarks.classic import SplitFMNIST
     from avalanche.benchmarks.scenarios.online import split_online_stream
 
-    from ingest.avalanche import online_experiences
+    from streamcl.ingest.avalanche import online_experiences
 
     benchmark = SplitFMNIST(5, seed=0, dataset_root=fmnist_root)
     experience = benchmark.train_stream[2]
@@ -116,8 +116,8 @@ def test_online_experiences_flag_the_last_and_keep_the_experience_id(fmnist_root
 
 
 def test_missing_benchmark_is_one_clear_error() -> None:
-    from ingest.avalanche import resolve
-    from ingest.errors import StreamclError
+    from streamcl.ingest.avalanche import resolve
+    from streamcl.ingest.errors import StreamclError
 
     with pytest.raises(StreamclError, match="cannot find benchmark 'avalanche:NoSuch'"):
         resolve("avalanche:NoSuch", {})

@@ -2,7 +2,7 @@
 
 A real Avalanche run (Naive, then Replay) on class-incremental digits, evaluated on
 the test stream after every experience by Avalanche's own metric plugins. The
-per-experience accuracies it logs form the matrix R that `evaluation.metrics` scores;
+per-experience accuracies it logs form the matrix R that `streamcl.evaluation.metrics` scores;
 its stream accuracy, stream forgetting and stream BWT must equal ours.
 
 Average accuracy and BWT must be equal. Forgetting is defined differently, so the
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import metrics
-from ingest.datasets import load_digits
+from streamcl.evaluation import metrics
+from streamcl.ingest.datasets import load_digits
 
 if os.environ.get("STREAMCL_REQUIRE_AVALANCHE") != "1":
     pytest.importorskip("avalanche")
@@ -57,8 +57,8 @@ def test_accuracy_forgetting_and_bwt_match_avalanche(tmp_path: Path, strategy_na
     from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
     from avalanche.training.supervised import Naive
 
-    from ingest.avalanche import load_benchmark
-    from learner.models import mlp
+    from streamcl.ingest.avalanche import load_benchmark
+    from streamcl.learner.models import mlp
 
     benchmark = load_benchmark(digits_npz(tmp_path / "digits.npz"))
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 
 def check_file(path: Path | str | None, what: str) -> None:

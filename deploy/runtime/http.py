@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.config import HttpConfig
-from ingest import strictjson
+from streamcl.deploy.runtime.config import HttpConfig
+from streamcl.ingest import strictjson
 
 if TYPE_CHECKING:
-    from deploy.service import Service
+    from streamcl.deploy.runtime.service import Service
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 10.0

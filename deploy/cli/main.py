@@ -5,18 +5,20 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from typing import Any
+from typing import Any, get_args
 
 import click
 
-from deploy.config import ReplayConfig, read_config_file, validated
-from deploy.envvars import PREFIX as ENV_PREFIX
-from deploy.envvars import apply_rule, check_environment
-from deploy.kafka_cli import demo, publish, record, serve
-from deploy.logs import LogFormat, configure_logging
-from deploy.outputs import check_dir, check_file
-from ingest import strictjson
-from ingest.errors import StreamclError
+from streamcl.deploy.cli.envvars import PREFIX as ENV_PREFIX
+from streamcl.deploy.cli.envvars import apply_rule, check_environment
+from streamcl.deploy.cli.kafka import demo, publish, record, serve
+from streamcl.deploy.cli.logs import LogFormat, configure_logging
+from streamcl.deploy.cli.outputs import check_dir, check_file
+from streamcl.deploy.cli.schema import Settings, learner_settings, setting
+from streamcl.deploy.runtime.config import ReplayConfig, read_config_file, validated
+from streamcl.ingest import strictjson
+from streamcl.ingest.errors import StreamclError
+from streamcl.ingest.scenarios import NoiseType, ScenarioConfig, ScenarioName
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -32,9 +34,9 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     if unknown:
         hints = [_unknown_hint(key, sorted(k for k in params if k)) for key in unknown]
         raise click.BadParameter(f"unknown settings in {value}: {', '.join(hints)}")
-    for key, setting in settings.items():
+    for key, raw in settings.items():
         try:  # here, so that an error names the file and key rather than the flag
-            params[key].type_cast_value(ctx, setting)
+            params[key].type_cast_value(ctx, raw)
         except click.BadParameter as err:
             raise click.BadParameter(f"{value}: {key}: {err.message}") from err
     ctx.default_map = {**(ctx.default_map or {}), **settings}
@@ -45,38 +47,6 @@ def _unknown_hint(key: str, known: list[str]) -> str:
         return "learner (this command takes the learner's settings at the top level)"
     close = difflib.get_close_matches(key, known, n=1)
     return f"{key} (did you mean {close[0]}?)" if close else key
-
-
-class IntList(click.ParamType):
-    """Comma-separated integers on the command line, or a list in a config file."""
-
-    name = "INTS"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        try:
-            return tuple(int(str(item).strip()) for item in items if str(item).strip())
-        except ValueError:
-            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
-
-
-class Settings(click.ParamType):
-    """Nested settings: a mapping in a config file, or `key=value,key=value` on the line."""
-
-    name = "KEY=VALUE,..."
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, dict):
-            return {str(k).replace("-", "_"): v for k, v in value.items()}
-        settings = {}
-        for item in str(value).split(","):
-            key, sep, setting = item.partition("=")
-            if not sep or not key.strip():
-                self.fail(
-                    f"expected key=value pairs separated by commas, got {value!r}", param, ctx
-                )
-            settings[key.strip().replace("-", "_")] = setting.strip()
-        return settings
 
 
 config_option = click.option(
@@ -147,8 +117,8 @@ def stream() -> None:
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["class-incremental", "permuted"]),
-    default="class-incremental",
+    type=click.Choice(get_args(ScenarioName)),
+    default=ScenarioConfig.scenario,
     show_envvar=True,
     help="class-incremental: disjoint classes per task; permuted: a fixed pixel "
     "permutation per task (domain-incremental).",
@@ -156,39 +126,45 @@ def stream() -> None:
 @click.option(
     "--tasks",
     type=click.IntRange(min=1),
-    default=5,
+    default=ScenarioConfig.tasks,
     show_envvar=True,
     help="Number of tasks; class-incremental needs classes divisible by it.",
 )
 @click.option(
     "--samples-per-task",
     type=click.IntRange(min=1),
-    default=None,
+    default=ScenarioConfig.samples_per_task,
     show_envvar=True,
     help="Keep at most this many training samples per task (default: all).",
 )
 @click.option(
     "--noise",
     type=click.FloatRange(0, 1, max_open=True),
-    default=0.0,
+    default=ScenarioConfig.noise,
     show_envvar=True,
     help="Fraction of training labels to corrupt.",
 )
 @click.option(
     "--noise-type",
-    type=click.Choice(["symmetric", "pairflip"]),
-    default="symmetric",
+    type=click.Choice(get_args(NoiseType)),
+    default=ScenarioConfig.noise_type,
     show_envvar=True,
     help="symmetric: random other class; pairflip: c -> c+1.",
 )
 @click.option(
     "--imbalance",
     type=click.FloatRange(min=1),
-    default=1.0,
+    default=ScenarioConfig.imbalance,
     show_envvar=True,
     help="Long tail: ratio of largest to smallest class count (1 = balanced).",
 )
-@click.option("--seed", type=int, default=0, show_envvar=True, help="Seed for every random choice.")
+@click.option(
+    "--seed",
+    type=int,
+    default=ScenarioConfig.seed,
+    show_envvar=True,
+    help="Seed for every random choice.",
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
@@ -198,8 +174,8 @@ def stream() -> None:
 )
 def stream_make(**opts: Any) -> None:
     """Build a continual-learning stream file from real data."""
-    from ingest.datasets import load
-    from ingest.scenarios import ScenarioConfig, build, write
+    from streamcl.ingest.datasets import load
+    from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
     scenario = ScenarioConfig(
         scenario=opts["scenario"],
@@ -234,7 +210,7 @@ def stream_inspect(stream_file: str, heldout: str | None, as_json: bool) -> None
 
     Every frame is decoded as a replay would; the file is only read.
     """
-    from ingest.inventory import take_inventory
+    from streamcl.ingest.inventory import take_inventory
 
     inventory = take_inventory(stream_file, heldout)
     if as_json:
@@ -281,7 +257,7 @@ def stream_import(
     'package.module:function' returning one; its train stream becomes the stream and its
     test stream the held-out set (needs the 'avalanche' extra).
     """
-    from ingest.importers import from_npz, write
+    from streamcl.ingest.importers import from_npz, write
 
     check_file(out, "stream")
     if source.endswith(".npz"):
@@ -291,7 +267,7 @@ def stream_import(
     else:
         import yaml
 
-        from ingest.avalanche import import_benchmark
+        from streamcl.ingest.avalanche import import_benchmark
 
         kwargs = {k: yaml.safe_load(v) for k, v in (benchmark_args or {}).items()}
         built = import_benchmark(source, kwargs, num_classes)
@@ -332,7 +308,7 @@ def stream_import(
 )
 def stream_export(stream_file: str, heldout: str | None, window: int | None, out: str) -> None:
     """Write a recorded stream (e.g. one taken with `streamcl record`) for Avalanche."""
-    from ingest.exporters import export_npz
+    from streamcl.ingest.exporters import export_npz
 
     check_file(out, "export")
     done = export_npz(stream_file, out, heldout, window)
@@ -348,201 +324,13 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
 
 @cli.command()
 @config_option
-@click.option(
-    "--stream",
-    type=click.Path(exists=True, dir_okay=False),
-    required=True,
-    show_envvar=True,
-    help="Recorded stream file to replay.",
-)
-@click.option(
-    "--heldout",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Held-out set (default: STREAM.eval.npz beside the stream).",
-)
-@click.option(
-    "--strategy",
-    default="er",
-    show_envvar=True,
-    help="naive (fine-tune on arrivals only), or parts joined by '+': er (experience "
-    "replay), ewc (online EWC), packnet (parameter isolation; task ids at train and "
-    "test time), e.g. er+ewc.",
-)
-@click.option(
-    "--ewc",
-    type=Settings(),
-    default=None,
-    show_envvar=True,
-    help="Online EWC settings: lambda, decay, gamma, consolidate_every, anchor_lag "
-    "(e.g. lambda=100,decay=0.99).",
-)
-@click.option(
-    "--packnet",
-    type=Settings(),
-    default=None,
-    show_envvar=True,
-    help="PackNet settings: prune_fraction, multi_head (e.g. prune_fraction=0.75).",
-)
-@click.option(
-    "--detector",
-    type=Settings(),
-    default=None,
-    show_envvar=True,
-    help="Boundary detector: kind (none, page-hinkley, adwin), signal (error, loss), "
-    "new_classes, min_gap, threshold, delta, min_instances, alpha, confidence.",
-)
-@click.option(
-    "--noise",
-    type=Settings(),
-    default=None,
-    show_envvar=True,
-    help="Label-noise filters (on by default): knn, knn_k, knn_window, small_loss, warmup, "
-    "loss_window, min_class_samples, min_separation (e.g. knn=false,small_loss=false).",
-)
-@click.option(
-    "--quarantine",
-    type=Settings(),
-    default=None,
-    show_envvar=True,
-    help="Quarantine of suspect samples: capacity, recheck_after, max_checks.",
-)
-@click.option(
-    "--loss",
-    type=Settings(),
-    default=None,
-    show_envvar=True,
-    help="Training loss: robust (ce, gce, sce), gce_q, sce_alpha, sce_beta, ace (ER-ACE), "
-    "logit_adjust_tau (0 off, 1 balanced softmax), reweight (none, effective-number), "
-    "reweight_beta.",
-)
-@click.option(
-    "--task-ids/--no-task-ids",
-    "use_task_ids",
-    default=True,
-    show_envvar=True,
-    help="--no-task-ids hides the stream's task ids from the learner (task-free learning; "
-    "the held-out probes are still grouped by task).",
-)
-@click.option(
-    "--model",
-    default="mlp",
-    show_envvar=True,
-    help="mlp, cnn, or your own 'package.module:function' returning an nn.Module.",
-)
-@click.option(
-    "--hidden",
-    type=IntList(),
-    default="256,256",
-    show_envvar=True,
-    help="MLP hidden layer widths, comma separated.",
-)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_envvar=True)
-@click.option(
-    "--lr",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.1,
-    show_envvar=True,
-    help="Learning rate.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=10,
-    show_envvar=True,
-    help="New samples per update.",
-)
-@click.option(
-    "--steps-per-batch",
-    type=click.IntRange(min=1),
-    default=1,
-    show_envvar=True,
-    help="Optimizer steps per incoming batch.",
-)
-@click.option(
-    "--memory",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_envvar=True,
-    help="Replay memory capacity in items.",
-)
-@click.option(
-    "--memory-policy",
-    type=click.Choice(["reservoir", "class-balanced"]),
-    default="class-balanced",
-    show_envvar=True,
-    help="Which exemplars the memory keeps when full.",
-)
-@click.option(
-    "--memory-retrieval",
-    type=click.Choice(["uniform", "class-balanced", "neighbours"]),
-    default=None,
-    show_envvar=True,
-    help="How replay draws from memory: uniform (default), class-balanced, or neighbours "
-    "(half the draws among other-class items nearest the incoming batch, via FAISS).",
-)
-@click.option(
-    "--memory-condensed",
-    type=click.IntRange(min=0),
-    default=None,
-    show_envvar=True,
-    help="Condensed exemplars (k-means centroids) kept per class, taken out of --memory "
-    "(0, the default, is off).",
-)
-@click.option(
-    "--predict-head",
-    type=click.Choice(["softmax", "ncm", "knn"]),
-    default=None,
-    show_envvar=True,
-    help="Predict (evaluation, /predict) with the model's softmax (default) or from the "
-    "replay memory: nearest class mean (ncm) or nearest-neighbour vote (knn).",
-)
-@click.option(
-    "--memory-dedup",
-    type=click.FloatRange(min=0, max=1, max_open=True),
-    default=None,
-    show_envvar=True,
-    help="Refresh a same-class item nearer than this share of the class's typical "
-    "nearest-item distance instead of storing a near duplicate (0, the default, is off).",
-)
-@click.option(
-    "--replay-size",
-    type=click.IntRange(min=0),
-    default=None,
-    show_envvar=True,
-    help="Replay draws per step (default: the batch size).",
-)
-@click.option(
-    "--eval-every",
-    type=click.IntRange(min=1),
-    default=None,
-    show_envvar=True,
-    help="Also evaluate every N learned samples (task boundaries always are).",
-)
-@click.option("--device", default="auto", show_envvar=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=1,
-    show_envvar=True,
-    help="PyTorch CPU threads; 1 is fastest for small online models.",
-)
-@click.option("--seed", type=int, default=0, show_envvar=True, help="Seed for every random choice.")
-@click.option(
-    "--report",
-    type=click.Path(dir_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Write the JSON report here.",
-)
-@click.option(
-    "--plots",
-    type=click.Path(file_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Write PNG plots (accuracy matrix, accuracy over time) to this directory.",
-)
+@setting(ReplayConfig, "stream", type=click.Path(exists=True, dir_okay=False))
+@setting(ReplayConfig, "heldout", type=click.Path(exists=True, dir_okay=False))
+@learner_settings(ReplayConfig)
+@setting(ReplayConfig, "eval_every")
+@setting(ReplayConfig, "prequential_window")
+@setting(ReplayConfig, "report", type=click.Path(dir_okay=False))
+@setting(ReplayConfig, "plots", type=click.Path(file_okay=False))
 @click.option(
     "--metrics-out",
     type=click.Path(dir_okay=False),
@@ -556,35 +344,10 @@ def stream_export(stream_file: str, heldout: str | None, window: int | None, out
     show_envvar=True,
     help="Push the final metrics to this Pushgateway URL (job streamcl_replay).",
 )
-@click.option(
-    "--stop-after",
-    type=click.IntRange(min=0),
-    default=None,
-    show_envvar=True,
-    help="Stop after this many messages and save the run to --checkpoint.",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Where --stop-after saves the run (learner, session, stream position).",
-)
-@click.option(
-    "--resume",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Continue a run saved with --stop-after (same settings required).",
-)
-@click.option(
-    "--allow-partial",
-    is_flag=True,
-    default=False,
-    show_envvar=True,
-    help="Accept a damaged or truncated stream: learn from what is readable and exit 0 "
-    "(without it such a replay writes its report, then exits 2).",
-)
+@setting(ReplayConfig, "stop_after")
+@setting(ReplayConfig, "checkpoint", type=click.Path(dir_okay=False))
+@setting(ReplayConfig, "resume", type=click.Path(exists=True, dir_okay=False))
+@setting(ReplayConfig, "allow_partial")
 @click.option(
     "--progress/--no-progress",
     default=None,
@@ -595,9 +358,9 @@ def replay(
     progress: bool | None, metrics_out: str | None, pushgateway: str | None, **opts: Any
 ) -> None:
     """Replay a recorded stream through the online learner and report the metrics."""
-    from deploy.replay import check_outcome, run_replay
-    from deploy.session import summary_lines
-    from evaluation.report import write_plots
+    from streamcl.deploy.runtime.replay import check_outcome, run_replay
+    from streamcl.deploy.runtime.session import summary_lines
+    from streamcl.evaluation.report import write_plots
 
     config = validated(ReplayConfig, opts)
     check_file(config.report, "report")
@@ -633,7 +396,7 @@ def export_metrics(report: dict[str, Any], path: str | None, gateway: str | None
     """Publish a replay's final metrics for batch evaluations (text file and/or push)."""
     from prometheus_client import CollectorRegistry, push_to_gateway, write_to_textfile
 
-    from deploy.metrics import ServiceMetrics, record_report
+    from streamcl.deploy.runtime.metrics import ServiceMetrics, record_report
 
     registry = CollectorRegistry()
     record_report(ServiceMetrics(registry), report)
@@ -662,7 +425,3 @@ def main() -> None:
     except StreamclError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

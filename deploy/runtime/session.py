@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.probes import ProbeResult, evaluate
-from evaluation.report import head_tail, metric_section
-from evaluation.reservoir import ProbeReservoir
-from evaluation.tracker import RECENT_POINTS, AccuracyMatrix, PrequentialAccuracy
-from ingest.heldout import HeldOut
-from ingest.schema import Batch, Origin, Sample
-from learner.loop import LearnResult, OnlineLearner
-from learner.quarantine import Quarantine
-from learner.tasks import TaskFollower
+from streamcl.evaluation.probes import ProbeResult, evaluate
+from streamcl.evaluation.report import head_tail, metric_section
+from streamcl.evaluation.reservoir import ProbeReservoir
+from streamcl.evaluation.tracker import RECENT_POINTS, AccuracyMatrix, PrequentialAccuracy
+from streamcl.ingest.heldout import HeldOut
+from streamcl.ingest.schema import Batch, Origin, Sample
+from streamcl.learner.loop import LearnResult, OnlineLearner
+from streamcl.learner.quarantine import Quarantine
+from streamcl.learner.tasks import TaskFollower
 
 log = logging.getLogger(__name__)
 TIMING_KEYS = ("samples_per_second", "evaluation_seconds", "wall_seconds")

@@ -9,13 +9,13 @@ from contextlib import nullcontext
 from types import FrameType
 from typing import Any
 
-from deploy import distributed
-from deploy.config import ServiceConfig
-from deploy.http import ServiceHttp
-from deploy.lock import checkpoint_lock
-from deploy.service import Service
-from ingest import strictjson
-from ingest.errors import ConfigError
+from streamcl.deploy.runtime import distributed
+from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.http import ServiceHttp
+from streamcl.deploy.runtime.lock import checkpoint_lock
+from streamcl.deploy.runtime.service import Service
+from streamcl.ingest import strictjson
+from streamcl.ingest.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

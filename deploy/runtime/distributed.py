@@ -1,6 +1,6 @@
 """Scale-out: `streamcl serve` as several learner ranks over one topic's partitions.
 
-Launch with `torchrun --nproc-per-node N -m deploy.cli serve --config service.yaml` (or any
+Launch with `torchrun --nproc-per-node N -m streamcl.deploy.cli serve --config service.yaml` (or any
 launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT). Kafka and
 torch.distributed do all the coordinating: every rank is one member of the service's
 consumer group, so the group protocol spreads the partitions over the ranks, and the
@@ -62,13 +62,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deploy.config import LearnerConfig, ServiceConfig
-from deploy.service import Service, _check_compatible, _one_line
-from ingest.errors import ConfigError, StreamclError
-from ingest.kafka import Arrival, KafkaSourceError, Offsets
-from ingest.schema import Batch
-from learner.checkpoint import CheckpointError
-from learner.loop import OnlineLearner
+from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
+from streamcl.deploy.runtime.service import Service, _check_compatible, _one_line
+from streamcl.ingest.errors import ConfigError, StreamclError
+from streamcl.ingest.kafka import Arrival, KafkaSourceError, Offsets
+from streamcl.ingest.schema import Batch
+from streamcl.learner.checkpoint import CheckpointError
+from streamcl.learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "streamcl-distributed/1"

@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from ingest import strictjson
+from streamcl.ingest import strictjson
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ingest.errors import ConfigError
+from streamcl.ingest.errors import ConfigError
 
 LOCK_NAME = ".lock"
 

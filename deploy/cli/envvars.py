@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from ingest.datasets import DATA_DIR_ENV
+from streamcl.ingest.datasets import DATA_DIR_ENV
 
 log = logging.getLogger(__name__)
 PREFIX = "STREAMCL"

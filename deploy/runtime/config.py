@@ -7,7 +7,7 @@ underscores; flags and their environment variables override it.
 from __future__ import annotations
 
 import difflib
-import re
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,19 +23,15 @@ from pydantic import (
     model_validator,
 )
 
-from ingest.errors import ConfigError
-from ingest.schema import StreamSpec
-from learner.tasks import DEFAULT_TASK_WINDOW
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.registry import Registry, is_plugin
+from streamcl.ingest.schema import StreamSpec
+from streamcl.learner.tasks import DEFAULT_TASK_WINDOW
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
-
-STRATEGY_PARTS = ("naive", "er", "ewc", "packnet")
-"""What `strategy` may join with '+' (e.g. er+ewc); they compose in this order."""
-USER_MODEL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-"""A user model factory: `package.module:function`."""
 
 
 def _ints_from_text(value: Any) -> Any:
@@ -43,6 +39,29 @@ def _ints_from_text(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+REGISTRIES = {
+    "strategies": "streamcl.learner.registry",
+    "filters": "streamcl.learner.registry",
+    "selectors": "streamcl.memory.selectors",
+    "retrievals": "streamcl.memory.retrieval",
+}
+"""Where each pluggable part's registry lives (a module attribute of the upper-cased name)."""
+
+
+def _registry(name: str) -> Registry[Any]:
+    """The registry of a pluggable part, imported when a value is checked, not with this
+    module: the parts pull in torch and faiss, which `streamcl --help` need not load."""
+    registry: Registry[Any] = getattr(importlib.import_module(REGISTRIES[name]), name.upper())
+    return registry
+
+
+def _registered(registry: Registry[Any], value: str) -> str:
+    """A name in `registry` or a `package.module:function` (imported when the learner is built)."""
+    if registry.known(value):
+        return value
+    raise ValueError(f"{registry.kind} must be {registry.describe()}, got {value!r}")
 
 
 class EwcConfig(BaseModel):
@@ -110,10 +129,25 @@ class NoiseConfig(BaseModel):
     min_separation: float = Field(
         2.0, gt=0, description="small-loss: Ashman's D the two loss modes must reach"
     )
+    extra: str = Field(
+        "",
+        description="more filters, judging after knn and small-loss: registered names or "
+        "'package.module:function' joined by + (learner/registry.py)",
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _known_filters(cls, value: str) -> str:
+        filters = _registry("filters")
+        return "+".join(_registered(filters, part.strip()) for part in value.split("+") if part)
+
+    @property
+    def extra_filters(self) -> tuple[str, ...]:
+        return tuple(self.extra.split("+")) if self.extra else ()
 
     @property
     def enabled(self) -> bool:
-        return self.knn or self.small_loss
+        return self.knn or self.small_loss or bool(self.extra)
 
 
 class QuarantineConfig(BaseModel):
@@ -157,18 +191,38 @@ class LearnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategy: str = Field("er", description="naive, or parts of er, ewc, packnet joined by +")
-    model: str = Field("mlp", description="mlp, cnn or a factory 'package.module:function'")
-    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (256, 256)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    batch_size: int = Field(10, ge=1)
-    steps_per_batch: int = Field(1, ge=1)
+    strategy: str = Field(
+        "er",
+        description="how to learn: naive (fine-tune on arrivals only), or parts joined by "
+        "'+': er (experience replay), ewc (online EWC), packnet (parameter isolation; task "
+        "ids at train and test time) or your own 'package.module:function' "
+        "(learner/registry.py), e.g. er+ewc",
+    )
+    model: str = Field(
+        "mlp",
+        description="the network: mlp, cnn, or your own 'package.module:function' "
+        "returning an nn.Module",
+    )
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (256, 256), description="MLP hidden layer widths, comma separated"
+    )
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer of the weights")
+    lr: float = Field(0.1, gt=0, description="learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    batch_size: int = Field(10, ge=1, description="new samples per update")
+    steps_per_batch: int = Field(1, ge=1, description="optimizer steps per incoming batch")
     memory: int = Field(1000, ge=1, description="replay memory capacity in items")
-    memory_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
-    memory_retrieval: Literal["uniform", "class-balanced", "neighbours"] = Field(
-        "uniform", description="how replay draws from memory (memory/retrieval.py)"
+    memory_policy: str = Field(
+        "class-balanced",
+        description="which exemplars the memory keeps when full: reservoir, class-balanced "
+        "or 'package.module:function' (memory/selectors.py)",
+    )
+    memory_retrieval: str = Field(
+        "uniform",
+        description="how replay draws from memory (memory/retrieval.py): uniform, "
+        "class-balanced, neighbours (half the draws among other-class items nearest "
+        "the incoming batch, via FAISS), interfered (of the items nearest the batch, those "
+        "whose loss a virtual update on it raises most) or 'package.module:function'",
     )
     memory_dedup: float = Field(
         0.0,
@@ -176,6 +230,17 @@ class LearnerConfig(BaseModel):
         lt=1,
         description="refresh a same-class item closer than this share of the class's "
         "typical nearest distance instead of storing a near duplicate; 0 off",
+    )
+    memory_embedding: Literal["input", "penultimate"] = Field(
+        "penultimate",
+        description="what the memory's FAISS index holds: the model's penultimate features "
+        "(refreshed on the memory_refresh budget) or pooled inputs (never stale)",
+    )
+    memory_refresh: int = Field(
+        10,
+        ge=0,
+        description="penultimate embedding: stored items re-embedded per update, round-robin; "
+        "every item is re-embedded at each task boundary as well",
     )
     memory_condensed: int = Field(
         0,
@@ -185,48 +250,84 @@ class LearnerConfig(BaseModel):
     )
     predict_head: Literal["softmax", "ncm", "knn"] = Field(
         "softmax",
-        description="predict with the model (softmax) or from the replay memory's "
-        "exemplars: nearest class mean (ncm) or a 10-nearest-neighbour vote (knn)",
+        description="predict (evaluation, /predict) with the model (softmax) or from the "
+        "replay memory's exemplars: nearest class mean (ncm) or a 10-nearest-neighbour "
+        "vote (knn)",
     )
-    replay_size: int | None = Field(None, ge=0, description="replay draws per step; None = batch")
-    device: str = "auto"
-    threads: int | None = Field(None, ge=1)
-    seed: int = 0
-    use_task_ids: bool = Field(True, description="False hides the stream's task ids")
+    replay_size: int | None = Field(
+        None, ge=0, description="replay draws per step (default: the batch size)"
+    )
+    device: str = Field(
+        "auto", description="where to compute: auto (CUDA when present), cpu, cuda or cuda:N"
+    )
+    threads: int = Field(
+        1, ge=1, description="PyTorch CPU threads; 1 is fastest for small online models"
+    )
+    seed: int = Field(0, description="seed for every random choice")
+    use_task_ids: bool = Field(
+        True,
+        description="show the stream's task ids to the learner; off: task-free learning "
+        "(the held-out probes are still grouped by task)",
+    )
     task_window: int = Field(
         DEFAULT_TASK_WINDOW,
         ge=1,
         description="samples: a task id not seen for this long starts a task (a boundary); "
         "flips between tasks seen within it are interleaved partitions, not changes",
     )
-    ewc: EwcConfig = Field(default_factory=EwcConfig)
-    packnet: PackNetConfig = Field(default_factory=PackNetConfig)
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
-    noise: NoiseConfig = Field(default_factory=NoiseConfig)
-    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    ewc: EwcConfig = Field(default_factory=EwcConfig, description="online EWC (strategy ewc)")
+    packnet: PackNetConfig = Field(
+        default_factory=PackNetConfig, description="parameter isolation (strategy packnet)"
+    )
+    detector: DetectorConfig = Field(
+        default_factory=DetectorConfig,
+        description="task-boundary detector (kind: none, page-hinkley, adwin; signal: error, loss)",
+    )
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="label-noise filters")
+    quarantine: QuarantineConfig = Field(
+        default_factory=QuarantineConfig, description="quarantine of suspect samples"
+    )
+    loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description="training loss (robust: ce, gce, sce; ace: ER-ACE; logit_adjust_tau: "
+        "0 off, 1 balanced softmax; reweight: none, effective-number)",
+    )
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        """Accept '+'-joined parts in any order; store them in composition order."""
-        parts = [part.strip() for part in value.lower().split("+")]
-        unknown = [part for part in parts if part not in STRATEGY_PARTS]
-        if unknown or not parts:
+        """Accept '+'-joined parts in any order; store them in composition order: the
+        registered ones in registration order, then plug-ins in the order given."""
+        parts = [part.strip() for part in value.split("+")]
+        parts = [part if is_plugin(part) else part.lower() for part in parts]
+        strategies = _registry("strategies")
+        if not all(strategies.known(part) for part in parts):
+            builtins = ", ".join(name for name in strategies.names() if name != "naive")
             raise ValueError(
-                f"strategy must be naive or parts of er, ewc, packnet joined by '+' "
-                f"(e.g. er+ewc), got {value!r}"
+                f"strategy must be naive or parts of {builtins} or 'package.module:function' "
+                f"joined by '+' (e.g. er+ewc), got {value!r}"
             )
         if len(set(parts)) != len(parts):
             raise ValueError(f"strategy names a part twice: {value!r}")
         if "naive" in parts and len(parts) > 1:
             raise ValueError(f"naive combines with nothing, got {value!r}")
-        return "+".join(part for part in STRATEGY_PARTS if part in parts)
+        registered = [name for name in strategies.names() if name in parts]
+        return "+".join(registered + [part for part in parts if is_plugin(part)])
+
+    @field_validator("memory_policy")
+    @classmethod
+    def _known_selector(cls, value: str) -> str:
+        return _registered(_registry("selectors"), value)
+
+    @field_validator("memory_retrieval")
+    @classmethod
+    def _known_retrieval(cls, value: str) -> str:
+        return _registered(_registry("retrievals"), value)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value in ("mlp", "cnn") or USER_MODEL.fullmatch(value):
+        if value in ("mlp", "cnn") or is_plugin(value):
             return value
         raise ValueError(f"model must be mlp, cnn or 'package.module:function', got {value!r}")
 
@@ -249,13 +350,9 @@ class LearnerConfig(BaseModel):
 
     @property
     def memory_indexed(self) -> bool:
-        """Whether the replay memory needs its FAISS index (something queries it)."""
-        return (
-            self.noise.knn
-            or self.memory_retrieval == "neighbours"
-            or self.memory_dedup > 0
-            or self.predict_head != "softmax"
-        )
+        """Whether the replay memory needs its FAISS index for something besides retrieval
+        (whose policy says so itself: `Retrieval.needs_index`)."""
+        return self.noise.knn or self.memory_dedup > 0 or self.predict_head != "softmax"
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -277,19 +374,35 @@ class LearnerConfig(BaseModel):
 class ReplayConfig(LearnerConfig):
     """`streamcl replay`: the learner plus where the stream is and what to write."""
 
-    stream: Path
-    heldout: Path | None = None
-    report: Path | None = None
-    plots: Path | None = None
-    eval_every: int | None = Field(None, ge=1, description="also evaluate every N samples")
-    prequential_window: int = Field(1000, ge=1)
-    stop_after: int | None = Field(
-        None, ge=0, description="stop after this many messages and write `checkpoint`"
+    stream: Path = Field(description="recorded stream file to replay")
+    heldout: Path | None = Field(
+        None, description="held-out set (default: STREAM.eval.npz beside the stream)"
     )
-    checkpoint: Path | None = Field(None, description="where `stop_after` saves the run")
-    resume: Path | None = Field(None, description="continue a run saved by `stop_after`")
+    report: Path | None = Field(None, description="write the JSON report here")
+    plots: Path | None = Field(
+        None,
+        description="write PNG plots (accuracy matrix, accuracy over time) to this directory",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="also evaluate every N learned samples (task boundaries always are)"
+    )
+    prequential_window: int = Field(
+        1000, ge=1, description="recent samples the prequential accuracy is taken over"
+    )
+    stop_after: int | None = Field(
+        None, ge=0, description="stop after this many messages and save the run to checkpoint"
+    )
+    checkpoint: Path | None = Field(
+        None,
+        description="where stop_after saves the run (learner, session, stream position)",
+    )
+    resume: Path | None = Field(
+        None, description="continue a run saved by stop_after (same settings required)"
+    )
     allow_partial: bool = Field(
-        False, description="a damaged or truncated stream is a warning, not an error"
+        False,
+        description="accept a damaged or truncated stream: learn from what is readable and "
+        "exit 0 (without it such a replay writes its report, then exits 2)",
     )
 
     @model_validator(mode="after")
@@ -376,15 +489,19 @@ class KafkaConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topic: str = "streamcl.samples"
-    group_id: str = "streamcl"
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma separated"
+    )
+    topic: str = Field("streamcl.samples", description="topic the samples arrive on")
+    group_id: str = Field("streamcl", description="consumer group the learner joins")
     dead_letter_topic: str | None = Field(None, description="default: <topic>.dlq")
     quarantine_topic: str | None = Field(
         None, description="suspect-label samples, reason in headers; default: <topic>.quarantine"
     )
     client_id: str = "streamcl"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers"
+    )
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
@@ -402,7 +519,9 @@ class KafkaConfig(BaseModel):
         "and skip it, or stop once with an error naming it",
     )
     connect_timeout_s: float = Field(
-        30.0, gt=0, description="at start-up, fail when no bootstrap server answers in this time"
+        30.0,
+        gt=0,
+        description="seconds to wait at start-up for a bootstrap server before failing",
     )
     side_topic_partitions: int | None = Field(
         None,
@@ -428,9 +547,11 @@ class StreamSpecConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    feature_shape: tuple[int, ...] = (28, 28)
-    dtype: Literal["uint8", "float32"] = "uint8"
-    num_classes: int = Field(10, ge=2)
+    feature_shape: tuple[int, ...] = Field(
+        (28, 28), description="declared sample shape, comma separated"
+    )
+    dtype: Literal["uint8", "float32"] = Field("uint8", description="feature dtype on the wire")
+    num_classes: int = Field(10, ge=2, description="labels lie in [0, num_classes)")
 
     _shape_from_text = field_validator("feature_shape", mode="before")(_ints_from_text)
 
@@ -450,7 +571,7 @@ class StreamSpecConfig(BaseModel):
 class CheckpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dir: Path = Path("runs/checkpoints")
+    dir: Path = Field(Path("runs/checkpoints"), description="where checkpoints are written")
     every_updates: int = Field(500, ge=1)
     every_seconds: float = Field(60.0, gt=0)
     keep: int = Field(3, ge=1, description="checkpoints kept; the volume must hold keep + 1")
@@ -495,8 +616,10 @@ class SnapshotConfig(BaseModel):
 class HttpConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+    host: str = Field("127.0.0.1", description="address of /healthz, /readyz and /predict")
+    port: int = Field(
+        8080, ge=0, le=65535, description="port of /healthz, /readyz and /predict; 0: any free"
+    )
     stall_seconds: float = Field(60.0, gt=0, description="/healthz fails after this long idle")
     backlog: int = Field(128, ge=1, description="connections the kernel queues before accept")
     workers: int = Field(8, ge=1, description="threads answering requests")
@@ -526,12 +649,28 @@ class ServiceConfig(BaseModel):
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
-    heldout: Path | None = Field(None, description="held-out set to evaluate at boundaries")
-    report: Path | None = Field(None, description="write a JSON report here on exit")
-    audit_log: Path | None = Field(None, description="append learned offset ranges (JSON lines)")
-    until_idle: float | None = Field(
-        None, gt=0, description="exit after this many idle seconds with partitions assigned"
+    heldout: Path | None = Field(
+        None, description="held-out set (.eval.npz) to evaluate at task boundaries"
     )
-    eval_every: int | None = Field(None, ge=1)
-    prequential_window: int = Field(1000, ge=1)
-    log_every: float = Field(10.0, ge=0, description="seconds between progress log lines; 0: none")
+    report: Path | None = Field(None, description="write the JSON report here on exit")
+    audit_log: Path | None = Field(
+        None, description="append every learned (partition, offset) as JSON lines"
+    )
+    until_idle: float | None = Field(
+        None,
+        gt=0,
+        description="exit once no message arrived for this many seconds while partitions "
+        "were assigned and there is no lag (default: run until stopped); exit 1 if this run "
+        "learned nothing",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="also evaluate every N learned samples (task boundaries always are)"
+    )
+    prequential_window: int = Field(
+        1000, ge=1, description="recent samples the prequential accuracy is taken over"
+    )
+    log_every: float = Field(
+        10.0,
+        ge=0,
+        description="seconds between progress log lines (samples/s, lag, accuracy); 0: none",
+    )

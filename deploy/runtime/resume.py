@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from deploy.config import ResumeConfig
-from ingest.kafka import Offsets
-from ingest.offsets import Reset, TopicState, apply_policy
+from streamcl.deploy.runtime.config import ResumeConfig
+from streamcl.ingest.kafka import Offsets
+from streamcl.ingest.offsets import Reset, TopicState, apply_policy
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from ingest.codec import REJECT_REASONS
-from ingest.kafka import UNREADABLE
-from ingest.offsets import OUT_OF_RANGE
-from learner.checkpoint import CHECKPOINT_LOAD_FAILURES
+from streamcl.ingest.codec import REJECT_REASONS
+from streamcl.ingest.kafka import UNREADABLE
+from streamcl.ingest.offsets import OUT_OF_RANGE
+from streamcl.learner.checkpoint import CHECKPOINT_LOAD_FAILURES
 
 OUTCOMES = ("learned", "quarantined", "rejected", "held_out")
 """What became of a message when it arrived; a quarantined one is later re-admitted
@@ -108,6 +108,23 @@ class ServiceMetrics:
         )
         self.memory_bytes = Gauge(
             "streamcl_memory_bytes", "Bytes held by replay memory.", registry=r
+        )
+        self.memory_part_bytes = Gauge(
+            "streamcl_memory_part_bytes",
+            "Bytes of replay memory by part: features, embeddings, index, condensed.",
+            ["part"],
+            registry=r,
+        )
+        self.memory_indexed_items = Gauge(
+            "streamcl_memory_indexed_items",
+            "Replay memory items in its embedding index (non-finite embeddings are not).",
+            registry=r,
+        )
+        self.memory_index = Gauge(
+            "streamcl_memory_index_info",
+            "The replay memory's index backend (1 for the one in use; none without index).",
+            ["backend"],
+            registry=r,
         )
         self.probe_items = Gauge(
             "streamcl_probe_items", "Held-out probe samples diverted from the stream.", registry=r
@@ -222,6 +239,14 @@ class ServiceMetrics:
                 self.group_forgetting.labels(str(group)).set(forgetting_value)
 
 
+def record_memory(metrics: ServiceMetrics, usage: dict[str, Any]) -> None:
+    """Export a `ReplayBuffer.usage()`: index backend, indexed items, bytes by part."""
+    metrics.memory_index.labels(usage["backend"]).set(1)  # fixed for a memory's lifetime
+    metrics.memory_indexed_items.set(usage["indexed_items"])
+    for part, size in usage["bytes"].items():
+        metrics.memory_part_bytes.labels(part).set(size)
+
+
 def record_report(metrics: ServiceMetrics, report: dict[str, Any]) -> None:
     """Load a finished run's report into `metrics` (for `replay`'s batch evaluations)."""
     metrics.samples.labels("learned").inc(report["samples_admitted"])
@@ -244,6 +269,10 @@ def record_report(metrics: ServiceMetrics, report: dict[str, Any]) -> None:
     metrics.prequential.set(report["prequential_accuracy"])
     if report["accuracy_matrix"]:
         metrics.set_groups(report["accuracy_matrix"][-1], report["per_group_forgetting"])
+    if "memory" in report:
+        metrics.memory_items.set(report["memory"]["items"])
+        metrics.memory_bytes.set(sum(report["memory"]["bytes"].values()))
+        record_memory(metrics, report["memory"])
 
 
 def _or(value: float | None, default: float) -> float:

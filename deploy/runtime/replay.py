@@ -16,17 +16,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from deploy.config import ReplayConfig
-from deploy.session import LearningSession, environment
-from deploy.wiring import build_learner, configure_threads
-from ingest import heldout as heldout_io
-from ingest.codec import decode_many
-from ingest.errors import ConfigError, DataError
-from ingest.heldout import HeldOut
-from ingest.recorded import CorruptFrame, Frame, StreamReader
-from ingest.schema import Origin
-from learner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from learner.loop import OnlineLearner
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.session import LearningSession, environment
+from streamcl.deploy.runtime.wiring import build_learner, configure_threads
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode_many
+from streamcl.ingest.errors import ConfigError, DataError
+from streamcl.ingest.heldout import HeldOut
+from streamcl.ingest.recorded import CorruptFrame, Frame, StreamReader
+from streamcl.ingest.schema import Origin
+from streamcl.learner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from streamcl.learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 DEFAULT_THREADS = 1
@@ -40,7 +40,7 @@ RUN_ONLY_SETTINGS = {"report", "plots", "stop_after", "checkpoint", "resume", "a
 
 def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, Any]:
     """Replay `config.stream` through a fresh learner; returns the report dict."""
-    configure_threads(config.threads or DEFAULT_THREADS)
+    configure_threads(config.threads)
     started = time.perf_counter()
     with StreamReader(config.stream) as reader:
         learner = build_learner(config, reader.spec)
@@ -173,6 +173,7 @@ def strategy_section(learner: OnlineLearner) -> dict[str, Any]:
         "drift_event_reasons": [event.reason for event in events],
         "task_boundaries": learner.boundaries.total,
         "task_boundaries_by_reason": dict(sorted(learner.boundaries.by_reason.items())),
+        **({"memory": learner.memory.usage()} if learner.memory is not None else {}),
     }
 
 

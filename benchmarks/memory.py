@@ -1,19 +1,21 @@
 """The FAISS-indexed replay memory: index cost, and accuracy of its policies and heads.
 
-(Not `benchmarks/memory.py`: run as a script, that name would shadow the `memory` package.)
+    python benchmarks/memory.py [--seeds 0,1,2] [--samples-per-task N] [--skip-accuracy]
+        [--skip-latency] [--index-cost] [--only 'run,run']
 
-    python benchmarks/replay_memory.py [--seeds 0,1,2] [--samples-per-task N] [--skip-accuracy]
-
-Latency: `EmbeddingIndex` (exact flat, CPU) at 1k / 10k / 100k items, dim 128 and 196
-(the pooled-input embedding the memory uses): one write of 10 slots (evicting their old
-rows) and one search of 10 queries for 10 neighbours, as one replay step does.
+Latency: `EmbeddingIndex` at 1k / 10k / 100k items (flat up to 20k, IVF past it, and
+flat forced at 100k for comparison), dim 128 and 256 (MLP-256's penultimate features,
+the memory's default embedding): one write of 10 slots (evicting their old rows) and
+one search of 10 queries for 10 neighbours, as one replay step does.
 Accuracy: `streamcl replay` on Split Fashion-MNIST 5x2, one pass, batch 10, memory 1000,
 defaults otherwise (class-balanced insertion, uniform retrieval, softmax), against one
 change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars against
-one partly made of condensed exemplars (k-means centroids). The `knn`/`ncm` head runs
-train exactly as the default run does (the head only predicts), so their samples/s
-against the default's is the index's cost.
-Writes benchmarks/results/replay_memory.json.
+one partly made of condensed exemplars (k-means centroids); index-based settings with
+the memory's default embedding (penultimate features) and with pooled inputs. The
+`knn`/`ncm` head runs train exactly as the default run does (the head only predicts),
+so their samples/s against the default's is the index's cost (`--index-cost` times it
+in paired trials: embedding each batch, the refresh budget, boundary re-embeds).
+Writes benchmarks/results/memory.json (full stream) or memory-N-per-task.json (a subset).
 """
 
 from __future__ import annotations
@@ -29,57 +31,80 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy.config import ReplayConfig
-from deploy.replay import run_replay
-from ingest.datasets import load
-from ingest.scenarios import ScenarioConfig, build, write
-from memory.index import EmbeddingIndex, set_threads
+from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.replay import run_replay
+from streamcl.ingest.datasets import load
+from streamcl.ingest.scenarios import ScenarioConfig, build, write
+from streamcl.memory.index import EmbeddingIndex, set_threads
 
-RESULTS = Path(__file__).parent / "results" / "replay_memory.json"
+RESULTS = Path(__file__).parent / "results"
+DIMS = (128, 256)
+"""Latency dims: 128, and the default model's (MLP-256) penultimate feature width."""
+INPUT = {"memory_embedding": "input"}
 RUNS: dict[str, dict[str, Any]] = {
     "default (class-balanced, uniform, softmax)": {},
     "retrieval class-balanced": {"memory_retrieval": "class-balanced"},
     "retrieval neighbours": {"memory_retrieval": "neighbours"},
+    "retrieval neighbours, input embedding": {"memory_retrieval": "neighbours", **INPUT},
+    "retrieval interfered": {"memory_retrieval": "interfered"},
     "insertion dedup 0.5": {"memory_dedup": 0.5},
+    "insertion dedup 0.5, input embedding": {"memory_dedup": 0.5, **INPUT},
     "head ncm": {"predict_head": "ncm"},
+    "head ncm, input embedding": {"predict_head": "ncm", **INPUT},
     "head knn": {"predict_head": "knn"},
+    "head knn, input embedding": {"predict_head": "knn", **INPUT},
     "tiny: 100 raw": {"memory": 100},
     "tiny: 50 raw + 5 condensed per class": {"memory": 100, "memory_condensed": 5},
     "tiny: 10 raw + 9 condensed per class": {"memory": 100, "memory_condensed": 9},
 }
 
 
-def unit_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
-    rows = rng.normal(size=(n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+def unit_rows(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unit rows around random centres: clustered, as class features are (uniformly random
+    rows in 128+ dims have no near neighbours, the worst case for any IVF index)."""
+    rows = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.normal(
+        size=(n, centres.shape[1])
+    ).astype(np.float32)
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
-def latency(items: int, dim: int, steps: int = 200) -> dict[str, Any]:
-    """Mean microseconds per replay-step write (10 slots) and search (10 queries, k 10)."""
+def latency(items: int, dim: int, kind: str = "auto", steps: int = 200) -> dict[str, Any]:
+    """Median microseconds per replay step: write 10 slots (evicting their rows) and search
+    10 queries for 10 neighbours, in the index `kind` that `items` gets (auto) or forced;
+    recall@10 of those searches against brute force over the same rows."""
     rng = np.random.default_rng(0)
-    index = EmbeddingIndex(items, dim)
+    centres = rng.normal(size=(100, dim)).astype(np.float32) / np.sqrt(dim) * 3
+    index = EmbeddingIndex(items, dim, kind=kind)  # type: ignore[arg-type]
     start = time.perf_counter()
     for lo in range(0, items, 1000):
         slots = np.arange(lo, min(lo + 1000, items))
-        index.write(slots, unit_rows(len(slots), dim, rng))
+        index.write(slots, unit_rows(len(slots), centres, rng))
     fill = time.perf_counter() - start
-    writes, searches = [], []
+    start = time.perf_counter()
+    index.search(unit_rows(1, centres, rng), 1)  # IVF trains its lists at the first search
+    train = time.perf_counter() - start
+    writes, searches, recalls = [], [], []
     for _ in range(steps):
         slots = rng.choice(items, 10, replace=False)
-        rows, queries = unit_rows(10, dim, rng), unit_rows(10, dim, rng)
+        rows, queries = unit_rows(10, centres, rng), unit_rows(10, centres, rng)
         t0 = time.perf_counter()
         index.write(slots, rows)
         t1 = time.perf_counter()
-        index.search(queries, 10)
+        _, found = index.search(queries, 10)
         searches.append(time.perf_counter() - t1)
         writes.append(t1 - t0)
+        if len(recalls) < 20:
+            exact = np.argsort(-(queries @ index.embeddings.T), axis=1)[:, :10]
+            recalls += [len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)]
     return {
         "items": items,
         "dim": dim,
         "backend": index.backend,
         "fill_seconds": round(fill, 4),
+        "first_search_seconds (IVF: training)": round(train, 4),
         "write_10_us_median": round(statistics.median(writes) * 1e6, 1),
         "search_10x10_us_median": round(statistics.median(searches) * 1e6, 1),
+        "recall_at_10": round(float(np.mean(recalls)), 3),
         "index_bytes": index.nbytes,
     }
 
@@ -127,6 +152,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name in RUNS:
         mine = [r for r in rows if r["run"] == name]
+        if not mine:
+            continue
         acc = [r["final_average_accuracy"] for r in mine]
         out.append(
             {
@@ -150,6 +177,7 @@ def main() -> None:
     parser.add_argument(
         "--skip-accuracy", action="store_true", help="keep the file's accuracy runs"
     )
+    parser.add_argument("--skip-latency", action="store_true", help="keep the file's latency")
     parser.add_argument("--index-cost", action="store_true", help="also time index on vs off")
     parser.add_argument(
         "--only", default=None, help="rerun these runs (comma separated), keep the file's others"
@@ -157,21 +185,30 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     set_threads(1)
+    per_task = args.samples_per_task
+    path = RESULTS / ("memory.json" if per_task is None else f"memory-{per_task}-per-task.json")
+    earlier: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    command = "python benchmarks/memory.py " + " ".join(
+        [f"--seeds {args.seeds}"]
+        + ([f"--samples-per-task {per_task}"] if per_task else [])
+        + (["--skip-accuracy"] if args.skip_accuracy else [])
+        + (["--skip-latency"] if args.skip_latency else [])
+        + ([f"--only '{args.only}'"] if args.only else [])
+        + (["--index-cost"] if args.index_cost else [])
+    )
     result: dict[str, Any] = {
+        **earlier,  # sections not rerun keep their earlier figures
         "benchmark": __doc__.splitlines()[0],
-        "command": "python benchmarks/replay_memory.py "
-        + " ".join(
-            [f"--seeds {args.seeds}"]
-            + ([f"--samples-per-task {args.samples_per_task}"] if args.samples_per_task else [])
-            + (["--skip-accuracy"] if args.skip_accuracy else [])
-            + ([f"--only '{args.only}'"] if args.only else [])
-            + (["--index-cost"] if args.index_cost else [])
-        ),
+        "command": f"{earlier['command']}; then {command}" if earlier else command,
         "torch": torch.__version__,
-        "latency": [latency(n, d) for n in (1000, 10_000, 100_000) for d in (128, 196)],
     }
-    for row in result["latency"]:
-        print(json.dumps(row), flush=True)
+    if not args.skip_latency:
+        result["latency"] = [latency(n, d) for n in (1000, 10_000, 100_000) for d in DIMS] + [
+            latency(100_000, d, kind="flat")
+            for d in DIMS  # what IVF saves past the limit
+        ]
+        for row in result["latency"]:
+            print(json.dumps(row), flush=True)
     if args.index_cost:
         result["index_cost"] = index_cost()
         print(json.dumps(result["index_cost"]), flush=True)
@@ -179,27 +216,20 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
         with tempfile.TemporaryDirectory() as tmp:
             stream = Path(tmp) / "split-fmnist.scs"
-            scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=args.samples_per_task)
+            scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=per_task)
             write(build(load("fashion-mnist"), scenario), stream)
             names = args.only.split(",") if args.only else list(RUNS)
             rows = accuracy(stream, seeds, names)
-        if args.only and RESULTS.exists():  # keep the earlier runs of the other settings
-            earlier = json.loads(RESULTS.read_text())
-            rows = [r for r in earlier["runs"] if r["run"] not in names] + rows
-            result["command"] = f"{earlier['command']}; then {result['command']}"
+        if args.only:  # keep the earlier runs of the other settings
+            rows = [r for r in earlier.get("runs", []) if r["run"] not in names] + rows
         result["stream"] = (
-            f"Split Fashion-MNIST 5x2, stream seed 0, "
-            f"{args.samples_per_task or 'all'} samples per task"
+            f"Split Fashion-MNIST 5x2, stream seed 0, {per_task or 'all'} samples per task"
         )
         result["runs"] = rows
         result["summary"] = summarise(rows)
-    elif RESULTS.exists():  # keep the accuracy runs recorded earlier
-        earlier = json.loads(RESULTS.read_text())
-        result.update({k: earlier[k] for k in ("stream", "runs", "summary") if k in earlier})
-        result["command"] = f"{earlier['command']}; then {result['command']}"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

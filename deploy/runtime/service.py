@@ -21,18 +21,18 @@ import torch
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from deploy.config import LearnerConfig, ServiceConfig
-from deploy.metrics import ServiceMetrics
-from deploy.replay import strategy_section
-from deploy.resume import plan_resume
-from deploy.retry import Backoff
-from deploy.session import LearningSession, environment
-from deploy.wiring import build_learner, configure_threads
-from evaluation.report import metric_section
-from evaluation.reservoir import ProbeReservoir
-from ingest import heldout as heldout_io
-from ingest.codec import encode
-from ingest.kafka import (
+from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
+from streamcl.deploy.runtime.metrics import ServiceMetrics, record_memory
+from streamcl.deploy.runtime.replay import strategy_section
+from streamcl.deploy.runtime.resume import plan_resume
+from streamcl.deploy.runtime.retry import Backoff
+from streamcl.deploy.runtime.session import LearningSession, environment
+from streamcl.deploy.runtime.wiring import build_learner, configure_threads
+from streamcl.evaluation.report import metric_section
+from streamcl.evaluation.reservoir import ProbeReservoir
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import encode
+from streamcl.ingest.kafka import (
     DEAD_LETTER_SUFFIX,
     QUARANTINE_SUFFIX,
     Arrival,
@@ -45,13 +45,17 @@ from ingest.kafka import (
     ensure_topic,
     wait_for_bootstrap,
 )
-from ingest.offsets import Reset, read_topic_state
-from ingest.schema import Batch, Rejected, Sample, StreamSpec
-from learner.checkpoint import CheckpointError, CheckpointStore, serialised_size, write_snapshot
-from learner.strategies import replay_buffer
+from streamcl.ingest.offsets import Reset, read_topic_state
+from streamcl.ingest.schema import Batch, Rejected, Sample, StreamSpec
+from streamcl.learner.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    serialised_size,
+    write_snapshot,
+)
+from streamcl.learner.strategies import replay_buffer
 
 log = logging.getLogger(__name__)
-DEFAULT_THREADS = 1
 REPORTED_LATENCIES = 100_000
 """Arrival-to-update latencies the final report's p50/p99 are taken over (the latest)."""
 # Settings that change what a checkpoint's tensors mean; a mismatch is a start-up error.
@@ -104,7 +108,7 @@ class Service:
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
         settings = kafka_settings(config)
         wait_for_bootstrap(settings, config.kafka.connect_timeout_s)  # before any slow set-up
-        configure_threads(config.learner.threads or DEFAULT_THREADS)
+        configure_threads(config.learner.threads)
         self.spec = StreamSpec(
             config.spec.feature_shape, config.spec.dtype, config.spec.num_classes
         )
@@ -517,6 +521,7 @@ class Service:
         if self.memory is not None:
             m.memory_items.set(len(self.memory))
             m.memory_bytes.set(self.memory.nbytes)
+            record_memory(m, self.memory.usage())
         now_ms = time.time() * 1000
         for origin in batch.origins:
             if origin is not None:

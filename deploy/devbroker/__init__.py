@@ -1,0 +1,1 @@
+"""The development broker: Tansu started on loopback for the demo and the tests."""

@@ -1,0 +1,1 @@
+"""The service runtime: configuration, the Kafka service, replay sessions, metrics and HTTP."""
