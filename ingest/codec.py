@@ -191,7 +191,9 @@ def decode_many(
         if origins is not None
         else ()
     )
-    return Batch(out_features, *columns, origins=kept_origins), rejects
+    return Batch(
+        out_features, columns[0], columns[1], columns[2], columns[3], kept_origins
+    ), rejects
 
 
 def _header_dtype(ndim: int) -> np.dtype:

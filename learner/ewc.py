@@ -26,7 +26,7 @@ second backward pass. That keeps ER+EWC within 1.3x of ER's step time
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class OnlineEWC(NoHooks):
                 (name, torch.zeros_like(p)) for name, p in named if name not in self._running
             )
         running = [self._running[name] for name, _ in named]
-        grads = [param.grad for _, param in named]
+        grads = [cast(torch.Tensor, param.grad) for _, param in named]
         with torch.no_grad():
             self._scale *= self.decay
             if self._scale < RESCALE_BELOW:  # also every step when decay is 0
@@ -106,14 +106,15 @@ class OnlineEWC(NoHooks):
             return None
         self._place(model)
         named = [(name, p) for name, p in model.named_parameters() if name in self._anchor]
-        params = [param for _, param in named]
+        params: list[torch.Tensor] = [param for _, param in named]
         for param in (p for p in params if p.grad is None):  # unused in this step's forward
             param.grad = torch.zeros_like(param)
         root = [self._root[name] for name, _ in named]
         with torch.no_grad():
             weighted = torch._foreach_mul(params, root)
             torch._foreach_sub_(weighted, [self._root_anchor[name] for name, _ in named])
-            torch._foreach_addcmul_([param.grad for param in params], root, weighted)
+            grads = [cast(torch.Tensor, param.grad) for param in params]
+            torch._foreach_addcmul_(grads, root, weighted)
             return 0.5 * torch.stack(torch._foreach_norm(weighted, 2)).square().sum()
 
     def consolidate(self, model: nn.Module, boundary: Boundary) -> None:

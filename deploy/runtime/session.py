@@ -408,23 +408,31 @@ def _stacked(items: list[Sample | Batch]) -> Batch:
         parts.append(Batch.from_samples(run))
     if len(parts) == 1:
         return parts[0]
-    return Batch(
-        *(np.concatenate([getattr(p, name) for p in parts]) for name in BATCH_ARRAYS),
-        origins=tuple(o for p in parts for o in (p.origins or (None,) * len(p)))
-        if any(p.origins for p in parts)
-        else (),
+    features, labels, tasks, sample_ids, times = (
+        np.concatenate([getattr(p, name) for p in parts])
+        for name in ("features", "labels", "tasks", "sample_ids", "event_times_ms")
     )
-
-
-BATCH_ARRAYS = ("features", "labels", "tasks", "sample_ids", "event_times_ms")
+    origins = tuple(o for p in parts for o in (p.origins or (None,) * len(p)))
+    return Batch(
+        features,
+        labels,
+        tasks,
+        sample_ids,
+        times,
+        origins if any(p.origins for p in parts) else (),
+    )
 
 
 def _rows(batch: Batch, start: int, stop: int) -> Batch:
     if start == 0 and stop == len(batch):
         return batch
     return Batch(
-        *(getattr(batch, name)[start:stop] for name in BATCH_ARRAYS),
-        origins=batch.origins[start:stop],
+        batch.features[start:stop],
+        batch.labels[start:stop],
+        batch.tasks[start:stop],
+        batch.sample_ids[start:stop],
+        batch.event_times_ms[start:stop],
+        batch.origins[start:stop],
     )
 
 
