@@ -1,6 +1,8 @@
 """End-to-end `serve` throughput from a local broker vs raw kafka-python consume+decode and
 vs `streamcl replay` of the same stream with the same learner, and arrival-to-update
-latency at a fixed publish rate. One run, one machine.
+latency at a fixed publish rate. One run, one machine. `serve` runs twice on the same topic:
+as shipped (a prefetch thread polls and decodes while the learner steps) and with polling
+inline on the learner's thread, as before the prefetch thread, for a side-by-side figure.
 
     python benchmarks/kafka_service.py [--stream PATH] [--rate 2000]
 
@@ -18,7 +20,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+from unittest import mock
 
 import torch
 from kafka import KafkaConsumer, TopicPartition
@@ -30,7 +34,7 @@ from streamcl.deploy.runtime.serve import run_service
 from streamcl.deploy.runtime.transfer import publish_stream
 from streamcl.ingest.codec import decode
 from streamcl.ingest.datasets import load
-from streamcl.ingest.kafka import KafkaSettings
+from streamcl.ingest.kafka import Arrival, KafkaSettings, KafkaSource
 from streamcl.ingest.recorded import StreamReader
 from streamcl.ingest.scenarios import ScenarioConfig, build, write
 
@@ -62,20 +66,55 @@ def raw_consume_rate(broker: EmbeddedBroker, topic: str, stream: Path, total: in
     return rate
 
 
+class InlinePoll:
+    """`Prefetcher`'s interface, polling on the caller's thread: the loop before prefetching."""
+
+    def __init__(self, source: KafkaSource, timeout_ms: int, max_records: int):
+        self.source, self.timeout_ms, self.max_records = source, timeout_ms, max_records
+        self.alive_at = time.monotonic()
+
+    def __enter__(self) -> InlinePoll:
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+    def get(self, _timeout_s: float) -> list[Arrival]:
+        arrivals = self.source.poll(self.timeout_ms, self.max_records)
+        self.alive_at = time.monotonic()
+        return arrivals
+
+    def lag(self) -> dict[int, int]:
+        return self.source.lag()
+
+    def assignment(self) -> list[int]:
+        return self.source.assignment()
+
+
 def serve_config(
-    broker: EmbeddedBroker, topic: str, workdir: Path, spec: dict[str, Any], heldout: Path
+    broker: EmbeddedBroker,
+    topic: str,
+    workdir: Path,
+    spec: dict[str, Any],
+    heldout: Path,
+    name: str = "",
 ) -> ServiceConfig:
     return ServiceConfig.model_validate(
         {
             "kafka": {
                 "bootstrap_servers": broker.bootstrap_servers,
                 "topic": topic,
-                "group_id": f"bench-{topic}",
+                "group_id": f"bench-{topic}{name}",
                 "consumer": FAST_GROUP,
             },
             "spec": spec,
             "learner": {"strategy": "er", "memory": 1000, "threads": 1},
-            "checkpoint": {"dir": str(workdir / f"ckpt-{topic}")},
+            "checkpoint": {"dir": str(workdir / f"ckpt-{topic}{name}")},
             "snapshot": {"dir": None},
             "http": {"port": free_port()},
             "heldout": str(heldout),
@@ -99,11 +138,16 @@ def main() -> None:
         heldout = Path(str(stream) + ".eval.npz")
         settings = KafkaSettings(broker.bootstrap_servers)
 
+        load_before = os.getloadavg()  # a shared machine: what else ran is part of the figure
         broker.create_topic("throughput")
         publish_stream(stream, settings, "throughput", progress=False)
         raw = raw_consume_rate(broker, "throughput", stream, total)
         config = serve_config(broker, "throughput", workdir, spec, heldout)
         served = run_service(config)
+        with mock.patch("streamcl.deploy.runtime.service.Prefetcher", InlinePoll):
+            inline = run_service(
+                serve_config(broker, "throughput", workdir, spec, heldout, "-inline")
+            )
         replayed = run_replay(
             validated(ReplayConfig, {"stream": stream, **config.learner.model_dump()}),
             progress=False,
@@ -116,8 +160,17 @@ def main() -> None:
             "serve_to_replay_ratio": round(
                 served["samples_per_second"] / replayed["samples_per_second"], 3
             ),
+            "serve_inline_poll_samples_per_second": round(inline["samples_per_second"], 1),
+            "serve_inline_poll_to_replay_ratio": round(
+                inline["samples_per_second"] / replayed["samples_per_second"], 3
+            ),
             "samples": served["samples_learned"],
             "final_average_accuracy": round(served["final_average_accuracy"], 4),
+            "final_average_accuracy_inline_poll": round(inline["final_average_accuracy"], 4),
+            "load_average_1_5_15_min": {
+                "before": [round(v, 2) for v in load_before],
+                "after": [round(v, 2) for v in os.getloadavg()],
+            },
         }
         print(json.dumps(throughput))
 

@@ -120,12 +120,14 @@ Headers = list[tuple[str, bytes]]
 @dataclass(frozen=True)
 class Arrival:
     """A decoded message plus what Kafka carried beside it: its timestamp (ms since
-    epoch, -1 when none), key and headers, which a dead letter keeps."""
+    epoch, -1 when none), key and headers, which a dead letter keeps; and its partition's
+    ownership epoch when it was fetched (`KafkaSource.current`)."""
 
     item: Sample | Rejected
     timestamp_ms: int
     key: bytes | None = None
     headers: Headers = field(default_factory=list)
+    epoch: int = 0
 
 
 class KafkaSource:
@@ -160,6 +162,13 @@ class KafkaSource:
         # a partition given back to this member resumes.
         self.handled: Offsets = {}
         self._on_revoke = on_revoke
+        # Bumped whenever a partition is revoked, lost or (re)assigned: an arrival fetched
+        # in an older epoch is not this member's to handle any more (`current`).
+        self._epochs: dict[int, int] = {}
+        self.ownership = threading.Lock()
+        """Held by the caller while it handles one arrival, and by a revocation while it
+        retires the revoked partitions' epochs: so no arrival of a revoked partition is
+        handled after the checkpoint that gives the partition away."""
         self._revoking: set[TopicPartition] = set()
         # Set while a revocation's worker runs: its commit is deferred to the listener.
         self._revocation: _Revocation | None = None
@@ -195,12 +204,25 @@ class KafkaSource:
             return [self._unreadable(err)]
         arrivals = []
         for tp, records in batches.items():
+            # Read after the poll: rebalances run inside it, so these are the records'.
+            epoch = self._epochs.get(tp.partition, 0)
             for record in records:
                 origin = Origin(tp.topic, tp.partition, record.offset)
                 item = decode(record.value, self.spec, origin)
                 headers = list(record.headers or [])
-                arrivals.append(Arrival(item, record.timestamp, record.key, headers))
+                arrivals.append(Arrival(item, record.timestamp, record.key, headers, epoch))
         return arrivals
+
+    def current(self, arrival: Arrival) -> bool:
+        """Whether `arrival` was fetched since its partition was last (re)assigned or taken
+        away: an older one belongs to another member now, or is fetched again from the
+        offset this member has handled. Call it holding `ownership`."""
+        origin = arrival.item.origin
+        return origin is None or self._epochs.get(origin.partition, 0) == arrival.epoch
+
+    def _retire(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self._epochs[tp.partition] = self._epochs.get(tp.partition, 0) + 1
 
     def _unreadable(self, err: Exception) -> Arrival:
         """Find the partition and offsets that `err` came from; skip them or stop.
@@ -247,7 +269,8 @@ class KafkaSource:
         log.error("unreadable record batch at %s: dead-lettered and skipped error=%s", where, error)
         self._consumer.seek(tp, last + 1)
         origin = Origin(tp.topic, tp.partition, first)
-        return Arrival(Rejected(b"", UNREADABLE, error[:1024], origin, last_offset=last), -1)
+        rejected = Rejected(b"", UNREADABLE, error[:1024], origin, last_offset=last)
+        return Arrival(rejected, -1, epoch=self._epochs.get(tp.partition, 0))
 
     def mark_handled(self, origin: Origin, last_offset: int | None = None) -> None:
         """Record that the message at `origin` (through `last_offset`, for a range) is
@@ -335,6 +358,7 @@ class KafkaSource:
 
         Partitions this model has never read start at the group's committed offset.
         """
+        self._retire(partitions)  # anything fetched before is fetched again from here
         for tp in partitions:
             offset = self.handled.get((tp.topic, tp.partition))
             if offset is not None:
@@ -345,14 +369,27 @@ class KafkaSource:
         """Checkpoint in a worker thread, then commit asynchronously; never raises.
 
         Runs on kafka-python's IO thread, which must stay free for heartbeats and the
-        commit; the caller's main thread is blocked in `poll` meanwhile, so its state
-        is between batches. A failure is logged: the next owner then re-reads from the
-        previous commit, at most one checkpoint interval.
+        commit; the thread that polls is blocked in `poll` meanwhile, but a learner fed
+        by a prefetch thread may be mid-batch: `on_revoke` takes the caller's model lock,
+        and the worker first retires the partitions under `ownership`, so arrivals of
+        theirs fetched ahead are dropped, never handled after the checkpoint. A failure
+        is logged: the next owner then re-reads from the previous commit, at most one
+        checkpoint interval.
         """
         if self._on_revoke is None or not partitions:
+            self._retire(partitions)
             return
         log.info("partitions revoked partitions=%s: checkpointing", _numbers(partitions))
-        revocation = _Revocation(self._on_revoke, self._consumer)
+        on_revoke = self._on_revoke
+
+        def retire_then_checkpoint() -> object:
+            # Arrivals of these partitions fetched ahead are dropped from now on; the
+            # checkpoint then covers exactly what was handled of them.
+            with self.ownership:
+                self._retire(partitions)
+            return on_revoke()
+
+        revocation = _Revocation(retire_then_checkpoint, self._consumer)
         self._revoking = set(partitions)
         self._revocation = revocation
         try:
@@ -437,6 +474,7 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         # Evicted: another member may own them already, so nothing is committed. The
         # model keeps what it learned; `handled` still says where it stands.
         log.warning("partitions lost (member evicted) partitions=%s", _numbers(lost))
+        self._source._retire(lost)
 
 
 def _numbers(partitions: Iterable[TopicPartition]) -> list[int]:

@@ -177,7 +177,7 @@ def test_start_up_warns_when_the_volume_cannot_hold_keep_plus_one(
     for free, warned in ((needed - 1, True), (needed, False)):
         caplog.clear()
         monkeypatch.setattr(
-            "streamcl.deploy.runtime.service.shutil.disk_usage",
+            "streamcl.deploy.runtime.commits.shutil.disk_usage",
             lambda _path, free=free: usage._replace(free=free),
         )
         Service(config).close()

@@ -14,11 +14,11 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from streamcl.deploy.cli.summary import summary_lines
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker
 from streamcl.deploy.runtime.config import ResumeConfig, ServiceConfig
 from streamcl.deploy.runtime.resume import plan_resume
 from streamcl.deploy.runtime.service import Service, kafka_settings
-from streamcl.deploy.runtime.session import summary_lines
 from streamcl.ingest.codec import encode
 from streamcl.ingest.kafka import KafkaSettings, KafkaSource, Publisher
 from streamcl.ingest.offsets import (

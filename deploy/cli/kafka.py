@@ -84,8 +84,8 @@ def serve(ctx: click.Context, config_file: str | None, **flags: Any) -> None:
     dead-letter topic with their reason in the headers. Flags and their environment
     variables override the config file's settings.
     """
+    from streamcl.deploy.cli.summary import summary_lines
     from streamcl.deploy.runtime.serve import run_service
-    from streamcl.deploy.runtime.session import summary_lines
 
     config = service_config(config_file, dict(given(ctx, flags)))
     check_file(config.report, "report")
@@ -264,7 +264,7 @@ def demo(
     127.0.0.1 for the duration and is stopped at the end.
     """
     from streamcl.deploy.cli.demo import run_demo
-    from streamcl.deploy.runtime.session import summary_lines
+    from streamcl.deploy.cli.summary import summary_lines
 
     learner = validated(LearnerConfig, {"strategy": strategy, "memory": memory, "seed": seed})
     report = run_demo(

@@ -358,8 +358,8 @@ def replay(
     progress: bool | None, metrics_out: str | None, pushgateway: str | None, **opts: Any
 ) -> None:
     """Replay a recorded stream through the online learner and report the metrics."""
+    from streamcl.deploy.cli.summary import summary_lines
     from streamcl.deploy.runtime.replay import check_outcome, run_replay
-    from streamcl.deploy.runtime.session import summary_lines
     from streamcl.evaluation.report import write_plots
 
     config = validated(ReplayConfig, opts)

@@ -62,8 +62,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from streamcl.deploy.runtime.commits import check_compatible, one_line
 from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
-from streamcl.deploy.runtime.service import Service, _check_compatible, _one_line
+from streamcl.deploy.runtime.service import Service
 from streamcl.ingest.errors import ConfigError, StreamclError
 from streamcl.ingest.kafka import Arrival, KafkaSourceError, Offsets
 from streamcl.ingest.schema import Batch
@@ -265,7 +266,7 @@ class RankService(Service):
 
     def restore(self) -> Offsets | None:
         """Rank 0 reads the newest checkpoint and hands every rank its part."""
-        restored = self.checkpoints.load_latest() if self.rank == 0 else None
+        restored = self.checkpoints.store.load_latest() if self.rank == 0 else None
         box: list[Any] = [None if restored is None else (str(restored.path), restored.state)]
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
@@ -276,7 +277,7 @@ class RankService(Service):
                 f"checkpoint {path} was written by a single-process service: start the ranks "
                 f"from an empty checkpoint.dir or serve it with one process"
             )
-        _check_compatible(json.loads(state["learner_config"]), self.global_learner, path)
+        check_compatible(json.loads(state["learner_config"]), self.global_learner, path)
         ranks = state["ranks"]
         if len(ranks) == self.world:
             mine = ranks[self.rank]
@@ -286,9 +287,8 @@ class RankService(Service):
             self.session.load_state_dict(mine["session"])
         else:
             self._respread(path, state)
-        self._filter_counts = dict(self.session.filtering.counts)
-        self._updates_at_checkpoint = self._updates_at_snapshot = self.learner.updates
-        self.metrics.model_version.set(self.learner.updates)
+        self.checkpoints.restored()
+        self.exporter.restored(self.session)
         offsets = _union([[tuple(o) for o in r["offsets"]] for r in ranks])
         log.info(
             "restored checkpoint path=%s rank=%d ranks=%d updates=%d offsets=%s",
@@ -381,7 +381,7 @@ class RankService(Service):
                 self.learner.device,
                 stop=stop.is_set(),
                 idle=not backlog and self._idle(now - idle_since),
-                due=Service._checkpoint_due(self, now),
+                due=self.checkpoints.due(now),
                 moved=moved,
             )
             if decision.rebalanced:
@@ -475,7 +475,7 @@ class RankService(Service):
                 self.dead_letters.flush()
                 self.quarantine_sink.flush()
             except KafkaSourceError as err:
-                self._checkpoint_failed(f"dead letters not delivered error={_one_line(err)}")
+                self.checkpoints.failed(f"dead letters not delivered error={one_line(err)}")
                 flushed = False
             offsets = dict(self.source.handled)
             learner_state = self.learner.state_dict()
@@ -494,19 +494,16 @@ class RankService(Service):
             dist.broadcast_object_list(outcome, src=0)
             if outcome[0] is None:
                 return False
-            self._updates_at_checkpoint = self.learner.updates
+            self.checkpoints.saved()
         self.source.commit(offsets)
-        self.checkpoint_retry.succeeded()
-        self.last_checkpoint_at = time.monotonic()
-        self.checkpoint_seconds = self.last_checkpoint_at - began
-        self.metrics.checkpointed(self.checkpoint_seconds)
+        self.checkpoints.committed(began)
         log.info(
             "checkpoint path=%s rank=%d updates=%d offsets=%s seconds=%.3f",
             outcome[0],
             self.rank,
             self.learner.updates,
             offsets,
-            self.checkpoint_seconds,
+            self.checkpoints.seconds,
         )
         return True
 
@@ -522,9 +519,9 @@ class RankService(Service):
             "learner_config": self.global_learner.model_dump_json(),
         }
         try:
-            path = self.checkpoints.save(state)
-        except Exception as err:  # as Service.checkpoint: commit nothing, retry later
-            self._checkpoint_failed(f"dir={self.checkpoints.directory} error={_one_line(err)}")
+            path = self.checkpoints.store.save(state)
+        except Exception as err:  # as Checkpoints.checkpoint: commit nothing, retry later
+            self.checkpoints.failed(f"dir={self.checkpoints.store.directory} error={one_line(err)}")
             return None
         self.metrics.checkpoint_bytes.set(path.stat().st_size)
         return str(path)

@@ -17,7 +17,8 @@ from typing import Any
 from tqdm import tqdm
 
 from streamcl.deploy.runtime.config import ReplayConfig
-from streamcl.deploy.runtime.session import LearningSession, environment
+from streamcl.deploy.runtime.sections import environment, strategy_section
+from streamcl.deploy.runtime.session import LearningSession
 from streamcl.deploy.runtime.wiring import build_learner, configure_threads
 from streamcl.ingest import heldout as heldout_io
 from streamcl.ingest.codec import decode_many
@@ -153,28 +154,6 @@ def load_heldout(stream: Path, explicit: Path | None = None) -> HeldOut | None:
         log.warning("no held-out set at %s: only prequential accuracy will be reported", path)
         return None
     return heldout_io.load(path)
-
-
-def strategy_section(learner: OnlineLearner) -> dict[str, Any]:
-    """How the learner saw tasks: evaluation scenario, detector events, task boundaries.
-
-    Every boundary (task-id change, detector event on a task-free batch, or periodic)
-    is a consolidation for the strategies; a detector event on a batch with task ids
-    is counted but is not a boundary. Event lists hold the latest `RECENT_EVENTS`.
-    """
-    detector = learner.detector
-    events = detector.events if detector is not None else []
-    return {
-        # Task-incremental: predictions are given each probe row's task id.
-        "scenario": "task-incremental" if learner.task_aware else "task-agnostic",
-        # The latest events (all of them up to RECENT_EVENTS); the counts cover every one.
-        "drift_events": [event.sample for event in events],
-        "drift_event_count": detector.event_count if detector is not None else 0,
-        "drift_event_reasons": [event.reason for event in events],
-        "task_boundaries": learner.boundaries.total,
-        "task_boundaries_by_reason": dict(sorted(learner.boundaries.by_reason.items())),
-        **({"memory": learner.memory.usage()} if learner.memory is not None else {}),
-    }
 
 
 def save(

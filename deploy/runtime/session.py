@@ -13,14 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
+from streamcl.deploy.runtime.pending import row, rows, stacked
+from streamcl.deploy.runtime.session_state import load_session_state, session_state
 from streamcl.evaluation.probes import ProbeResult, evaluate
 from streamcl.evaluation.report import head_tail, metric_section
 from streamcl.evaluation.reservoir import ProbeReservoir
 from streamcl.evaluation.tracker import RECENT_POINTS, AccuracyMatrix, PrequentialAccuracy
 from streamcl.ingest.heldout import HeldOut
-from streamcl.ingest.schema import Batch, Origin, Sample
+from streamcl.ingest.schema import Batch, Sample
 from streamcl.learner.loop import LearnResult, OnlineLearner
 from streamcl.learner.quarantine import Quarantine
 from streamcl.learner.tasks import TaskFollower
@@ -129,7 +130,7 @@ class LearningSession:
         without a per-sample object (the recorded-stream path)."""
         if self.probe is not None:  # the probe diverts sample by sample
             for i in range(len(batch)):
-                self.offer(_row(batch, i))
+                self.offer(row(batch, i))
             return
         self.samples_seen += len(batch)
         self.class_counts += np.bincount(batch.labels, minlength=len(self.class_counts))
@@ -146,7 +147,7 @@ class LearningSession:
         """Queue rows `start:stop`, learning each time a batch fills."""
         while start < stop:
             take = min(stop - start, self.batch_size - self._pending_rows)
-            self._pending.append(_rows(batch, start, start + take))
+            self._pending.append(rows(batch, start, start + take))
             self._pending_rows += take
             start += take
             if self._pending_rows >= self.batch_size:
@@ -161,7 +162,7 @@ class LearningSession:
         """Learn whatever is pending (a partial batch at a boundary or before a checkpoint)."""
         if not self._pending:
             return
-        batch = _stacked(self._pending)
+        batch = stacked(self._pending)
         self._pending, self._pending_rows = [], 0
         started = time.perf_counter()
         result = self.learner.learn(batch)
@@ -253,63 +254,11 @@ class LearningSession:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, trackers and the pending partial batch.
-
-        Pending samples are saved rather than learned early, so checkpoints never change
-        batch composition: a service run equals a replay of the same stream.
-        """
-        return {
-            "pending": _samples_state(_stacked(self._pending) if self._pending else None),
-            "samples_seen": self.samples_seen,
-            "samples_learned": self.samples_learned,
-            "samples_held_out": self.samples_held_out,
-            "filtering": self.filtering.state_dict(),
-            "class_counts": torch.from_numpy(self.class_counts.copy()),
-            "probe": self.probe.state_dict() if self.probe is not None else None,
-            "rejected": dict(self.rejected),
-            "tasks": self._tasks.state_dict(),
-            "next_eval": self._next_eval,
-            "prequential": self.prequential.state_dict(),
-            "matrix": self.matrix.state_dict(),
-            "curve": [dict(point) for point in self.curve],
-            "evaluated_at": self._evaluated_at,
-            "final_probe": None
-            if self.final_probe is None
-            else {
-                "per_group": self.final_probe.per_group.tolist(),
-                "per_class": self.final_probe.per_class.tolist(),
-                "overall": self.final_probe.overall,
-            },
-        }
+        """Counters, trackers and the pending partial batch (`session_state`)."""
+        return session_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = list(_samples_from_state(state["pending"]))
-        self._pending_rows = len(self._pending)
-        self.samples_seen = int(state["samples_seen"])
-        self.samples_learned = int(state["samples_learned"])
-        self.samples_held_out = int(state["samples_held_out"])
-        self.filtering.load_state_dict(state["filtering"])
-        self.class_counts = state["class_counts"].numpy().copy()
-        if self.probe is not None and state["probe"] is not None:
-            self.probe.load_state_dict(state["probe"])
-        self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})
-        self._tasks.load_state_dict(state["tasks"])
-        self._next_eval = int(state["next_eval"])
-        self.prequential.load_state_dict(state["prequential"])
-        self.matrix.load_state_dict(state["matrix"])
-        self.curve.clear()
-        self.curve.extend({k: float(v) for k, v in point.items()} for point in state["curve"])
-        self._evaluated_at = int(state["evaluated_at"])
-        probe = state["final_probe"]
-        self.final_probe = (
-            None
-            if probe is None
-            else ProbeResult(
-                np.array(probe["per_group"], dtype=np.float64),
-                np.array(probe["per_class"], dtype=np.float64),
-                float(probe["overall"]),
-            )
-        )
+        load_session_state(self, state)
 
 
 class FilterAccounting:
@@ -392,139 +341,6 @@ def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def _stacked(items: list[Sample | Batch]) -> Batch:
-    """One batch of pending items in order (runs of samples stacked, batches joined)."""
-    parts: list[Batch] = []
-    run: list[Sample] = []
-    for item in items:
-        if isinstance(item, Batch):
-            if run:
-                parts.append(Batch.from_samples(run))
-                run = []
-            parts.append(item)
-        else:
-            run.append(item)
-    if run:
-        parts.append(Batch.from_samples(run))
-    if len(parts) == 1:
-        return parts[0]
-    features, labels, tasks, sample_ids, times = (
-        np.concatenate([getattr(p, name) for p in parts])
-        for name in ("features", "labels", "tasks", "sample_ids", "event_times_ms")
-    )
-    origins = tuple(o for p in parts for o in (p.origins or (None,) * len(p)))
-    return Batch(
-        features,
-        labels,
-        tasks,
-        sample_ids,
-        times,
-        origins if any(p.origins for p in parts) else (),
-    )
-
-
-def _rows(batch: Batch, start: int, stop: int) -> Batch:
-    if start == 0 and stop == len(batch):
-        return batch
-    return Batch(
-        batch.features[start:stop],
-        batch.labels[start:stop],
-        batch.tasks[start:stop],
-        batch.sample_ids[start:stop],
-        batch.event_times_ms[start:stop],
-        batch.origins[start:stop],
-    )
-
-
-def _row(batch: Batch, i: int) -> Sample:
-    return Sample(
-        batch.features[i],
-        int(batch.labels[i]),
-        int(batch.tasks[i]),
-        int(batch.sample_ids[i]),
-        int(batch.event_times_ms[i]),
-        batch.origins[i] if batch.origins else None,
-    )
-
-
-def _samples_state(batch: Batch | None) -> dict[str, Any]:
-    if batch is None:
-        return {"count": 0}
-    return {
-        "count": len(batch),
-        "features": torch.from_numpy(batch.features.copy()),
-        "labels": torch.from_numpy(batch.labels),
-        "tasks": torch.from_numpy(batch.tasks),
-        "sample_ids": torch.from_numpy(batch.sample_ids),
-        "event_times_ms": torch.from_numpy(batch.event_times_ms),
-        "origins": [[o.topic, o.partition, o.offset] if o else None for o in batch.origins],
-    }
-
-
-def _samples_from_state(state: dict[str, Any]) -> list[Sample]:
-    if not state["count"]:
-        return []
-    columns = [state[k].numpy() for k in ("labels", "tasks", "sample_ids", "event_times_ms")]
-    features = state["features"].numpy()
-    return [
-        Sample(
-            features[i],
-            int(columns[0][i]),
-            int(columns[1][i]),
-            int(columns[2][i]),
-            int(columns[3][i]),
-            Origin(*origin) if origin else None,
-        )
-        for i, origin in enumerate(state["origins"])
-    ]
-
-
 def without_timings(report: dict[str, Any]) -> dict[str, Any]:
     """The report minus the keys that vary between identical runs."""
     return {k: v for k, v in report.items() if k not in TIMING_KEYS}
-
-
-def environment(learner: OnlineLearner) -> dict[str, Any]:
-    import platform
-
-    return {
-        "device": str(learner.device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A short human-readable summary for the terminal."""
-    reasons = report.get("null_reasons", {})
-
-    def metric(key: str, form: str) -> str:
-        value = report[key]
-        return f"n/a ({reasons.get(key, 'undefined')})" if value is None else format(value, form)
-
-    lines = [
-        f"final average accuracy  {metric('final_average_accuracy', '.4f')}",
-        f"average forgetting      {metric('average_forgetting', '.4f')}",
-        f"backward transfer       {metric('backward_transfer', '+.4f')}",
-        f"prequential accuracy    {report['prequential_accuracy']:.4f}",
-        f"samples seen/learned    {report['samples_seen']} / {report['samples_learned']}",
-        f"rejected                {report['samples_rejected']} "
-        f"{report['rejected_by_reason'] or ''}".rstrip(),
-        f"quarantined now/ever    {report['samples_quarantined']} / "
-        f"{report['samples_quarantined_total']} (re-admitted {report['samples_readmitted']}, "
-        f"rejected as noisy {report['samples_rejected_noisy']})",
-        f"throughput              {report['samples_per_second']:.0f} samples/s "
-        f"({report['environment']['threads']} thread(s), {report['environment']['device']})",
-    ]
-    for reset in report.get("offset_resets", []):  # serve: a resume offset outside its log
-        lines.append(
-            f"offset reset            {reset['topic']}/{reset['partition']} {reset['reason']} "
-            f"{reset['offset']} -> {reset['new_offset']} ({reset['policy']}; "
-            f"skipped {reset['messages_skipped']}, gone {reset['messages_gone']})"
-        )
-    matrix = np.array(report["accuracy_matrix"], dtype=float)
-    if matrix.size:
-        lines.append("accuracy matrix (rows: evaluation points, columns: groups)")
-        lines += ["  " + " ".join(f"{v:.3f}" for v in row) for row in matrix]
-    return lines
