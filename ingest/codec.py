@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from typing import Final, Literal
 
 import numpy as np
 
-from streamcl.ingest.schema import NO_TASK, Origin, Rejected, Sample, StreamSpec
+from streamcl.ingest.schema import NO_TASK, Batch, Origin, Rejected, Sample, StreamSpec
 
 RejectReason = Literal[
     "empty",
@@ -123,6 +124,94 @@ def decode(
         reason, detail = result
         return Rejected(payload, reason, detail, origin)
     return result
+
+
+def decode_many(
+    payloads: Sequence[bytes | None],
+    spec: StreamSpec,
+    origins: Sequence[Origin | None] | None = None,
+) -> tuple[Batch | None, list[Rejected]]:
+    """Decode and validate messages into one `Batch` (valid ones, in order) and the rejects.
+
+    The same verdicts as `decode` on each: binary messages in the spec's own shape are
+    checked together, their features copied straight into one array `[n, *shape]`; any
+    other message (JSON, a flat shape, anything invalid) goes through `decode` alone,
+    which gives the reason.
+    """
+    n = len(payloads)
+    ndim = len(spec.feature_shape)
+    start = _HEADER.size + 4 * ndim
+    size = start + spec.feature_nbytes
+    fast = np.fromiter(
+        (p is not None and len(p) == size and p[:2] == MAGIC for p in payloads), bool, n
+    )
+    rows = np.flatnonzero(fast)
+    raw = np.frombuffer(b"".join([payloads[i] for i in rows.tolist()]), np.uint8)  # type: ignore[misc]
+    raw = raw.reshape(len(rows), size)
+    head = np.ascontiguousarray(raw[:, :start]).view(_header_dtype(ndim))[:, 0]
+    features = raw[:, start:].view(spec.dtype).reshape(len(rows), *spec.feature_shape)
+    labels = head["label"].astype(np.int64)
+    ok = (
+        (head["version"] == VERSION)
+        & (head["dtype"] == _DTYPE_CODES[spec.dtype])
+        & (head["ndim"] == ndim)
+        & ((head["flags"] == _HAS_TASK) | ((head["flags"] == 0) & (head["task"] == 0)))
+        & (head["shape"] == np.array(spec.feature_shape)).all(axis=1)
+        & (labels >= 0)
+        & (labels < spec.num_classes)
+    )
+    if spec.dtype == "float32" and len(rows):
+        with np.errstate(invalid="ignore", over="ignore"):
+            ok &= np.isfinite(features.reshape(len(rows), -1).sum(axis=1, dtype=np.float64))
+    fast[rows[~ok]] = False
+    valid = fast.copy()
+    out_features = np.empty((n, *spec.feature_shape), spec.dtype)
+    out_features[rows[ok]] = features[ok]
+    columns = np.zeros((4, n), np.int64)  # labels, tasks, sample ids, event times
+    columns[0, rows] = labels
+    columns[1, rows] = np.where(head["flags"] == _HAS_TASK, head["task"].astype(np.int64), NO_TASK)
+    columns[2, rows] = head["sample_id"]
+    columns[3, rows] = head["event_time_ms"]
+    rejects: list[Rejected] = []
+    for i in np.flatnonzero(~fast).tolist():
+        result = decode(payloads[i], spec, origins[i] if origins is not None else None)
+        if isinstance(result, Rejected):
+            rejects.append(result)
+            continue
+        valid[i] = True
+        out_features[i] = result.features
+        columns[:, i] = (result.label, result.task, result.sample_id, result.event_time_ms)
+    if not valid.any():
+        return None, rejects
+    keep = None if valid.all() else np.flatnonzero(valid)
+    if keep is not None:
+        out_features, columns = out_features[keep], columns[:, keep]
+    kept_origins = (
+        (tuple(origins) if keep is None else tuple(origins[i] for i in keep.tolist()))
+        if origins is not None
+        else ()
+    )
+    return Batch(
+        out_features, columns[0], columns[1], columns[2], columns[3], kept_origins
+    ), rejects
+
+
+def _header_dtype(ndim: int) -> np.dtype:
+    """The binary header and shape as one packed little-endian record."""
+    return np.dtype(
+        [
+            ("magic", "S2"),
+            ("version", "u1"),
+            ("dtype", "u1"),
+            ("ndim", "u1"),
+            ("flags", "u1"),
+            ("task", "<u2"),
+            ("label", "<i4"),
+            ("sample_id", "<i8"),
+            ("event_time_ms", "<i8"),
+            ("shape", "<u4", (ndim,)),
+        ]
+    )
 
 
 def _decode_binary(

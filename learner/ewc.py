@@ -16,17 +16,26 @@ the diagonal Fisher information at the anchor theta*. For a stream:
   `2 * anchor_lag` updates old: a detector fires tens of samples after the change, and by
   then the next task's first, largest gradients have entered R and moved theta. Exact
   boundaries (task ids, the periodic one) use the current values.
+
+Per step the running Fisher and the penalty are a handful of `torch._foreach_*` ops over
+all parameters at once (no Python loop over them), and the penalty's gradient
+`lambda * F * (theta - theta*)` is added to `.grad` directly: no autograd graph and no
+second backward pass. That keeps ER+EWC within 1.3x of ER's step time
+(benchmarks/throughput.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from streamcl.ingest.errors import ConfigError
 from streamcl.learner.strategies import Boundary, NoHooks
+
+RESCALE_BELOW = 1e-10
+"""Fold the running Fisher's lazy decay back into its tensors below this factor."""
 
 
 class OnlineEWC(NoHooks):
@@ -49,40 +58,64 @@ class OnlineEWC(NoHooks):
         self.anchor_lag = anchor_lag
         self.steps = 0
         self.consolidations = 0
-        self._running: dict[str, torch.Tensor] = {}
+        self._running: dict[str, torch.Tensor] = {}  # times _scale: the running Fisher
+        self._scale = 1.0
         self._fisher: dict[str, torch.Tensor] = {}
         self._anchor: dict[str, torch.Tensor] = {}
+        self._root: dict[str, torch.Tensor] = {}
+        self._root_anchor: dict[str, torch.Tensor] = {}
         # Snapshots {"steps", "params", "running"}: `_lagged` is the older, used at a boundary.
         self._recent: dict[str, Any] | None = None
         self._lagged: dict[str, Any] | None = None
         self._placed = True
 
     def after_backward(self, model: nn.Module) -> None:
-        """Fold this step's squared task-loss gradient into the running Fisher."""
+        """Fold this step's squared task-loss gradient into the running Fisher.
+
+        The running Fisher is `_scale * _running`: decaying it is a scalar multiply, so a
+        step is one pass, `_running += (1 - decay) / _scale * g^2`, folded back into the
+        tensors when `_scale` gets small.
+        """
         self._place(model)
         self.steps += 1
+        named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+        if any(name not in self._running for name, _ in named):
+            self._running.update(
+                (name, torch.zeros_like(p)) for name, p in named if name not in self._running
+            )
+        running = [self._running[name] for name, _ in named]
+        grads = [cast(torch.Tensor, param.grad) for _, param in named]
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.grad is None:
-                    continue
-                running = self._running.get(name)
-                if running is None:
-                    running = self._running[name] = torch.zeros_like(param)
-                running.mul_(self.decay).addcmul_(param.grad, param.grad, value=1 - self.decay)
+            self._scale *= self.decay
+            if self._scale < RESCALE_BELOW:  # also every step when decay is 0
+                torch._foreach_mul_(list(self._running.values()), self._scale)
+                self._scale = 1.0
+            weight = (1 - self.decay) / self._scale
+            torch._foreach_addcmul_(running, grads, grads, value=weight)
         if self.anchor_lag and self.steps % self.anchor_lag == 0:
             self._lagged, self._recent = self._recent, self._snapshot(model)
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        """`lambda/2 * sum F (theta - theta*)^2`; None before the first consolidation."""
+        """Add the gradient of `lambda/2 * sum F (theta - theta*)^2` to `.grad`; return the
+        penalty's value (0-dim, no graph), or None before the first consolidation.
+
+        With `r = sqrt(lambda F)` and `w = r theta - r theta*`: the value is
+        `|w|^2 / 2` and the gradient `r w`.
+        """
         if not self._anchor or not self.lambda_:
             return None
         self._place(model)
-        terms = [
-            (self._fisher[name] * (param - self._anchor[name]).pow(2)).sum()
-            for name, param in model.named_parameters()
-            if name in self._anchor
-        ]
-        return 0.5 * self.lambda_ * torch.stack(terms).sum()
+        named = [(name, p) for name, p in model.named_parameters() if name in self._anchor]
+        params: list[torch.Tensor] = [param for _, param in named]
+        for param in (p for p in params if p.grad is None):  # unused in this step's forward
+            param.grad = torch.zeros_like(param)
+        root = [self._root[name] for name, _ in named]
+        with torch.no_grad():
+            weighted = torch._foreach_mul(params, root)
+            torch._foreach_sub_(weighted, [self._root_anchor[name] for name, _ in named])
+            grads = [cast(torch.Tensor, param.grad) for param in params]
+            torch._foreach_addcmul_(grads, root, weighted)
+            return 0.5 * torch.stack(torch._foreach_norm(weighted, 2)).square().sum()
 
     def consolidate(self, model: nn.Module, boundary: Boundary) -> None:
         """Anchor at the weights; add the running Fisher to the consolidated one."""
@@ -100,9 +133,16 @@ class OnlineEWC(NoHooks):
                     estimate if previous is None else previous.mul(self.gamma).add_(estimate)
                 )
                 self._anchor[name] = param.clone()
+        self._derive()
         self.consolidations += 1
         # Later boundaries must not anchor before this one.
         self._recent = self._lagged = None
+
+    def _derive(self) -> None:
+        """The penalty's factors `sqrt(lambda F)` and `sqrt(lambda F) theta*`, per boundary."""
+        with torch.no_grad():
+            self._root = {k: f.mul(self.lambda_).sqrt_() for k, f in self._fisher.items()}
+            self._root_anchor = {k: r.mul(self._anchor[k]) for k, r in self._root.items()}
 
     def _snapshot(self, model: nn.Module) -> dict[str, Any]:
         return {
@@ -112,8 +152,13 @@ class OnlineEWC(NoHooks):
                 for name, param in model.named_parameters()
                 if param.requires_grad
             },
-            "running": {name: running.clone() for name, running in self._running.items()},
+            "running": self._running_fisher(),
         }
+
+    def _running_fisher(self) -> dict[str, torch.Tensor]:
+        """The running estimate's true values (fresh tensors)."""
+        with torch.no_grad():
+            return {name: running.mul(self._scale) for name, running in self._running.items()}
 
     def fisher(self) -> dict[str, torch.Tensor]:
         """The consolidated diagonal Fisher, by parameter name (empty before a boundary)."""
@@ -131,13 +176,16 @@ class OnlineEWC(NoHooks):
         for table in tables:
             for name, value in table.items():
                 table[name] = value.to(devices.get(name, value.device))
+        self._derive()
         self._placed = True
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
             "consolidations": self.consolidations,
+            # As kept (times running_scale): a resumed run then steps exactly as this one.
             "running": {k: v.clone() for k, v in self._running.items()},
+            "running_scale": self._scale,
             "fisher": {k: v.clone() for k, v in self._fisher.items()},
             "anchor": {k: v.clone() for k, v in self._anchor.items()},
             "recent": _copy(self._recent),
@@ -148,6 +196,7 @@ class OnlineEWC(NoHooks):
         self.steps = int(state["steps"])
         self.consolidations = int(state["consolidations"])
         self._running = {k: v.clone() for k, v in state["running"].items()}
+        self._scale = float(state["running_scale"])
         self._fisher = {k: v.clone() for k, v in state["fisher"].items()}
         self._anchor = {k: v.clone() for k, v in state["anchor"].items()}
         self._recent = _copy(state["recent"])

@@ -188,10 +188,8 @@ class OnlineLearner:
             for strategy in self.strategies:
                 strategy.after_backward(self.model)
             extras = [e for e in (s.penalty(self.model) for s in self.strategies) if e is not None]
-            if extras:
-                extra = torch.stack(extras).sum()
-                extra.backward()
-                loss = loss.detach() + extra.detach()
+            if extras:  # their gradients are in .grad already
+                loss = loss.detach() + torch.stack(extras).sum()
             for strategy in self.strategies:
                 strategy.before_step(self.model)
             self.optimizer.step()

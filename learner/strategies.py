@@ -7,7 +7,8 @@ Per incoming batch the loop calls, for each of K steps:
    multiplied in, logits outside the allowed classes pushed to the dtype's minimum);
 3. backward of the cross-entropy, then `after_backward(model)`: `.grad` holds the task
    loss's gradient (online EWC's running Fisher reads it: no extra pass over data);
-4. `penalty(model)`: extra loss terms, whose gradients are then added to `.grad`;
+4. `penalty(model)`: extra loss terms: the strategy adds the term's gradient to `.grad`
+   itself (in closed form, without a second backward pass) and returns its value;
 5. `before_step(model)`: gradient masks (PackNet's frozen weights);
 6. optimizer step, then `after_step(model)`: projections (PackNet restores frozen weights);
 

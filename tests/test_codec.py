@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -11,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from streamcl.ingest.codec import REJECT_REASONS, decode, encode, encode_json
-from streamcl.ingest.schema import NO_TASK, Origin, Rejected, Sample, StreamSpec
+from streamcl.ingest.codec import REJECT_REASONS, decode, decode_many, encode, encode_json
+from streamcl.ingest.schema import NO_TASK, Batch, Origin, Rejected, Sample, StreamSpec
 
 U8 = StreamSpec((2, 3), "uint8", 10)
 F32 = StreamSpec((4,), "float32", 5)
@@ -584,3 +585,45 @@ def test_contradictory_or_reserved_flags_are_rejected(flags: int, task: int, det
     payload[6:8] = task.to_bytes(2, "little")
     got = rejected(bytes(payload), U8)
     assert (got.reason, got.detail) == ("bad_flags", detail)
+
+
+@pytest.mark.parametrize("spec", [U8, F32], ids=["uint8", "float32"])
+def test_decode_many_gives_decodes_verdicts_in_order(spec: StreamSpec) -> None:
+    good = u8_sample() if spec is U8 else f32_sample()
+    binary = encode(good)
+    tasked = encode(dataclasses.replace(good, task=3, label=2, sample_id=5))
+    flat = encode(dataclasses.replace(good, features=good.features.reshape(-1)))
+    bad_label = encode(dataclasses.replace(good, label=spec.num_classes))
+    bad_flags = bytearray(binary)
+    bad_flags[5] = 0x02
+    payloads: list[bytes | None] = [
+        binary,
+        b"garbage",
+        tasked,
+        encode_json(good),
+        bad_label,
+        flat,
+        None,
+        bytes(bad_flags),
+        binary[:-1],
+        b"",
+        tasked,
+    ]
+    if spec is F32:
+        payloads.append(encode(f32_sample(values=[0.0, float("nan"), 1.0, 2.0])))
+    origins = [Origin("t", 0, i) for i in range(len(payloads))]
+    batch, rejects = decode_many(payloads, spec, origins)
+    one_by_one = [decode(p, spec, o) for p, o in zip(payloads, origins, strict=True)]
+    samples = [r for r in one_by_one if isinstance(r, Sample)]
+    assert rejects == [r for r in one_by_one if isinstance(r, Rejected)]
+    assert batch is not None and len(batch) == len(samples) == 5
+    expected = Batch.from_samples(samples)
+    np.testing.assert_array_equal(batch.features, expected.features)
+    for column in ("labels", "tasks", "sample_ids", "event_times_ms"):
+        np.testing.assert_array_equal(getattr(batch, column), getattr(expected, column))
+    assert batch.origins == expected.origins
+
+
+def test_decode_many_of_rejects_only_gives_no_batch() -> None:
+    batch, rejects = decode_many([b"x", None], U8)
+    assert batch is None and [r.reason for r in rejects] == ["garbage", "tombstone"]

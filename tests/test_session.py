@@ -329,3 +329,23 @@ def test_pending_samples_survive_the_state_exactly(stream_samples: list[Sample])
         np.testing.assert_array_equal(getattr(batch, name), getattr(expected, name))
         assert getattr(batch, name).dtype == getattr(expected, name).dtype
     assert batch.origins == expected.origins
+
+
+def test_offering_batches_equals_offering_each_sample(
+    stream_samples: list[Sample], digits_heldout: HeldOut, task_sizes: list[int]
+) -> None:
+    """Uneven chunks straddling the first task boundary: same updates, evaluations, state."""
+    n = task_sizes[0] + 26
+    one, many = (LearningSession(learner(), digits_heldout, batch_size=10) for _ in range(2))
+    for sample in stream_samples[:n]:
+        one.offer(sample)
+    start = 0
+    for size in (7, 25, task_sizes[0] - 40, 3, 31):  # the boundary is row 5 of the 31
+        many.offer_batch(Batch.from_samples(stream_samples[start : start + size]))
+        start += size
+    assert start == n
+    assert one.learner.updates == many.learner.updates and many.pending == n % 10 != 0
+    assert one.matrix.points == many.matrix.points == [task_sizes[0]]
+    assert_same_params(one.learner, many.learner)
+    assert_state_equal(one.state_dict(), many.state_dict())
+    assert one.report() == many.report()

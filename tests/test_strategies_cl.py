@@ -362,10 +362,14 @@ def test_running_fisher_is_a_bias_corrected_moving_average_of_squared_gradients(
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[2.0, 0.0]]))  # moved by [1, 2] from the anchor
     # lambda/2 * (4/3 * 1^2 + 2/3 * 2^2) = 2 * 4 = 8
+    model.weight.grad = torch.tensor([[1.0, -1.0]])  # the task loss's gradient
     penalty = ewc.penalty(model)
     assert penalty is not None and penalty.item() == pytest.approx(8.0)
-    model.weight.grad = None
-    penalty.backward()  # d/dw = lambda * F * (w - w*) = 4 * [4/3, 4/3]
+    assert not penalty.requires_grad  # its gradient is added in closed form:
+    # d/dw = lambda * F * (w - w*) = 4 * [4/3, 4/3], on top of the task loss's
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[1 + 16 / 3, -1 + 16 / 3]]))
+    model.weight.grad = None  # a weight this step's forward did not use
+    ewc.penalty(model)
     torch.testing.assert_close(model.weight.grad, torch.tensor([[16 / 3, 16 / 3]]))
     # A second boundary keeps gamma of the old Fisher: 0.5 * [4/3, 2/3] + R3 / (1 - 0.5^3).
     step(ewc, model, [0.0, 0.0])  # R = 0.5 * [1, 0.5] = [0.5, 0.25]

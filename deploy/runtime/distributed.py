@@ -8,8 +8,8 @@ ranks train one model through collectives (gloo on CPU, NCCL on CUDA).
 
 Gradients: an explicit all-reduce in an optimizer step pre-hook, not
 DistributedDataParallel. DDP all-reduces inside `backward` and needs every rank to run the
-same number of backward passes on the same module; our loop runs a task-loss backward and a
-separate penalty backward (EWC), skips the step when the noise filter holds back a whole
+same number of backward passes on the same module; our loop adds penalty gradients (EWC)
+outside autograd, skips the step when the noise filter holds back a whole
 batch, and a rank whose partitions run dry has no batch at all. Here every optimizer step of
 any rank is one all-reduce of one flat buffer (all gradients, a "contributes" flag and a
 "working" flag): ranks that step contribute their gradients, the rest contribute zeros and

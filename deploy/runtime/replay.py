@@ -21,15 +21,18 @@ from streamcl.deploy.runtime.sections import environment, strategy_section
 from streamcl.deploy.runtime.session import LearningSession
 from streamcl.deploy.runtime.wiring import build_learner, configure_threads
 from streamcl.ingest import heldout as heldout_io
-from streamcl.ingest.codec import decode
+from streamcl.ingest.codec import decode_many
 from streamcl.ingest.errors import ConfigError, DataError
 from streamcl.ingest.heldout import HeldOut
-from streamcl.ingest.recorded import CorruptFrame, StreamReader
-from streamcl.ingest.schema import Origin, Rejected
+from streamcl.ingest.recorded import CorruptFrame, Frame, StreamReader
+from streamcl.ingest.schema import Origin
 from streamcl.learner.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from streamcl.learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
+DEFAULT_THREADS = 1
+DECODE_FRAMES = 256
+"""Frames decoded together: one array per field, checked at once (`decode_many`)."""
 # Where outputs go and how a run was split: not part of what the run computes.
 REPLAY_KEYS = {"config", "position", "learner", "session"}
 """What `save` writes, and `restore` needs."""
@@ -60,6 +63,20 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
         position = restore(config, learner, session) if config.resume is not None else 0
         resumed_at = position
         topic = str(config.stream)
+        frames: list[Frame] = []
+
+        def learn_frames() -> None:
+            """Decode the frames read so far into one batch and offer it."""
+            if not frames:
+                return
+            origins = [Origin(topic, 0, frame.offset) for frame in frames]
+            batch, rejects = decode_many([f.payload for f in frames], reader.spec, origins)
+            for rejected in rejects:
+                session.reject(rejected.reason)
+            if batch is not None:
+                session.offer_batch(batch)
+            frames.clear()
+
         learn_started = time.perf_counter()
         for consumed, item in enumerate(bar):
             if consumed == config.stop_after:
@@ -76,11 +93,10 @@ def run_replay(config: ReplayConfig, progress: bool | None = None) -> dict[str, 
                     item.detail,
                 )
                 continue
-            decoded = decode(item.payload, reader.spec, Origin(topic, 0, item.offset))
-            if isinstance(decoded, Rejected):
-                session.reject(decoded.reason)
-            else:
-                session.offer(decoded)
+            frames.append(item)
+            if len(frames) == DECODE_FRAMES:
+                learn_frames()
+        learn_frames()
         stopped = config.stop_after is not None and position == config.stop_after
         if stopped and config.checkpoint is not None:
             save(config, learner, session, position)

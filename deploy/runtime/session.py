@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from streamcl.deploy.runtime.pending import row, rows, stacked
 from streamcl.deploy.runtime.session_state import load_session_state, session_state
 from streamcl.evaluation.probes import ProbeResult, evaluate
 from streamcl.evaluation.report import head_tail, metric_section
@@ -70,7 +71,9 @@ class LearningSession:
         self.curve: deque[dict[str, float]] = deque(maxlen=RECENT_POINTS)
         self.final_probe: ProbeResult | None = None
         self.evaluation_seconds = 0.0
-        self._pending: list[Sample] = []
+        # Samples offered one by one, or row ranges of batches: at most `batch_size` rows.
+        self._pending: list[Sample | Batch] = []
+        self._pending_rows = 0
         # The learner's rule, its window: both see the same samples, so they agree.
         self._tasks = TaskFollower(learner.tasks.window)
         self._next_eval = eval_every or 0
@@ -79,7 +82,7 @@ class LearningSession:
     @property
     def pending(self) -> int:
         """Valid samples waiting for their batch to fill."""
-        return len(self._pending)
+        return self._pending_rows
 
     @property
     def samples_rejected(self) -> int:
@@ -116,10 +119,39 @@ class LearningSession:
             self.flush()
             self.evaluate()
         self._pending.append(sample)
+        self._pending_rows += 1
         self.class_counts[sample.label] += 1
-        if len(self._pending) >= self.batch_size:
+        if self._pending_rows >= self.batch_size:
             self.flush()
         return True
+
+    def offer_batch(self, batch: Batch) -> None:
+        """Queue valid samples `[n]` in arrival order: the same as `offer` on each row,
+        without a per-sample object (the recorded-stream path)."""
+        if self.probe is not None:  # the probe diverts sample by sample
+            for i in range(len(batch)):
+                self.offer(row(batch, i))
+            return
+        self.samples_seen += len(batch)
+        self.class_counts += np.bincount(batch.labels, minlength=len(self.class_counts))
+        start = 0
+        for i, task in enumerate(batch.tasks.tolist()):
+            if self._tasks.arrives(task):
+                self._queue(batch, start, i)
+                self.flush()
+                self.evaluate()
+                start = i
+        self._queue(batch, start, len(batch))
+
+    def _queue(self, batch: Batch, start: int, stop: int) -> None:
+        """Queue rows `start:stop`, learning each time a batch fills."""
+        while start < stop:
+            take = min(stop - start, self.batch_size - self._pending_rows)
+            self._pending.append(rows(batch, start, start + take))
+            self._pending_rows += take
+            start += take
+            if self._pending_rows >= self.batch_size:
+                self.flush()
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Account for `count` messages rejected for `reason` (an unreadable batch: several)."""
@@ -130,8 +162,8 @@ class LearningSession:
         """Learn whatever is pending (a partial batch at a boundary or before a checkpoint)."""
         if not self._pending:
             return
-        batch = Batch.from_samples(self._pending)
-        self._pending = []
+        batch = stacked(self._pending)
+        self._pending, self._pending_rows = [], 0
         started = time.perf_counter()
         result = self.learner.learn(batch)
         seconds = time.perf_counter() - started

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from streamcl.deploy.runtime.pending import stacked
 from streamcl.evaluation.probes import ProbeResult
 from streamcl.ingest.schema import Batch, Origin, Sample
 
@@ -24,7 +25,7 @@ def session_state(session: LearningSession) -> dict[str, Any]:
     """The session's state as tensors and plain containers."""
     final = session.final_probe
     return {
-        "pending": samples_state(session._pending),
+        "pending": samples_state(session._pending),  # samples and row ranges of batches
         "samples_seen": session.samples_seen,
         "samples_learned": session.samples_learned,
         "samples_held_out": session.samples_held_out,
@@ -50,7 +51,8 @@ def session_state(session: LearningSession) -> dict[str, Any]:
 
 def load_session_state(session: LearningSession, state: dict[str, Any]) -> None:
     """Restore what `session_state` saved into `session` (built with the same settings)."""
-    session._pending = samples_from_state(state["pending"])
+    session._pending = list(samples_from_state(state["pending"]))
+    session._pending_rows = len(session._pending)
     session.samples_seen = int(state["samples_seen"])
     session.samples_learned = int(state["samples_learned"])
     session.samples_held_out = int(state["samples_held_out"])
@@ -78,11 +80,11 @@ def load_session_state(session: LearningSession, state: dict[str, Any]) -> None:
     )
 
 
-def samples_state(samples: list[Sample]) -> dict[str, Any]:
-    """Samples as one tensor per field (their origins as plain lists)."""
+def samples_state(samples: list[Sample | Batch]) -> dict[str, Any]:
+    """Samples (or batches of them) as one tensor per field (their origins as plain lists)."""
     if not samples:
         return {"count": 0}
-    batch = Batch.from_samples(samples)
+    batch = stacked(samples)
     return {
         "count": len(batch),
         "features": torch.from_numpy(batch.features.copy()),
