@@ -63,6 +63,19 @@ class Draw:
     tasks: torch.Tensor
 
 
+MEMORY_PARTS = ("features", "embeddings", "index", "condensed")
+"""The parts `ReplayBuffer.usage()` reports bytes for."""
+
+NO_MEMORY_USAGE: dict[str, Any] = {
+    "backend": "none",
+    "items": 0,
+    "indexed_items": 0,
+    "non_finite_embeddings": 0,
+    "bytes": dict.fromkeys(MEMORY_PARTS, 0),
+}
+"""`usage()` of a learner without a replay memory."""
+
+
 class ReplayBuffer:
     """Fixed item budget; `add` offers exemplars to the selector, `sample` draws.
 

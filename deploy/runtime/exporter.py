@@ -15,7 +15,7 @@ import torch
 from streamcl.deploy.runtime.metrics import ServiceMetrics, record_memory
 from streamcl.deploy.runtime.session import FilterAccounting, LearningSession
 from streamcl.learner.loop import OnlineLearner
-from streamcl.memory.buffer import ReplayBuffer
+from streamcl.memory.buffer import NO_MEMORY_USAGE, ReplayBuffer
 
 log = logging.getLogger(__name__)
 REPORTED_LATENCIES = 100_000
@@ -39,6 +39,8 @@ class MetricsExporter:
         self._past_end: set[int] = set()
         if memory is not None:
             metrics.memory_capacity.set(memory.capacity)
+        # Without a memory (naive, packnet) its series still exist, at zero with backend "none".
+        record_memory(metrics, memory.usage() if memory is not None else NO_MEMORY_USAGE)
         if learner.device.type == "cuda":
             device = learner.device
             metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))
