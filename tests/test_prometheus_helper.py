@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from streamcl.deploy.devbroker.tansu import free_port
-from streamcl.deploy.runtime.metrics import ServiceMetrics
+from streamcl.deploy.runtime.metrics import ServiceMetrics, record_memory
 from tests.prometheus import (
     ALERTS,
     PrometheusError,
@@ -86,6 +86,8 @@ def populated_metrics(registry: CollectorRegistry) -> ServiceMetrics:
     metrics.memory_items.set(800)
     metrics.memory_capacity.set(1000)
     metrics.memory_bytes.set(800 * 784)
+    bytes_by_part = {"features": 800 * 784, "embeddings": 800 * 256, "index": 0, "condensed": 0}
+    record_memory(metrics, {"backend": "flat", "indexed_items": 800, "bytes": bytes_by_part})
     metrics.probe_items.set(40)
     metrics.checkpointed(0.05)
     metrics.track_checkpoint_age(lambda: 12.0)

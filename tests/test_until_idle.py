@@ -37,7 +37,7 @@ def test_idle_time_without_partitions_does_not_end_the_run(
     service: ServiceThread | None = None
     try:
         holder.subscribe([topic])
-        wait_until(lambda: bool(holder.poll(timeout_ms=100) or holder.assignment()), 30, "join")
+        wait_until(lambda: bool(holder.poll(timeout_ms=100) or holder.assignment()), 90, "join")
         holder.pause(*holder.assignment())  # holds the only partition, reads nothing
         service = started = ServiceThread(config)
         # The window starts at serve's first poll, not at its thread's start: building the
