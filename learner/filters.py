@@ -174,13 +174,19 @@ class IndexNeighbours:
 
 
 class NeighbourAgreement:
-    """Flag a row whose label is not the plurality among its `k` nearest neighbours' labels
-    and is carried by fewer than `min_agreement` of them.
+    """Flag a row whose label is not the plurality among its `k` nearest neighbours' labels,
+    is carried by fewer than `min_agreement` of them, and whose neighbours' plurality label
+    holds at least `min_plurality` of them.
 
     The share floor spares clean samples of look-alike classes (shirt and T-shirt are
     each other's neighbours) while a noisy label, which its neighbours almost never
     carry, is still flagged; 1 keeps the bare plurality rule (catches pair-flip noise
-    too, at more false alarms). Abstains while fewer than `k` neighbours exist.
+    too, at more false alarms). The plurality floor makes an uninformative neighbourhood
+    judge nothing: on a new domain (a permuted task) the model's embeddings do not yet
+    separate the classes, neighbours' labels are near uniform, and without the floor
+    three clean samples in four were held back, so the model never learned the task and
+    the filter never recovered (naive on a clean permuted stream fell from 0.57 to 0.10).
+    Abstains while fewer than `k` neighbours exist.
     `neighbours` defaults to the FAISS search over the recent window (and the memory,
     when the learner wires it in).
     """
@@ -194,13 +200,17 @@ class NeighbourAgreement:
         window: int = 1000,
         neighbours: NeighbourLabels | None = None,
         min_agreement: float = 1.0,
+        min_plurality: float = 0.0,
     ):
         if k < 1:
             raise ConfigError(f"knn k must be >= 1, got {k}")
         if not 0.0 <= min_agreement <= 1.0:
             raise ConfigError(f"knn min_agreement must be in [0, 1], got {min_agreement}")
+        if not 0.0 <= min_plurality <= 1.0:
+            raise ConfigError(f"knn min_plurality must be in [0, 1], got {min_plurality}")
         self.k = k
         self.min_agreement = min_agreement
+        self.min_plurality = min_plurality
         self.window = RecentWindow(window, dim)
         self.neighbours: NeighbourLabels = neighbours or IndexNeighbours(self.window)
 
@@ -212,7 +222,12 @@ class NeighbourAgreement:
         counts = torch.zeros(len(labels), int(max(labels.max(), found.max())) + 1)
         counts.scatter_add_(1, found.clamp_min(0), valid.float())
         own = counts.gather(1, labels.cpu().unsqueeze(1)).squeeze(1)
-        outvoted = (own < counts.max(dim=1).values) & (own < self.min_agreement * self.k)
+        plurality = counts.max(dim=1).values
+        outvoted = (
+            (own < plurality)
+            & (own < self.min_agreement * self.k)
+            & (plurality >= self.min_plurality * self.k)
+        )
         verdict = np.where(outvoted.numpy(), FLAG, PASS)
         return np.where(valid.sum(dim=1).numpy() < self.k, ABSTAIN, verdict)
 

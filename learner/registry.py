@@ -127,6 +127,7 @@ def neighbour_agreement(context: FilterContext) -> Filter:
         s["knn_k"],
         s["knn_window"],
         min_agreement=s["knn_min_agreement"],
+        min_plurality=s["knn_min_plurality"],
     )
     knn.neighbours = IndexNeighbours(knn.window, context.memory)
     return knn

@@ -100,6 +100,22 @@ def test_plurality_rule_survives_pair_flip_noise() -> None:
     assert verdict.tolist() == [PASS, FLAG]
 
 
+def test_neighbour_agreement_judges_nothing_in_a_near_uniform_neighbourhood() -> None:
+    """Ten neighbours carrying ten different labels (embeddings that do not yet separate
+    the classes, as on a new domain) say nothing about a label none of them carries;
+    nine neighbours of one label do."""
+    spread = unit([[1, 0.01 * i] for i in range(12)])
+    query, label = unit([[1, 0]]), torch.tensor([11])  # the 10 nearest carry labels 0-9
+    bare = NeighbourAgreement(dim=2, k=10, window=100, min_agreement=0.2)
+    floored = NeighbourAgreement(dim=2, k=10, window=100, min_agreement=0.2, min_plurality=0.5)
+    for knn in (bare, floored):
+        knn.window.add(spread, torch.arange(12))
+    assert bare.judge(torch.zeros(1), query, label).tolist() == [FLAG]
+    assert floored.judge(torch.zeros(1), query, label).tolist() == [PASS]
+    floored.window.add(unit([[1, 0.001 * i] for i in range(9)]), torch.full((9,), 7))
+    assert floored.judge(torch.zeros(1), query, label).tolist() == [FLAG]
+
+
 def test_mixture_threshold_splits_two_modes_and_refuses_one() -> None:
     gen = np.random.default_rng(0)
     bimodal = np.concatenate([gen.normal(-4, 0.5, 600), gen.normal(1, 0.5, 400)])
@@ -224,6 +240,22 @@ def test_ace_leaves_absent_classes_of_new_rows_untouched() -> None:
     assert torch.allclose(
         TrainingLoss(5, ace=True, logit_adjust_tau=0.0)(logits, labels, 2), expected
     )
+
+
+def test_ace_counts_a_class_of_the_recent_arrivals_as_present() -> None:
+    """A batch of class 0 alone, while class 1 made up a third of the recent arrivals: the
+    new rows' loss still sees class 1 (the batch rule alone gives zero loss), not class 2."""
+    loss = TrainingLoss(3, ace=True, ace_recent_share=0.05, logit_adjust_tau=0.0)
+    logits = torch.tensor([[0.0, 2.0, 5.0]], requires_grad=True)
+    batch_rule = TrainingLoss(3, ace=True, ace_recent_share=1.0, logit_adjust_tau=0.0)
+    for rule in (loss, batch_rule):
+        for _ in range(20):
+            rule.priors.update(torch.tensor([0, 0, 1] * 3 + [0]))
+    assert batch_rule(logits, torch.tensor([0]), 1).item() == 0.0
+    loss(logits, torch.tensor([0]), 1).backward()
+    expected = nn.functional.cross_entropy(torch.tensor([[0.0, 2.0]]), torch.tensor([0]))
+    assert torch.isclose(loss(logits, torch.tensor([0]), 1), expected)
+    assert logits.grad is not None and logits.grad[0, 2] == 0 and logits.grad[0, 1] > 0
 
 
 def test_logit_adjustment_adds_tau_log_prior_to_new_rows() -> None:

@@ -120,6 +120,13 @@ class NoiseConfig(BaseModel):
     knn_min_agreement: float = Field(
         0.2, ge=0, le=1, description="flag only labels fewer than this share of neighbours carry"
     )
+    knn_min_plurality: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="flag only when another label holds at least this share of neighbours "
+        "(a near-uniform neighbourhood, as on a new domain, judges nothing)",
+    )
     small_loss: bool = Field(True, description="flag the high-loss mode of recent losses")
     warmup: int = Field(1000, ge=0, description="small-loss: arrivals before it judges")
     loss_window: int = Field(2000, ge=10, description="small-loss: recent losses it models")
@@ -169,7 +176,14 @@ class LossConfig(BaseModel):
     gce_q: float = Field(0.7, gt=0, le=1)
     sce_alpha: float = Field(0.1, ge=0)
     sce_beta: float = Field(1.0, ge=0)
-    ace: bool = Field(True, description="ER-ACE: new rows' loss over the batch's classes only")
+    ace: bool = Field(True, description="ER-ACE: new rows' loss over the present classes only")
+    ace_recent_share: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="ER-ACE: classes also count as present while they hold this share of the "
+        "last ~200 admitted arrivals (1: the batch's classes only, as in the paper)",
+    )
     logit_adjust_tau: float = Field(
         1.0, ge=0, description="logit adjustment by running priors; 1 = balanced softmax, 0 off"
     )

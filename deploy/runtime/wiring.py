@@ -202,6 +202,7 @@ def build_loss(config: LearnerConfig, spec: StreamSpec) -> TrainingLoss:
         sce_alpha=settings.sce_alpha,
         sce_beta=settings.sce_beta,
         ace=settings.ace,
+        ace_recent_share=settings.ace_recent_share,
         logit_adjust_tau=settings.logit_adjust_tau,
         reweight=settings.reweight,
         reweight_beta=settings.reweight_beta,
