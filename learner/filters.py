@@ -136,6 +136,11 @@ class RecentWindow:
         labels = np.where(missing, -1, self.labels.numpy()[slots.clip(0)])
         return np.where(missing, -np.inf, scores).astype(np.float32), labels
 
+    def clear(self) -> None:
+        self.labels.fill_(-1)
+        self.index.clear()
+        self.next = self.count = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "embeddings": self.embeddings.clone(),
@@ -186,7 +191,10 @@ class NeighbourAgreement:
     separate the classes, neighbours' labels are near uniform, and without the floor
     three clean samples in four were held back, so the model never learned the task and
     the filter never recovered (naive on a clean permuted stream fell from 0.57 to 0.10).
-    Abstains while fewer than `k` neighbours exist.
+    Abstains until the window is full, at the start and again after each shift (task
+    boundary or detected drift), when `restart` empties it: on a permuted stream the
+    arrivals of the last domain outvoted clean labels of the new one (EWC with ADWIN,
+    5 x 10,000: 0.73 without the filter, 0.55 with a window kept across shifts).
     `neighbours` defaults to the FAISS search over the recent window (and the memory,
     when the learner wires it in).
     """
@@ -217,6 +225,8 @@ class NeighbourAgreement:
     def judge(
         self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> np.ndarray:
+        if self.window.count < len(self.window.labels):
+            return np.full(len(labels), ABSTAIN)
         found = self.neighbours(embeddings, self.k)
         valid = found >= 0
         counts = torch.zeros(len(labels), int(max(labels.max(), found.max())) + 1)
@@ -228,8 +238,7 @@ class NeighbourAgreement:
             & (own < self.min_agreement * self.k)
             & (plurality >= self.min_plurality * self.k)
         )
-        verdict = np.where(outvoted.numpy(), FLAG, PASS)
-        return np.where(valid.sum(dim=1).numpy() < self.k, ABSTAIN, verdict)
+        return np.where(outvoted.numpy(), FLAG, PASS)
 
     def observe(
         self,
@@ -241,7 +250,8 @@ class NeighbourAgreement:
         self.window.add(embeddings, labels)
 
     def restart(self) -> None:
-        """Nothing to forget: the recent window follows the shift by itself."""
+        """Forget the window: after a shift its arrivals are from before it."""
+        self.window.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": self.window.state_dict()}

@@ -70,7 +70,7 @@ def test_window_index_survives_a_state_round_trip() -> None:
 
 
 def test_neighbour_agreement_flags_labels_that_are_not_the_plurality() -> None:
-    knn = NeighbourAgreement(dim=2, k=3, window=10)
+    knn = NeighbourAgreement(dim=2, k=3, window=6)
     # Around (1, 0): labels 0, 0, 1; around (0, 1): labels 1, 1, 1.
     knn.window.add(
         unit([[1, 0], [1, 0.05], [1, 0.1], [0, 1], [0.05, 1], [0.1, 1]]),
@@ -81,17 +81,22 @@ def test_neighbour_agreement_flags_labels_that_are_not_the_plurality() -> None:
     assert verdict.tolist() == [PASS, FLAG, PASS, FLAG]
 
 
-def test_neighbour_agreement_abstains_without_k_neighbours_and_windows_every_arrival() -> None:
-    knn = NeighbourAgreement(dim=2, k=3, window=4)
+def test_neighbour_agreement_abstains_until_its_window_is_full_again_after_a_shift() -> None:
+    knn = NeighbourAgreement(dim=2, k=1, window=4)
     rows, labels = unit([[1, 0], [0, 1]]), torch.tensor([0, 1])
-    assert knn.judge(torch.zeros(2), rows, labels).tolist() == [ABSTAIN, ABSTAIN]
-    knn.observe(torch.zeros(2), rows, labels, np.array([True, False]))
-    assert knn.window.count == 2  # suspects too: the window is the stream as it arrived
+    for _ in range(2):
+        assert knn.judge(torch.zeros(2), rows, labels).tolist() == [ABSTAIN, ABSTAIN]
+        knn.observe(torch.zeros(2), rows, labels, np.array([True, False]))
+    assert knn.window.count == 4  # suspects too: the window is the stream as it arrived
+    assert knn.judge(torch.zeros(2), rows, labels.flip(0)).tolist() == [FLAG, FLAG]
+    knn.restart()  # arrivals from before a shift say nothing about the rows after it
+    assert knn.window.count == 0
+    assert knn.judge(torch.zeros(2), rows, labels.flip(0)).tolist() == [ABSTAIN, ABSTAIN]
 
 
 def test_plurality_rule_survives_pair_flip_noise() -> None:
     """40% of class 0 labelled 1 (pair flip): clean rows pass, flipped rows are flagged."""
-    knn = NeighbourAgreement(dim=2, k=10, window=100)
+    knn = NeighbourAgreement(dim=2, k=10, window=50)
     gen = np.random.default_rng(0)
     points = np.stack([np.ones(50), gen.normal(0, 0.05, 50)], axis=1)
     labels = np.where(np.arange(50) < 20, 1, 0)
@@ -106,8 +111,8 @@ def test_neighbour_agreement_judges_nothing_in_a_near_uniform_neighbourhood() ->
     nine neighbours of one label do."""
     spread = unit([[1, 0.01 * i] for i in range(12)])
     query, label = unit([[1, 0]]), torch.tensor([11])  # the 10 nearest carry labels 0-9
-    bare = NeighbourAgreement(dim=2, k=10, window=100, min_agreement=0.2)
-    floored = NeighbourAgreement(dim=2, k=10, window=100, min_agreement=0.2, min_plurality=0.5)
+    bare = NeighbourAgreement(dim=2, k=10, window=12, min_agreement=0.2)
+    floored = NeighbourAgreement(dim=2, k=10, window=12, min_agreement=0.2, min_plurality=0.5)
     for knn in (bare, floored):
         knn.window.add(spread, torch.arange(12))
     assert bare.judge(torch.zeros(1), query, label).tolist() == [FLAG]
