@@ -36,6 +36,9 @@ from streamcl.memory.buffer import Embed, ReplayBuffer
 from streamcl.memory.index import EmbeddingIndex
 
 PASS, FLAG, ABSTAIN = 0, 1, -1
+REFILL_PER_NEIGHBOUR = 10
+"""The kNN filter judges again once its emptied window holds this many arrivals per
+neighbour asked for (10 per class on average at k = 10 over 10 classes)."""
 NeighbourLabels = Callable[[torch.Tensor, int], torch.Tensor]
 """`(queries [B, D], k) -> labels [B, k]` of each query's k nearest stored items (-1 pads
 when fewer are stored). `IndexNeighbours` serves it from FAISS indexes."""
@@ -191,8 +194,9 @@ class NeighbourAgreement:
     separate the classes, neighbours' labels are near uniform, and without the floor
     three clean samples in four were held back, so the model never learned the task and
     the filter never recovered (naive on a clean permuted stream fell from 0.57 to 0.10).
-    Abstains until the window is full, at the start and again after each shift (task
-    boundary or detected drift), when `restart` empties it: on a permuted stream the
+    Abstains until the window holds `REFILL_PER_NEIGHBOUR * k` arrivals (or is full), at
+    the start and again after each shift (task boundary or detected drift), when `restart`
+    empties it: on a permuted stream the
     arrivals of the last domain outvoted clean labels of the new one (EWC with ADWIN,
     5 x 10,000: 0.73 without the filter, 0.55 with a window kept across shifts).
     `neighbours` defaults to the FAISS search over the recent window (and the memory,
@@ -225,7 +229,7 @@ class NeighbourAgreement:
     def judge(
         self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> np.ndarray:
-        if self.window.count < len(self.window.labels):
+        if self.window.count < min(len(self.window.labels), REFILL_PER_NEIGHBOUR * self.k):
             return np.full(len(labels), ABSTAIN)
         found = self.neighbours(embeddings, self.k)
         valid = found >= 0

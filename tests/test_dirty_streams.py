@@ -33,6 +33,7 @@ DIGITS = {
         "loss_window": 300,
         "min_class_samples": 20,
         "knn_window": 300,
+        "knn_k": 5,  # the filter judges again 50 arrivals after each boundary
     },
     "quarantine": {"capacity": 60, "recheck_after": 150},
 }
@@ -156,8 +157,10 @@ def test_memory_heads_answer_from_the_memory_and_need_one(digits_stream: Path) -
     """knn / ncm heads predict through the memory's index; softmax is the model's argmax."""
     spec, arrivals = samples(digits_stream)
     batches = [Batch.from_samples(arrivals[i : i + 10]) for i in range(0, len(arrivals), 10)]
+    # One embedding space for all three (auto would give the softmax head pooled inputs).
+    settings = {**DIGITS, "memory_embedding": "penultimate"}
     learners = {
-        head: build_learner(LearnerConfig(**{**DIGITS, "predict_head": head}), spec)
+        head: build_learner(LearnerConfig(**{**settings, "predict_head": head}), spec)
         for head in ("softmax", "knn", "ncm")
     }
     for learner in learners.values():

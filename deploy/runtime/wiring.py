@@ -137,7 +137,7 @@ def build_memory(
     inputs (`memory_embedding`); on the GPU when the model is and faiss can.
     """
     indexed = config.memory_indexed or RETRIEVALS.create(config.memory_retrieval).needs_index
-    penultimate = config.memory_embedding == "penultimate"
+    penultimate = config.memory_embedding_space == "penultimate"
     return ReplayBuffer(
         config.memory,
         spec.feature_shape,
@@ -163,7 +163,7 @@ def memory_embedding(
     model: nn.Module | None,
 ) -> Embed:
     """The memory's `embed` callable: penultimate features of `model`, or pooled inputs."""
-    if config.memory_embedding == "input":
+    if config.memory_embedding_space == "input":
         return input_embedding(spec.dtype)
     if model is None:
         raise ValueError("a penultimate-feature memory embedding needs the model")
@@ -221,7 +221,7 @@ def build_noise_filter(
     enabled = [name for name, on in switches if on] + list(settings.extra_filters)
     # The kNN filter compares pooled inputs: it may search the memory's index only when
     # that holds pooled inputs too; over penultimate features it keeps to its window.
-    shared = memory if config.memory_embedding == "input" else None
+    shared = memory if config.memory_embedding_space == "input" else None
     if memory is not None and shared is None and settings.knn:
         log.info("knn noise filter searches its window only: the memory indexes features")
     context = FilterContext(spec, settings.model_dump(), shared)
