@@ -10,7 +10,7 @@ one search of 10 queries for 10 neighbours, as one replay step does.
 Accuracy: `streamcl replay` on Split Fashion-MNIST 5x2, one pass, batch 10, memory 1000,
 defaults otherwise (class-balanced insertion, uniform retrieval, softmax), against one
 change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars against
-one partly made of condensed exemplars (k-means centroids); index-based settings with
+one partly made of condensed exemplars (k-means centroids, or DM-refined); index-based settings with
 the memory's default embedding (penultimate features) and with pooled inputs. The
 `knn`/`ncm` head runs train exactly as the default run does (the head only predicts),
 so their samples/s against the default's is the index's cost (`--index-cost` times it
@@ -41,6 +41,8 @@ RESULTS = Path(__file__).parent / "results"
 DIMS = (128, 256)
 """Latency dims: 128, and the default model's (MLP-256) penultimate feature width."""
 INPUT = {"memory_embedding": "input"}
+KMEANS = {"memory": 100, "memory_condensed_steps": 0}
+"""Condensed exemplars as k-means centroids only, no distribution-matching steps."""
 RUNS: dict[str, dict[str, Any]] = {
     "default (class-balanced, uniform, softmax)": {},
     "retrieval class-balanced": {"memory_retrieval": "class-balanced"},
@@ -54,8 +56,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "head knn": {"predict_head": "knn"},
     "head knn, input embedding": {"predict_head": "knn", **INPUT},
     "tiny: 100 raw": {"memory": 100},
-    "tiny: 50 raw + 5 condensed per class": {"memory": 100, "memory_condensed": 5},
-    "tiny: 10 raw + 9 condensed per class": {"memory": 100, "memory_condensed": 9},
+    "tiny: 50 raw + 5 k-means per class": KMEANS | {"memory_condensed": 5},
+    "tiny: 10 raw + 9 k-means per class": KMEANS | {"memory_condensed": 9},
+    "tiny: 10 raw + 9 DM per class": {"memory": 100, "memory_condensed": 9},
 }
 
 

@@ -245,8 +245,21 @@ class LearnerConfig(BaseModel):
     memory_condensed: int = Field(
         0,
         ge=0,
-        description="k-means centroids kept per class as condensed exemplars, taken out "
-        "of `memory` (memory/condensed.py); 0 off",
+        description="synthetic exemplars kept per class (distribution matching, started "
+        "from k-means centroids), taken out of `memory` (memory/condensed.py); 0 off",
+    )
+    memory_condensed_steps: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="condensed exemplars: distribution-matching gradient steps per update "
+        "of a class (0: k-means centroids only)",
+    )
+    memory_condensed_every: int | None = Field(
+        None,
+        ge=1,
+        description="condensed exemplars: arrivals of a class between its updates "
+        "(default: its window, 20 x memory_condensed recent arrivals)",
     )
     predict_head: Literal["softmax", "ncm", "knn"] = Field(
         "softmax",
