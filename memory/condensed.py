@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import image_shape
 
 REAL_BATCH = 64
 """Real rows of the window embedded per DM step (a fresh random subset each step)."""
@@ -44,18 +45,6 @@ WIDTHS = (8, 16)
 """Channels of the random conv net's two 3x3 layers (each followed by ReLU, 2x2 pooling)."""
 MLP_WIDTH = 256
 """Hidden width of the random MLP used for non-image features."""
-
-
-def image_shape(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-    """`[C, H, W]` of features shaped `[H*W]` (square), `[H, W]` or `[C, H, W]`; else None."""
-    if len(shape) == 1:
-        side = math.isqrt(shape[0])
-        return (1, side, side) if side >= 4 and side * side == shape[0] else None
-    if len(shape) == 2:
-        return (1, *shape) if min(shape) >= 4 else None
-    if len(shape) == 3:
-        return (shape[0], shape[1], shape[2]) if min(shape[1:]) >= 4 else None
-    return None
 
 
 class RandomEmbedding:
@@ -227,6 +216,7 @@ class CondensedSet:
             "since": torch.from_numpy(self.since.copy()),
             "range": torch.tensor([self.low, self.high], dtype=torch.float64),
             "updates": self.updates,
+            "shape": list(self.shape),  # for readers without the stream spec (streamcl report)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
