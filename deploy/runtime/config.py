@@ -255,6 +255,11 @@ class LearnerConfig(BaseModel):
         description="condensed exemplars: distribution-matching gradient steps per update "
         "of a class (0: k-means centroids only)",
     )
+    memory_condensed_matching: Literal["random", "trunk"] = Field(
+        "random",
+        description="condensed exemplars: match mean embeddings under freshly sampled "
+        "random networks, or under the model's trunk (its penultimate features)",
+    )
     memory_condensed_every: int | None = Field(
         None,
         ge=1,
