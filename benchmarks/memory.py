@@ -59,6 +59,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "tiny: 50 raw + 5 k-means per class": KMEANS | {"memory_condensed": 5},
     "tiny: 10 raw + 9 k-means per class": KMEANS | {"memory_condensed": 9},
     "tiny: 10 raw + 9 DM per class": {"memory": 100, "memory_condensed": 9},
+    "tiny: 10 raw + 9 k-means + DM per class": {"memory": 100, "memory_condensed": 9},
     "tiny: 10 raw + 9 DM (trunk) per class": {
         "memory": 100,
         "memory_condensed": 9,

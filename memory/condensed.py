@@ -12,14 +12,14 @@ an MLP otherwise; built here, so memory needs nothing of the learner), or, with
 `matching = "trunk"`, under the current model's trunk (a `Trunk` callable handed in):
 then the synthetic samples match the class in the features the classifier reads.
 
-Each class keeps its last `window` arrivals (a ring). The first time the window is
-full, the synthetic samples start as its k-means centroids (FAISS `Kmeans`): a good
-summary already, which DM then refines. After that, every `every` arrivals of a class
-run `steps` DM steps against that class's window: the compute per update is bounded
-(`steps` forward/backward passes of `per_class` samples and forward passes of
-`REAL_BATCH` real rows), and the set follows the class as its arrivals drift.
-`steps = 0` keeps plain k-means: each update re-clusters the window plus the current
-centroids, weighted by the arrivals they stand for (capped at `window`).
+Each class keeps its last `window` arrivals (a ring). Every `every` arrivals of a class
+(once its window is full), an update first re-clusters the window plus the current
+exemplars with k-means (FAISS `Kmeans`, starting from them, each weighted by the
+arrivals it stands for, capped at `window`, so old data never freezes the summary),
+then runs `steps` DM steps against the window: k-means carries the class's history,
+DM refines what the centroids blur. The compute per update is bounded: one k-means of
+`window + per_class` points, and `steps` forward/backward passes of `per_class`
+samples plus forward passes of `REAL_BATCH` real rows. `steps = 0` is plain k-means.
 
 Steps are normalised gradient steps of `lr` (a share of the stream's observed value
 range, per pixel RMS): stateless, so a checkpoint needs no optimiser state, and the
@@ -155,8 +155,7 @@ class CondensedSet:
                 self._update(label)
 
     def _update(self, label: int) -> None:
-        if self.weight[label] == 0 or self.steps == 0:
-            self._kmeans(label)
+        self._kmeans(label)
         if self.steps:
             self._match(label)
         self.weight[label] += self.since[label]
