@@ -1,5 +1,4 @@
-"""The model's penultimate features as the replay memory's `embed` callable, and as the
-differentiable trunk its condensed exemplars are matched under.
+"""The model's penultimate features as the replay memory's `embed` callable.
 
 The memory indexes what the model sees: the input of the model's last `nn.Linear`
 (the classifier), captured by a forward pre-hook, so any model, the built-in MLP/CNN
@@ -15,7 +14,6 @@ from torch import nn
 
 from streamcl.ingest.errors import ConfigError
 from streamcl.memory.buffer import Embed
-from streamcl.memory.condensed import Trunk
 
 MODAL = (
     nn.modules.dropout._DropoutNd,
@@ -75,34 +73,3 @@ def penultimate_embedding(model: nn.Module, dtype: str, device: torch.device) ->
         return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
 
     return embed
-
-
-def trunk_features(
-    model: nn.Module, dtype: str, device: torch.device, shape: tuple[int, ...]
-) -> Trunk:
-    """Float features in stream units `[n, prod(shape)]` -> `[n, D]` classifier inputs,
-    differentiable in the features (distribution matching of condensed exemplars moves
-    them, not the model: only the input's gradient is asked for). Eval mode as above."""
-    head = classifier(model)
-    modal = any(isinstance(m, MODAL) for m in model.modules())
-    scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
-    captured: list[torch.Tensor] = []
-
-    def keep_input(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        captured.append(args[0])
-
-    def trunk(features: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        if modal:
-            model.eval()
-        handle = head.register_forward_pre_hook(keep_input)
-        try:
-            model(features.reshape(len(features), *shape).to(device) * scale)
-            return captured[-1].flatten(1).float().cpu()
-        finally:
-            handle.remove()
-            captured.clear()
-            if modal:
-                model.train(was_training)
-
-    return trunk

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from streamcl.ingest.errors import ConfigError
-from streamcl.memory.condensed import CondensedSet, Trunk
+from streamcl.memory.condensed import CondensedSet
 from streamcl.memory.index import EMPTY, EmbeddingIndex
 from streamcl.memory.nearest import Head, class_means, knn_scores, ncm_scores
 from streamcl.memory.retrieval import (
@@ -88,9 +88,8 @@ class ReplayBuffer:
     condensed: synthetic exemplars kept per class (memory/condensed.py), taken out of
     `capacity` (raw slots = capacity - num_classes x condensed) and replayed like raw
     items, in proportion to their number; they are not in the index. condensed_steps:
-    distribution-matching steps per update of a class (0: k-means only);
-    condensed_every: arrivals of a class between updates (None: its window);
-    condensed_trunk: match under it instead of random networks.
+    distribution-matching steps per update of a class after k-means (0: k-means only);
+    condensed_every: arrivals of a class between updates (None: its window).
     refresh: items re-embedded per `add` (and all at `consolidate`), for an `embed`
     that follows the model; None for one that does not (module docstring).
     """
@@ -109,9 +108,8 @@ class ReplayBuffer:
         index_device: Literal["cpu", "cuda"] = "cpu",
         condensed: int = 0,
         refresh: int | None = None,
-        condensed_steps: int = 5,
+        condensed_steps: int = 0,
         condensed_every: int | None = None,
-        condensed_trunk: Trunk | None = None,
     ):
         if capacity < 1:
             raise ConfigError(f"memory capacity must be >= 1 item, got {capacity}")
@@ -140,7 +138,6 @@ class ReplayBuffer:
                 every=condensed_every,
                 steps=condensed_steps,
                 seed=seed,
-                trunk=condensed_trunk,
             )
             if condensed
             else None

@@ -8,9 +8,7 @@ class's recent real samples,
     min_S  E_net || mean_{x in R_c} net(x) - mean_{s in S_c} net(s) ||^2,
 
 one random network per gradient step (a small conv net for image-shaped features,
-an MLP otherwise; built here, so memory needs nothing of the learner), or, with
-`matching = "trunk"`, under the current model's trunk (a `Trunk` callable handed in):
-then the synthetic samples match the class in the features the classifier reads.
+an MLP otherwise; built here, so memory needs nothing of the learner).
 
 Each class keeps its last `window` arrivals (a ring). Every `every` arrivals of a class
 (once its window is full), an update first re-clusters the window plus the current
@@ -31,7 +29,6 @@ replayed, like raw exemplars.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -41,10 +38,6 @@ import torch.nn.functional as F
 
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import image_shape
-
-Trunk = Callable[[torch.Tensor], torch.Tensor]
-"""Float features in stream units `[n, D]` -> `[n, E]`, differentiable in the features
-(the learner's penultimate features, handed in: memory imports nothing of the learner)."""
 
 REAL_BATCH = 64
 """Real rows of the window embedded per DM step (a fresh random subset each step)."""
@@ -85,8 +78,7 @@ class CondensedSet:
 
     window: recent arrivals kept per class (default 20 x per_class); every: arrivals of
     a class between updates (default `window`); steps: DM steps per update (0: k-means
-    only); lr: step size as a share of the value range; iterations: k-means passes;
-    trunk: match under it instead of random networks.
+    only); lr: step size as a share of the value range; iterations: k-means passes.
     """
 
     def __init__(
@@ -97,11 +89,10 @@ class CondensedSet:
         dtype: str = "uint8",
         window: int | None = None,
         every: int | None = None,
-        steps: int = 5,
+        steps: int = 0,
         lr: float = 0.01,
         iterations: int = 10,
         seed: int = 0,
-        trunk: Trunk | None = None,
     ):
         if per_class < 1:
             raise ConfigError(f"condensed exemplars per class must be >= 1, got {per_class}")
@@ -116,7 +107,6 @@ class CondensedSet:
                 f"{self.every}, steps {steps}, lr {lr}"
             )
         self.steps = steps
-        self.trunk = trunk
         self.lr = lr
         self.iterations = iterations
         self.seed = seed
@@ -190,7 +180,7 @@ class CondensedSet:
         synthetic = (torch.from_numpy(self.exemplars[label]) - self.low) / span
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.updates)
         for _ in range(self.steps):
-            net = self._network(real.shape[1], span, generator)
+            net = RandomEmbedding(real.shape[1], self.image, generator)
             rows = torch.randperm(len(real), generator=generator)[:REAL_BATCH]
             with torch.no_grad():
                 target = net(real[rows]).mean(0)
@@ -203,15 +193,6 @@ class CondensedSet:
                     synthetic = (synthetic - self.lr * grad / rms).clamp(0, 1)
             synthetic = synthetic.detach()
         self.exemplars[label] = (synthetic * span + self.low).numpy()
-
-    def _network(
-        self, width: int, span: float, generator: torch.Generator
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A fresh random network, or the trunk (on features mapped back to stream units)."""
-        trunk = self.trunk
-        if trunk is None:
-            return RandomEmbedding(width, self.image, generator)
-        return lambda x: trunk(x * span + self.low)
 
     def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Features `[M, *shape]` (stream dtype), labels and tasks `[M]` of condensed classes."""

@@ -18,7 +18,7 @@ from streamcl.deploy.runtime.config import LearnerConfig
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import StreamSpec
 from streamcl.learner.drift import BoundaryDetector
-from streamcl.learner.features import penultimate_embedding, trunk_features
+from streamcl.learner.features import penultimate_embedding
 from streamcl.learner.filters import NoiseFilter, input_embedding
 from streamcl.learner.interference import virtual_update
 from streamcl.learner.loop import OnlineLearner
@@ -28,7 +28,6 @@ from streamcl.learner.quarantine import Quarantine
 from streamcl.learner.registry import FILTERS, STRATEGIES, FilterContext, StrategyContext
 from streamcl.learner.strategies import Strategy, replay_buffer
 from streamcl.memory.buffer import Embed, ReplayBuffer
-from streamcl.memory.condensed import Trunk
 from streamcl.memory.index import gpu_available, set_threads
 from streamcl.memory.retrieval import RETRIEVALS
 
@@ -153,7 +152,6 @@ def build_memory(
         condensed=config.memory_condensed,
         condensed_steps=config.memory_condensed_steps,
         condensed_every=config.memory_condensed_every,
-        condensed_trunk=condensed_trunk(config, spec, device, model),
         index_device=(
             "cuda" if device is not None and device.type == "cuda" and gpu_available() else "cpu"
         ),
@@ -172,20 +170,6 @@ def memory_embedding(
     if model is None:
         raise ValueError("a penultimate-feature memory embedding needs the model")
     return penultimate_embedding(model, spec.dtype, on(device))
-
-
-def condensed_trunk(
-    config: LearnerConfig,
-    spec: StreamSpec,
-    device: torch.device | None,
-    model: nn.Module | None,
-) -> Trunk | None:
-    """The trunk condensed exemplars are matched under; None: random networks."""
-    if config.memory_condensed_matching != "trunk":
-        return None
-    if model is None:
-        raise ValueError("condensed exemplars matched under the trunk need the model")
-    return trunk_features(model, spec.dtype, on(device), spec.feature_shape)
 
 
 def on(device: torch.device | None) -> torch.device:
