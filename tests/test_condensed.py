@@ -18,6 +18,7 @@ from streamcl.evaluation.report import GRID_GAP, GRID_SCALE, condensed_grid, fin
 from streamcl.ingest.datasets import load_digits
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import image_shape
+from streamcl.learner.checkpoint import CheckpointStore, read_checkpoint
 from streamcl.memory.buffer import ReplayBuffer
 from streamcl.memory.condensed import CondensedSet, RandomEmbedding
 
@@ -111,6 +112,25 @@ def test_report_draws_one_row_per_class_and_one_column_per_exemplar(
     pixels = matplotlib.image.imread(out)
     cell = 8 * GRID_SCALE + GRID_GAP
     assert pixels.shape[:2] == (6 * cell - GRID_GAP, 2 * cell - GRID_GAP)
+    # A service's checkpoint directory: its newest checkpoint is drawn.
+    CheckpointStore(tmp_path / "service").save(read_checkpoint(checkpoint))
+    again = tmp_path / "again.png"
+    result = CliRunner().invoke(
+        cli, ["report", "--checkpoint", str(tmp_path / "service"), "--out", str(again)]
+    )
+    assert result.exit_code == 0, result.output
+    assert matplotlib.image.imread(again).shape == pixels.shape
+
+
+def test_report_says_when_a_checkpoint_has_no_condensed_exemplars(
+    digits_stream: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "run.pt"
+    settings = {"stream": digits_stream, "memory": 40, "threads": 1, "stop_after": 100}
+    run_replay(ReplayConfig(**settings, checkpoint=checkpoint), progress=False)  # type: ignore[arg-type]
+    result = CliRunner().invoke(cli, ["report", "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 1
+    assert "holds no condensed exemplars (the run had memory_condensed 0)" in result.output
 
 
 @pytest.mark.parametrize("shape", [(784,), (28, 28), (3, 12, 10)])
