@@ -219,6 +219,11 @@ class CondensedSet:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "exemplars" not in state:
+            raise ConfigError(
+                "checkpoint's condensed exemplars predate their per-class windows (it holds "
+                f"{sorted(state)}): it cannot be resumed; start from a fresh checkpoint"
+            )
         self.exemplars = state["exemplars"].numpy().copy()
         self.weight = state["weight"].numpy().copy()
         self.tasks = state["tasks"].numpy().copy()

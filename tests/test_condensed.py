@@ -83,6 +83,9 @@ def test_condensed_set_restores_exactly_and_continues_identically() -> None:
         buffer.add(data.train_x[700:1000], data.train_y[700:1000], np.zeros(300, np.int64))
     assert b.condensed.updates > 0
     np.testing.assert_array_equal(a.condensed.exemplars, b.condensed.exemplars)
+    old = {"centroids": torch.zeros(10, 3, 64), "staged": torch.zeros(10, 60, 64)}
+    with pytest.raises(ConfigError, match="predate their per-class windows"):
+        b.condensed.load_state_dict(old)
 
 
 def test_replay_with_condensed_exemplars_resumes_to_the_same_report(
