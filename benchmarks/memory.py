@@ -1,7 +1,7 @@
 """The FAISS-indexed replay memory: index cost, and accuracy of its policies and heads.
 
     python benchmarks/memory.py [--seeds 0,1,2] [--samples-per-task N] [--skip-accuracy]
-        [--skip-latency] [--index-cost] [--only 'run,run']
+        [--skip-latency] [--index-cost] [--condensed-cost] [--only 'run,run']
 
 Latency: `EmbeddingIndex` at 1k / 10k / 100k items (flat up to 20k, IVF past it, and
 flat forced at 100k for comparison), dim 128 and 256 (MLP-256's penultimate features,
@@ -10,7 +10,7 @@ one search of 10 queries for 10 neighbours, as one replay step does.
 Accuracy: `streamcl replay` on Split Fashion-MNIST 5x2, one pass, batch 10, memory 1000,
 defaults otherwise (class-balanced insertion, uniform retrieval, softmax), against one
 change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars against
-one partly made of condensed exemplars (k-means centroids); index-based settings with
+one partly made of condensed exemplars (k-means centroids, or DM-refined); index-based settings with
 the memory's default embedding (penultimate features) and with pooled inputs. The
 `knn`/`ncm` head runs train exactly as the default run does (the head only predicts),
 so their samples/s against the default's is the index's cost (`--index-cost` times it
@@ -41,6 +41,10 @@ RESULTS = Path(__file__).parent / "results"
 DIMS = (128, 256)
 """Latency dims: 128, and the default model's (MLP-256) penultimate feature width."""
 INPUT = {"memory_embedding": "input"}
+KMEANS = {"memory": 100, "memory_condensed_steps": 0}
+"""Condensed exemplars as k-means centroids only, no distribution-matching steps."""
+DM = {"memory": 100, "memory_condensed_steps": 5}
+"""k-means centroids refined by 5 distribution-matching steps per update of a class."""
 RUNS: dict[str, dict[str, Any]] = {
     "default (class-balanced, uniform, softmax)": {},
     "retrieval class-balanced": {"memory_retrieval": "class-balanced"},
@@ -54,8 +58,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "head knn": {"predict_head": "knn"},
     "head knn, input embedding": {"predict_head": "knn", **INPUT},
     "tiny: 100 raw": {"memory": 100},
-    "tiny: 50 raw + 5 condensed per class": {"memory": 100, "memory_condensed": 5},
-    "tiny: 10 raw + 9 condensed per class": {"memory": 100, "memory_condensed": 9},
+    "tiny: 50 raw + 5 k-means per class": KMEANS | {"memory_condensed": 5},
+    "tiny: 10 raw + 9 k-means per class": KMEANS | {"memory_condensed": 9},
+    "tiny: 10 raw + 9 k-means + DM per class": DM | {"memory_condensed": 9},
 }
 
 
@@ -126,6 +131,29 @@ def index_cost(trials: int = 3) -> dict[str, Any]:
     return {"trials": trials, "best_samples_per_second": best}
 
 
+def condensed_cost(trials: int = 3) -> dict[str, Any]:
+    """Samples/s of the tiny memory (100) with raw items only, with 9 k-means condensed
+    exemplars per class, and with those refined by DM: best of alternating trials on a
+    2,000-per-task stream (the machine is shared, so only paired figures compare)."""
+    settings = {
+        "raw": {"memory": 100},
+        "k-means": KMEANS | {"memory_condensed": 9},
+        "k-means + DM": DM | {"memory_condensed": 9},
+    }
+    best = dict.fromkeys(settings, 0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = Path(tmp) / "split-fmnist-2000.scs"
+        scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=2000)
+        write(build(load("fashion-mnist"), scenario), stream)
+        for _ in range(trials):
+            for name, run in settings.items():
+                config = ReplayConfig(stream=stream, threads=1, **run)
+                speed = run_replay(config, progress=False)["samples_per_second"]
+                best[name] = max(best[name], round(speed, 1))
+    slowdown = {name: round(best["raw"] / best[name], 2) for name in settings}
+    return {"trials": trials, "best_samples_per_second": best, "slowdown_vs_raw": slowdown}
+
+
 def accuracy(stream: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
@@ -180,6 +208,9 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true", help="keep the file's latency")
     parser.add_argument("--index-cost", action="store_true", help="also time index on vs off")
     parser.add_argument(
+        "--condensed-cost", action="store_true", help="also time condensed exemplars"
+    )
+    parser.add_argument(
         "--only", default=None, help="rerun these runs (comma separated), keep the file's others"
     )
     args = parser.parse_args()
@@ -195,6 +226,7 @@ def main() -> None:
         + (["--skip-latency"] if args.skip_latency else [])
         + ([f"--only '{args.only}'"] if args.only else [])
         + (["--index-cost"] if args.index_cost else [])
+        + (["--condensed-cost"] if args.condensed_cost else [])
     )
     result: dict[str, Any] = {
         **earlier,  # sections not rerun keep their earlier figures
@@ -212,6 +244,9 @@ def main() -> None:
     if args.index_cost:
         result["index_cost"] = index_cost()
         print(json.dumps(result["index_cost"]), flush=True)
+    if args.condensed_cost:
+        result["condensed_cost"] = condensed_cost()
+        print(json.dumps(result["condensed_cost"]), flush=True)
     if not args.skip_accuracy:
         seeds = [int(s) for s in args.seeds.split(",")]
         with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,13 @@ import numpy as np
 
 from streamcl.evaluation.probes import ProbeResult
 from streamcl.evaluation.tracker import AccuracyMatrix, PrequentialAccuracy
+from streamcl.ingest.errors import ConfigError
+from streamcl.ingest.schema import image_shape
+
+GRID_SCALE = 3
+"""Pixels per exemplar pixel in the condensed-exemplar grid."""
+GRID_GAP = 2
+"""Background pixels between the grid's cells."""
 
 
 def metric_section(
@@ -127,3 +134,67 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def find_condensed(state: Any) -> dict[str, Any] | None:
+    """The condensed set's state inside a checkpoint's nested state, or None."""
+    if isinstance(state, dict):
+        found = state.get("condensed")
+        if isinstance(found, dict) and "exemplars" in found:
+            return found
+        children: Any = state.values()
+    elif isinstance(state, list | tuple):
+        children = state
+    else:
+        return None
+    for child in children:
+        found = find_condensed(child)
+        if found is not None:
+            return found
+    return None
+
+
+def condensed_grid(condensed: dict[str, Any]) -> tuple[np.ndarray, list[int]]:
+    """The grid image `[rows, cols, 3]` in [0, 1] of a condensed set's state, and its classes.
+
+    Rows are the classes that have condensed exemplars, columns their exemplars; each
+    exemplar is drawn `GRID_SCALE` times enlarged with `GRID_GAP` pixels between cells,
+    grey for one channel, RGB for three, the channel mean otherwise.
+    """
+    shape = tuple(int(v) for v in condensed.get("shape", ()))
+    image = image_shape(shape)
+    if image is None:
+        raise ConfigError(
+            f"condensed exemplars of shape {list(shape)} are not images ([H*W], [H, W] "
+            f"or [C, H, W]): no grid to draw"
+        )
+    classes = np.flatnonzero(condensed["weight"].numpy() > 0)
+    if not len(classes):
+        raise ConfigError("the checkpoint's condensed set holds no exemplars yet")
+    low, high = (float(v) for v in condensed["range"].tolist())
+    cells = condensed["exemplars"].numpy()[classes].reshape(len(classes), -1, *image)
+    cells = np.clip((cells - low) / max(high - low, 1e-12), 0, 1)
+    cells = cells.transpose(0, 1, 3, 4, 2)  # [rows, cols, H, W, C]
+    if image[0] != 3:
+        cells = np.repeat(cells.mean(axis=-1, keepdims=True), 3, axis=-1)
+    cells = cells.repeat(GRID_SCALE, axis=2).repeat(GRID_SCALE, axis=3)
+    rows, cols, h, w = cells.shape[:4]
+    grid = np.ones((rows * (h + GRID_GAP) - GRID_GAP, cols * (w + GRID_GAP) - GRID_GAP, 3))
+    for r in range(rows):
+        for c in range(cols):
+            top, left = r * (h + GRID_GAP), c * (w + GRID_GAP)
+            grid[top : top + h, left : left + w] = cells[r, c]
+    return grid, classes.tolist()
+
+
+def write_condensed_grid(condensed: dict[str, Any], path: str | Path) -> list[int]:
+    """Write the condensed exemplars as a PNG grid (rows = classes); return the row classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, classes = condensed_grid(condensed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, grid)
+    return classes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal, NamedTuple
@@ -13,6 +14,18 @@ from streamcl.ingest.errors import ConfigError
 FeatureDtype = Literal["uint8", "float32"]
 NO_TASK = -1
 """Task id of a sample that carries none (task-free streams)."""
+
+
+def image_shape(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """`[C, H, W]` of features shaped `[H*W]` (square), `[H, W]` or `[C, H, W]`; else None."""
+    if len(shape) == 1:
+        side = math.isqrt(shape[0])
+        return (1, side, side) if side >= 4 and side * side == shape[0] else None
+    if len(shape) == 2:
+        return (1, *shape) if min(shape) >= 4 else None
+    if len(shape) == 3:
+        return (shape[0], shape[1], shape[2]) if min(shape[1:]) >= 4 else None
+    return None
 
 
 @dataclass(frozen=True)

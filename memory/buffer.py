@@ -85,9 +85,11 @@ class ReplayBuffer:
     dedup: an arrival whose nearest same-class item is closer than `dedup` times the
     class's typical such distance refreshes (overwrites) that item instead of taking a
     slot through the selector; 0 turns it off. Needs the index.
-    condensed: k-means centroids kept per class (memory/condensed.py), taken out of
+    condensed: synthetic exemplars kept per class (memory/condensed.py), taken out of
     `capacity` (raw slots = capacity - num_classes x condensed) and replayed like raw
-    items, in proportion to their number; they are not in the index.
+    items, in proportion to their number; they are not in the index. condensed_steps:
+    distribution-matching steps per update of a class after k-means (0: k-means only);
+    condensed_every: arrivals of a class between updates (None: its window).
     refresh: items re-embedded per `add` (and all at `consolidate`), for an `embed`
     that follows the model; None for one that does not (module docstring).
     """
@@ -106,6 +108,8 @@ class ReplayBuffer:
         index_device: Literal["cpu", "cuda"] = "cpu",
         condensed: int = 0,
         refresh: int | None = None,
+        condensed_steps: int = 0,
+        condensed_every: int | None = None,
     ):
         if capacity < 1:
             raise ConfigError(f"memory capacity must be >= 1 item, got {capacity}")
@@ -126,7 +130,15 @@ class ReplayBuffer:
         self.num_classes = num_classes
         self.store = ExemplarStore(capacity - num_classes * condensed, feature_shape, dtype)
         self.condensed = (
-            CondensedSet(num_classes, condensed, feature_shape, dtype, seed=seed)
+            CondensedSet(
+                num_classes,
+                condensed,
+                feature_shape,
+                dtype,
+                every=condensed_every,
+                steps=condensed_steps,
+                seed=seed,
+            )
             if condensed
             else None
         )

@@ -49,6 +49,7 @@ NOT_SETTINGS = {
     ("publish", "topic"): "the topic to write, required",
     ("record", "topic"): "the topic to read, required",
     ("record", "until_idle"): "when recording stops, not the service's exit",
+    ("report", "checkpoint"): "a checkpoint file or directory to read, not a run setting",
 }
 """Plain flags named like a setting that mean something else, and why."""
 SETTING_NAMES = setting_names(ServiceConfig) | setting_names(ReplayConfig)

@@ -248,7 +248,7 @@ def test_condensed_centroids_find_the_clusters_of_each_class() -> None:
         features = (centre + rng.normal(0, 0.1, size=(2, 6))).astype(np.float32)
         buffer.add(features, np.array([0, 1]), np.array([step, step]))
     assert buffer.condensed is not None and len(buffer) == 8
-    centroids = buffer.condensed.centroids
+    centroids = buffer.condensed.exemplars
     found = sorted(centroids[0].mean(axis=1).round().tolist())
     assert found == [-3.0, 3.0]
     np.testing.assert_allclose(centroids[1], 10.0, atol=0.2)

@@ -392,6 +392,47 @@ def replay(
     check_outcome(report, config)
 
 
+@cli.command("report")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True),
+    required=True,
+    show_envvar=True,
+    help="A checkpoint file (`replay --checkpoint`) or a service's checkpoint directory "
+    "(its newest checkpoint that loads).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="condensed.png",
+    show_envvar=True,
+    help="PNG to write: the condensed exemplars, one row per class, one column per exemplar.",
+)
+def report_command(checkpoint: str, out: str) -> None:
+    """Draw the condensed exemplars of a checkpoint's memory as a PNG grid."""
+    from pathlib import Path
+
+    from streamcl.evaluation.report import find_condensed, write_condensed_grid
+    from streamcl.learner.checkpoint import CheckpointStore, read_checkpoint
+
+    source = Path(checkpoint)
+    if source.is_dir():
+        restored = CheckpointStore(source).load_latest()
+        if restored is None:
+            raise click.ClickException(f"no checkpoint in {source}")
+        source, state = restored.path, restored.state
+    else:
+        state = read_checkpoint(source)
+    condensed = find_condensed(state)
+    if condensed is None:
+        raise click.ClickException(
+            f"{source} holds no condensed exemplars (the run had memory_condensed 0)"
+        )
+    check_file(out, "condensed exemplar grid")
+    classes = write_condensed_grid(condensed, out)
+    click.echo(f"condensed exemplars of classes {classes} from {source}: {out}")
+
+
 def export_metrics(report: dict[str, Any], path: str | None, gateway: str | None) -> None:
     """Publish a replay's final metrics for batch evaluations (text file and/or push)."""
     from prometheus_client import CollectorRegistry, push_to_gateway, write_to_textfile

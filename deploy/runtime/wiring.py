@@ -150,6 +150,8 @@ def build_memory(
         retrieval=config.memory_retrieval,
         dedup=config.memory_dedup,
         condensed=config.memory_condensed,
+        condensed_steps=config.memory_condensed_steps,
+        condensed_every=config.memory_condensed_every,
         index_device=(
             "cuda" if device is not None and device.type == "cuda" and gpu_available() else "cpu"
         ),
