@@ -50,6 +50,10 @@ def test_shares_split_the_global_budgets_exactly() -> None:
     assert [c.learner.batch_size for c in ranks] == [5, 5]
     assert [c.report for c in ranks] == [Path("/tmp/r.json"), Path("/tmp/r.rank1.json")]
     assert rank_path(None, 1) is None
+    config = ServiceConfig.model_validate({"http": {"port": 8080}})
+    # Two ranks on one machine: two ports; one rank per pod (local rank 0): the same port.
+    assert [rank_config(config, r, 2).http.port for r in range(2)] == [8080, 8081]
+    assert [rank_config(config, r, 2, local_rank=0).http.port for r in range(2)] == [8080, 8080]
 
 
 def test_budgets_smaller_than_the_rank_count_are_refused() -> None:

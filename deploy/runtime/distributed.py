@@ -64,6 +64,7 @@ import torch.distributed as dist
 
 from streamcl.deploy.runtime.commits import check_compatible, one_line
 from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
+from streamcl.deploy.runtime.metrics import ServiceMetrics
 from streamcl.deploy.runtime.service import Service
 from streamcl.ingest.errors import ConfigError, StreamclError
 from streamcl.ingest.kafka import Arrival, KafkaSourceError, Offsets
@@ -107,8 +108,15 @@ def rank_path(path: Path | None, rank: int) -> Path | None:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
-def rank_config(config: ServiceConfig, rank: int, world: int) -> ServiceConfig:
-    """The settings one rank runs with: its share of the budgets, its own files and port."""
+def rank_config(
+    config: ServiceConfig, rank: int, world: int, local_rank: int | None = None
+) -> ServiceConfig:
+    """The settings one rank runs with: its share of the budgets, its own files and port.
+
+    The port is `http.port + local_rank` (the rank on its machine, torchrun's LOCAL_RANK;
+    default `rank`): ranks on one machine need distinct ports, while one rank per pod
+    (deploy/k8s/multirank) keeps the same port, probes and scrape target on every pod.
+    """
     learner = config.learner
     if learner.batch_size < world or learner.memory < world:
         raise ConfigError(
@@ -129,7 +137,8 @@ def rank_config(config: ServiceConfig, rank: int, world: int) -> ServiceConfig:
         }
     )
     http = config.http
-    port = http.port + rank if http.port else 0
+    local = rank if local_rank is None else local_rank
+    port = http.port + local if http.port else 0
     return config.model_copy(
         update={
             "learner": ranked,
@@ -143,8 +152,9 @@ def rank_config(config: ServiceConfig, rank: int, world: int) -> ServiceConfig:
 class GradientSync:
     """Average gradients over the ranks at every optimizer step (see the module docstring)."""
 
-    def __init__(self, learner: OnlineLearner):
+    def __init__(self, learner: OnlineLearner, metrics: ServiceMetrics):
         self.learner = learner
+        self.metrics = metrics  # step and communication seconds, as they accrue
         self.params = [p for p in learner.model.parameters() if p.requires_grad]
         self.device = learner.device
         self.communication_seconds = 0.0
@@ -169,7 +179,9 @@ class GradientSync:
         buffer = torch.cat([*grads, flags])
         began = time.perf_counter()
         dist.all_reduce(buffer)
-        self.communication_seconds += time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        self.communication_seconds += seconds
+        self.metrics.communication_seconds.inc(seconds)
         self.collectives += 1
         contributors = int(buffer[-2].item())
         if contributors == 0:
@@ -197,7 +209,10 @@ class GradientSync:
                 learner.updates += 1
         finally:
             self._idle = False
-            self.joining_seconds += time.perf_counter() - began
+            seconds = time.perf_counter() - began
+            self.joining_seconds += seconds
+            # Own updates reach streamcl_step_seconds through the exporter (`learned`).
+            self.metrics.step_seconds.inc(seconds)
 
     def broadcast_model(self) -> None:
         """Give every rank rank 0's parameters and buffers (identical start)."""
@@ -244,8 +259,9 @@ class RankService(Service):
     def __init__(self, config: ServiceConfig, rank: int, world: int):
         self.rank, self.world = rank, world
         self.global_learner: LearnerConfig = config.learner
-        super().__init__(rank_config(config, rank, world))
-        self.sync = GradientSync(self.learner)
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        super().__init__(rank_config(config, rank, world, local_rank), rank=rank, world_size=world)
+        self.sync = GradientSync(self.learner, self.metrics)
         self.batch_size = self.config.learner.batch_size  # this rank's share
         self.learn_seconds = 0.0  # in own learn calls, their all-reduces included
         self._settled: list[int] | None = None
