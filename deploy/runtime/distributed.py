@@ -22,9 +22,13 @@ contributing ranks, so one rank alone learns exactly as the single-process servi
 Budgets: the configured `learner.batch_size`, `learner.memory` and replay draws are global;
 rank r takes an even share (`share`), so one global step averages as many arriving samples
 and replay draws as a single process would learn in one step, and the ranks' memories
-together never exceed the budget. Each rank keeps its own class-balanced memory of its own
-partitions; with samples spread over partitions by key (or round robin), every rank sees
-every class, so class balance holds per rank and therefore globally.
+together never exceed the budget. Settings counted in arrivals are global in the same way
+(the task window, the noise filters' warm-up, loss and kNN windows and per-class minimum,
+the quarantine's capacity and re-check delay): a rank sees about 1/N of the arrivals, so
+with its share it judges as much of the stream as one process would. Each rank keeps its
+own class-balanced memory of its own partitions; with samples spread over partitions by key
+(or round robin), every rank sees every class, so class balance holds per rank and
+therefore globally.
 
 Checkpoints: one global checkpoint after all ranks reach the same tick: rank 0 gathers every
 rank's learner state (its memory, filters, quarantine), session counters and handled
@@ -129,11 +133,34 @@ def rank_config(
             "strategy packnet keeps per-rank pruning masks that change the weights after each "
             "step: it cannot run on several ranks; use er and/or ewc"
         )
+
+    def part(total: int, least: int = 0) -> int:
+        return max(least, share(total, rank, world))
+
+    # Counts of arrivals are global too: a rank sees about 1/world of them, so a filter that
+    # waited for 1,000 arrivals of its own would wait for world x 1,000 of the stream's
+    # (on a short task, for ever: it never judged, while one process did).
+    noise, quarantine = learner.noise, learner.quarantine
     ranked = learner.model_copy(
         update={
             "batch_size": share(learner.batch_size, rank, world),
             "memory": share(learner.memory, rank, world),
             "replay_size": share(learner.replay_draws, rank, world),
+            "task_window": part(learner.task_window, 1),
+            "noise": noise.model_copy(
+                update={
+                    "warmup": part(noise.warmup),
+                    "loss_window": part(noise.loss_window, 10),
+                    "min_class_samples": part(noise.min_class_samples),
+                    "knn_window": part(noise.knn_window, 1),
+                }
+            ),
+            "quarantine": quarantine.model_copy(
+                update={
+                    "capacity": part(quarantine.capacity),
+                    "recheck_after": part(quarantine.recheck_after),
+                }
+            ),
         }
     )
     http = config.http
