@@ -11,6 +11,7 @@ makes that a failure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -24,9 +25,11 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from torch.distributed.run import get_args_parser
 
 from streamcl.deploy.cli.kafka import service_config
 from streamcl.deploy.runtime.config import ServiceConfig
+from streamcl.deploy.runtime.distributed import rank_config
 from streamcl.deploy.runtime.metrics import ServiceMetrics
 from tests.prometheus import DASHBOARD, alert_rules, dashboard_exprs, render_grafana_expr
 
@@ -35,6 +38,7 @@ DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
+MULTIRANK = K8S / "multirank"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 CONFIG_PATH = "/etc/streamcl/service.yaml"
@@ -48,6 +52,8 @@ ALERT_NAMES = {
     "StreamclCheckpointStale",
     "StreamclQuarantineSurge",
 }
+BY_RANK = r" \* on \(job, instance\) group_left \(rank\) streamcl_rank_info"
+"""The join that puts each target's rank on its series (metrics.py's module docstring)."""
 METRIC_NAME = re.compile(r"\bstreamcl_[a-z0-9_]+\b")
 
 
@@ -92,6 +98,11 @@ def test_the_expected_files_exist() -> None:
         K8S / "statefulset.yaml",
         K8S / "service.yaml",
         K8S / "podmonitor.yaml",
+        MULTIRANK / "configmap.yaml",
+        MULTIRANK / "statefulset.yaml",
+        MULTIRANK / "service.yaml",
+        MULTIRANK / "podmonitor.yaml",
+        MULTIRANK / "pvc.yaml",
         PROMETHEUS_DIR / "prometheus.yml",
         PROMETHEUS_DIR / "alerts.yml",
         PROMETHEUS_DIR / "alerts_test.yml",
@@ -433,6 +444,138 @@ def test_k8s_service_and_pod_monitor_select_the_pods_and_port(
     assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
 
 
+# --- Kubernetes, several ranks (deploy/k8s/multirank) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def ranks_k8s() -> dict[str, dict[str, Any]]:
+    """Every manifest under deploy/k8s/multirank by kind (one object of each kind)."""
+    objects: dict[str, dict[str, Any]] = {}
+    for path in sorted(MULTIRANK.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is None:
+                continue
+            assert {"apiVersion", "kind", "metadata"} <= set(document), path
+            assert document["kind"] not in objects, f"two {document['kind']} objects"
+            objects[document["kind"]] = document
+    kinds = {"ConfigMap", "StatefulSet", "Service", "PodMonitor", "PersistentVolumeClaim"}
+    assert set(objects) == kinds
+    return objects
+
+
+@pytest.fixture(scope="module")
+def ranks_config(
+    ranks_k8s: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> ServiceConfig:
+    path = tmp_path_factory.mktemp("multirank") / "service.yaml"
+    path.write_text(ranks_k8s["ConfigMap"]["data"]["service.yaml"])
+    return validated_config(path)
+
+
+def torchrun_args(ranks_k8s: dict[str, dict[str, Any]]) -> argparse.Namespace:
+    """The rank container's command parsed by torchrun's own parser, $(VAR)s expanded."""
+    learner = container(ranks_k8s)
+    assert learner["command"] == ["torchrun"]
+    env = {e["name"]: e["value"] for e in learner["env"]}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in learner["args"]]
+    return get_args_parser().parse_args(args)
+
+
+def test_k8s_ranks_are_namespace_free_and_apart_from_the_single_learner(
+    ranks_k8s: dict[str, dict[str, Any]], k8s: dict[str, dict[str, Any]]
+) -> None:
+    assert [kind for kind, obj in ranks_k8s.items() if "namespace" in obj["metadata"]] == []
+    rank_labels = ranks_k8s["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
+    single_labels = k8s["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
+    # Neither variant's Service or PodMonitor picks up the other's pods.
+    assert not selects(k8s["Service"]["spec"]["selector"], rank_labels)
+    assert not selects(ranks_k8s["Service"]["spec"]["selector"], single_labels)
+    names = {o["metadata"]["name"] for o in k8s.values()}
+    assert names.isdisjoint(o["metadata"]["name"] for o in ranks_k8s.values())
+
+
+def test_k8s_ranks_run_torchrun_with_a_c10d_rendezvous_on_pod_0(
+    ranks_k8s: dict[str, dict[str, Any]],
+) -> None:
+    spec = ranks_k8s["StatefulSet"]["spec"]
+    service = ranks_k8s["Service"]
+    args = torchrun_args(ranks_k8s)
+    assert int(args.nnodes) == spec["replicas"] >= 2
+    assert args.nproc_per_node == "1"  # one rank per pod: each pod's port and probes
+    assert args.rdzv_backend == "c10d" and args.rdzv_id and args.max_restarts >= 1
+    host, port = args.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{ranks_k8s['StatefulSet']['metadata']['name']}-0.{service['metadata']['name']}"
+    assert args.module and args.training_script == "streamcl.deploy.cli"
+    assert args.training_script_args == ["serve", "--config", CONFIG_PATH]
+    ports = {p["name"]: p["containerPort"] for p in container(ranks_k8s)["ports"]}
+    assert ports["rendezvous"] == int(port)
+    assert {"rendezvous": int(port)}.items() <= {
+        p["name"]: p["port"] for p in service["spec"]["ports"]
+    }.items()
+    # Pods start together (pod 0 is ready only once all have joined) and resolve unready.
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert selects(service["spec"]["selector"], spec["template"]["metadata"]["labels"])
+
+
+def test_k8s_rank_pods_are_identical_and_torchrun_numbers_them(
+    ranks_k8s: dict[str, dict[str, Any]],
+) -> None:
+    learner = container(ranks_k8s)
+    launcher_set = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    assert launcher_set.isdisjoint(e["name"] for e in learner["env"])
+    assert all("value" in e and "valueFrom" not in e for e in learner["env"])
+
+
+def test_k8s_ranks_config_validates_splits_over_the_ranks_and_serves_the_pod_port(
+    ranks_k8s: dict[str, dict[str, Any]], ranks_config: ServiceConfig
+) -> None:
+    assert ranks_config.http.host == "0.0.0.0"
+    replicas = ranks_k8s["StatefulSet"]["spec"]["replicas"]
+    ports = {p["name"]: p["containerPort"] for p in container(ranks_k8s)["ports"]}
+    # What each rank runs with (refused if a global budget cannot be split this many ways).
+    for rank in range(replicas):
+        ranked = rank_config(ranks_config, rank, replicas, local_rank=0)
+        assert ranked.http.port == ports["http"]
+    pod = ranks_k8s["StatefulSet"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container(ranks_k8s)["volumeMounts"]}
+    config_map = volumes["config"]["configMap"]
+    assert config_map["name"] == ranks_k8s["ConfigMap"]["metadata"]["name"]
+    assert [str(PurePosixPath(mounts["config"]) / i["path"]) for i in config_map["items"]] == [
+        CONFIG_PATH
+    ]
+    # Whichever pod becomes rank 0 reads and writes the one global checkpoint: shared volume.
+    claim = ranks_k8s["PersistentVolumeClaim"]
+    (name,) = [n for n, v in volumes.items() if "persistentVolumeClaim" in v]
+    assert volumes[name]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert under(ranks_config.checkpoint.dir, mounts[name])
+    assert "volumeClaimTemplates" not in ranks_k8s["StatefulSet"]["spec"]
+
+
+def test_k8s_rank_probes_and_pod_monitor_use_the_http_port(
+    ranks_k8s: dict[str, dict[str, Any]], ranks_config: ServiceConfig
+) -> None:
+    learner = container(ranks_k8s)
+    for probe, path in (
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ):
+        assert learner[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    template = ranks_k8s["StatefulSet"]["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(ranks_config.http.port)
+    monitor = ranks_k8s["PodMonitor"]["spec"]
+    assert selects(monitor["selector"]["matchLabels"], template["metadata"]["labels"])
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert endpoint == {**endpoint, "port": "http", "path": "/metrics"}
+    security = template["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+
+
 # --- metric names -------------------------------------------------------------------------
 
 
@@ -533,6 +676,12 @@ def test_dashboard_covers_the_required_panels(dashboard: dict[str, Any]) -> None
         r"increase\(streamcl_checkpoint_failures_total\{",
         r"increase\(streamcl_drift_events_total\{",
         r"streamcl_model_version\{",
+        # Ranks (a single process is rank 0 of 1): throughput, step time, communication, lag.
+        rf"^sum by \(rank\) \(rate\(streamcl_samples_total\{{outcome=\"learned\".*{BY_RANK}",
+        rf"^sum by \(rank\) \(rate\(streamcl_step_seconds_total\{{.*{BY_RANK}\{{[^}}]*\}}\)$",
+        r"^sum by \(rank\) \(rate\(streamcl_communication_seconds_total.* / "
+        r"sum by \(rank\) \(rate\(streamcl_step_seconds_total",
+        rf"^sum by \(rank\) \(streamcl_consumer_lag_messages\{{.*{BY_RANK}",
     ]
     assert [r for r in required if not any(re.search(r, e) for e in exprs)] == []
 

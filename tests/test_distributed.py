@@ -49,7 +49,15 @@ def test_shares_split_the_global_budgets_exactly() -> None:
     assert sum(c.learner.memory for c in ranks) == 1001
     assert [c.learner.batch_size for c in ranks] == [5, 5]
     assert [c.report for c in ranks] == [Path("/tmp/r.json"), Path("/tmp/r.rank1.json")]
+    # Counts of arrivals split too: the small-loss filter judges after 1,000 of the stream's.
+    assert [c.learner.noise.warmup for c in ranks] == [500, 500]
+    assert [c.learner.quarantine.recheck_after for c in ranks] == [500, 500]
+    assert [c.learner.task_window for c in ranks] == [5000, 5000]
     assert rank_path(None, 1) is None
+    config = ServiceConfig.model_validate({"http": {"port": 8080}})
+    # Two ranks on one machine: two ports; one rank per pod (local rank 0): the same port.
+    assert [rank_config(config, r, 2).http.port for r in range(2)] == [8080, 8081]
+    assert [rank_config(config, r, 2, local_rank=0).http.port for r in range(2)] == [8080, 8080]
 
 
 def test_budgets_smaller_than_the_rank_count_are_refused() -> None:

@@ -119,3 +119,31 @@ def test_replay_pushes_to_a_pushgateway_compatible_endpoint(
     assert (method, path) == ("PUT", "/metrics/job/streamcl_replay")
     pushed = samples(body.decode())
     assert sum(pushed[("streamcl_samples_total", (("outcome", o),))] for o in OUTCOMES) == 1348
+
+
+def test_every_rank_exports_its_rank_and_only_rank_0_the_global_accuracy() -> None:
+    exported = []
+    for rank in range(2):
+        metrics = ServiceMetrics(CollectorRegistry(), rank=rank, world_size=2)
+        metrics.average_accuracy.set(0.5)  # every rank may evaluate; one exports it
+        metrics.set_groups([0.5], [0.1])
+        metrics.step_seconds.inc(1.0)
+        exported.append(samples(generate_latest(metrics.registry).decode()))
+    for rank, series in enumerate(exported):
+        info = {labels for name, labels in series if name == "streamcl_rank_info"}
+        assert info == {
+            (("rank", str(rank)), ("world_size", "2")),
+        }
+        assert series[("streamcl_step_seconds_total", ())] == 1.0
+        assert series[("streamcl_communication_seconds_total", ())] == 0.0
+    global_only = {
+        "streamcl_average_accuracy_ratio",
+        "streamcl_average_forgetting_ratio",
+        "streamcl_backward_transfer_ratio",
+        "streamcl_group_accuracy_ratio",
+        "streamcl_group_forgetting_ratio",
+    }
+    assert global_only <= {name for name, _ in exported[0]}
+    assert global_only.isdisjoint(name for name, _ in exported[1])
+    # Per-rank series stay on every rank.
+    assert ("streamcl_prequential_accuracy_ratio", ()) in exported[1]

@@ -72,9 +72,9 @@ def test_server_rejects_non_loopback_targets_and_relative_rule_files() -> None:
         PrometheusServer(["127.0.0.1:9"], rule_files=["alerts.yml"])
 
 
-def populated_metrics(registry: CollectorRegistry) -> ServiceMetrics:
-    """Every ServiceMetrics series set once, as a learner that has run a while would."""
-    metrics = ServiceMetrics(registry)
+def populated_metrics(registry: CollectorRegistry, rank: int = 0, world: int = 1) -> ServiceMetrics:
+    """Every ServiceMetrics series set once, as a learner (rank) that has run a while would."""
+    metrics = ServiceMetrics(registry, rank, world)
     metrics.track_device_memory(lambda: 2.0**20)
     for partition, lag in (("0", 12), ("1", 30)):
         metrics.lag.labels(partition).set(lag)
@@ -105,6 +105,8 @@ def feed(metrics: ServiceMetrics, stop: threading.Event) -> None:
         metrics.rejected.labels("wrong_shape").inc()
         metrics.updates.inc()
         metrics.update_seconds.observe(0.004)
+        metrics.step_seconds.inc(0.004)
+        metrics.communication_seconds.inc(0.001)
         metrics.arrival_to_update.observe(0.2)
         metrics.evaluations.inc()
         metrics.drift_events.inc()
@@ -114,23 +116,35 @@ def feed(metrics: ServiceMetrics, stop: threading.Event) -> None:
         metrics.last_poll.set_to_current_time()
 
 
+def both_ranks(result: list[dict[str, Any]]) -> bool:
+    """Finite, one series per rank (the `by (rank)` panels)."""
+    return finite_values(result) and {s["metric"]["rank"] for s in result} == {"0", "1"}
+
+
 def test_every_dashboard_query_and_alert_rule_works_on_the_services_metrics() -> None:
+    """Two learner ranks, two targets: every query is finite, the rank panels show both."""
     require_prometheus()
-    registry = CollectorRegistry()
-    metrics = populated_metrics(registry)
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    ranks = [populated_metrics(registry, rank, 2) for rank, registry in enumerate(registries)]
     stop = threading.Event()
-    feeder = threading.Thread(target=feed, args=(metrics, stop), daemon=True)
-    feeder.start()
+    feeders = [threading.Thread(target=feed, args=(m, stop), daemon=True) for m in ranks]
+    for feeder in feeders:
+        feeder.start()
     try:
         with (
-            exporter(registry) as target,
-            PrometheusServer([target], rule_files=[ALERTS]) as prometheus,
+            exporter(registries[0]) as rank_0,
+            exporter(registries[1]) as rank_1,
+            PrometheusServer([rank_0, rank_1], rule_files=[ALERTS]) as prometheus,
         ):
             for where, expr in dashboard_exprs():
+                check = both_ranks if "by (rank)" in expr else finite_values
                 try:
-                    prometheus.wait_for(render_grafana_expr(expr), 15, finite_values)
+                    prometheus.wait_for(render_grafana_expr(expr), 15, check)
                 except (TimeoutError, PrometheusError) as err:
                     pytest.fail(f"dashboard panel {where}: {err}")
+            # The group's accuracy comes from rank 0 alone.
+            accuracy = prometheus.query("streamcl_average_accuracy_ratio")
+            assert [s["metric"]["instance"] for s in accuracy] == [rank_0]
 
             def evaluated(_: object) -> bool:
                 rules = prometheus.rules()
@@ -152,4 +166,5 @@ def test_every_dashboard_query_and_alert_rule_works_on_the_services_metrics() ->
             assert broken == {}
     finally:
         stop.set()
-        feeder.join(timeout=5)
+        for feeder in feeders:
+            feeder.join(timeout=5)

@@ -22,9 +22,13 @@ contributing ranks, so one rank alone learns exactly as the single-process servi
 Budgets: the configured `learner.batch_size`, `learner.memory` and replay draws are global;
 rank r takes an even share (`share`), so one global step averages as many arriving samples
 and replay draws as a single process would learn in one step, and the ranks' memories
-together never exceed the budget. Each rank keeps its own class-balanced memory of its own
-partitions; with samples spread over partitions by key (or round robin), every rank sees
-every class, so class balance holds per rank and therefore globally.
+together never exceed the budget. Settings counted in arrivals are global in the same way
+(the task window, the noise filters' warm-up, loss and kNN windows and per-class minimum,
+the quarantine's capacity and re-check delay): a rank sees about 1/N of the arrivals, so
+with its share it judges as much of the stream as one process would. Each rank keeps its
+own class-balanced memory of its own partitions; with samples spread over partitions by key
+(or round robin), every rank sees every class, so class balance holds per rank and
+therefore globally.
 
 Checkpoints: one global checkpoint after all ranks reach the same tick: rank 0 gathers every
 rank's learner state (its memory, filters, quarantine), session counters and handled
@@ -64,6 +68,7 @@ import torch.distributed as dist
 
 from streamcl.deploy.runtime.commits import check_compatible, one_line
 from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
+from streamcl.deploy.runtime.metrics import ServiceMetrics
 from streamcl.deploy.runtime.service import Service
 from streamcl.ingest.errors import ConfigError, StreamclError
 from streamcl.ingest.kafka import Arrival, KafkaSourceError, Offsets
@@ -107,8 +112,15 @@ def rank_path(path: Path | None, rank: int) -> Path | None:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
-def rank_config(config: ServiceConfig, rank: int, world: int) -> ServiceConfig:
-    """The settings one rank runs with: its share of the budgets, its own files and port."""
+def rank_config(
+    config: ServiceConfig, rank: int, world: int, local_rank: int | None = None
+) -> ServiceConfig:
+    """The settings one rank runs with: its share of the budgets, its own files and port.
+
+    The port is `http.port + local_rank` (the rank on its machine, torchrun's LOCAL_RANK;
+    default `rank`): ranks on one machine need distinct ports, while one rank per pod
+    (deploy/k8s/multirank) keeps the same port, probes and scrape target on every pod.
+    """
     learner = config.learner
     if learner.batch_size < world or learner.memory < world:
         raise ConfigError(
@@ -121,15 +133,39 @@ def rank_config(config: ServiceConfig, rank: int, world: int) -> ServiceConfig:
             "strategy packnet keeps per-rank pruning masks that change the weights after each "
             "step: it cannot run on several ranks; use er and/or ewc"
         )
+
+    def part(total: int, least: int = 0) -> int:
+        return max(least, share(total, rank, world))
+
+    # Counts of arrivals are global too: a rank sees about 1/world of them, so a filter that
+    # waited for 1,000 arrivals of its own would wait for world x 1,000 of the stream's
+    # (on a short task, for ever: it never judged, while one process did).
+    noise, quarantine = learner.noise, learner.quarantine
     ranked = learner.model_copy(
         update={
             "batch_size": share(learner.batch_size, rank, world),
             "memory": share(learner.memory, rank, world),
             "replay_size": share(learner.replay_draws, rank, world),
+            "task_window": part(learner.task_window, 1),
+            "noise": noise.model_copy(
+                update={
+                    "warmup": part(noise.warmup),
+                    "loss_window": part(noise.loss_window, 10),
+                    "min_class_samples": part(noise.min_class_samples),
+                    "knn_window": part(noise.knn_window, 1),
+                }
+            ),
+            "quarantine": quarantine.model_copy(
+                update={
+                    "capacity": part(quarantine.capacity),
+                    "recheck_after": part(quarantine.recheck_after),
+                }
+            ),
         }
     )
     http = config.http
-    port = http.port + rank if http.port else 0
+    local = rank if local_rank is None else local_rank
+    port = http.port + local if http.port else 0
     return config.model_copy(
         update={
             "learner": ranked,
@@ -143,8 +179,9 @@ def rank_config(config: ServiceConfig, rank: int, world: int) -> ServiceConfig:
 class GradientSync:
     """Average gradients over the ranks at every optimizer step (see the module docstring)."""
 
-    def __init__(self, learner: OnlineLearner):
+    def __init__(self, learner: OnlineLearner, metrics: ServiceMetrics):
         self.learner = learner
+        self.metrics = metrics  # step and communication seconds, as they accrue
         self.params = [p for p in learner.model.parameters() if p.requires_grad]
         self.device = learner.device
         self.communication_seconds = 0.0
@@ -169,7 +206,9 @@ class GradientSync:
         buffer = torch.cat([*grads, flags])
         began = time.perf_counter()
         dist.all_reduce(buffer)
-        self.communication_seconds += time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        self.communication_seconds += seconds
+        self.metrics.communication_seconds.inc(seconds)
         self.collectives += 1
         contributors = int(buffer[-2].item())
         if contributors == 0:
@@ -197,7 +236,10 @@ class GradientSync:
                 learner.updates += 1
         finally:
             self._idle = False
-            self.joining_seconds += time.perf_counter() - began
+            seconds = time.perf_counter() - began
+            self.joining_seconds += seconds
+            # Own updates reach streamcl_step_seconds through the exporter (`learned`).
+            self.metrics.step_seconds.inc(seconds)
 
     def broadcast_model(self) -> None:
         """Give every rank rank 0's parameters and buffers (identical start)."""
@@ -244,8 +286,9 @@ class RankService(Service):
     def __init__(self, config: ServiceConfig, rank: int, world: int):
         self.rank, self.world = rank, world
         self.global_learner: LearnerConfig = config.learner
-        super().__init__(rank_config(config, rank, world))
-        self.sync = GradientSync(self.learner)
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        super().__init__(rank_config(config, rank, world, local_rank), rank=rank, world_size=world)
+        self.sync = GradientSync(self.learner, self.metrics)
         self.batch_size = self.config.learner.batch_size  # this rank's share
         self.learn_seconds = 0.0  # in own learn calls, their all-reduces included
         self._settled: list[int] | None = None

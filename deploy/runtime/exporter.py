@@ -67,6 +67,7 @@ class MetricsExporter:
         self._filtering(session)
         m.updates.inc(self.learner.steps_per_batch)
         m.update_seconds.observe(update_seconds)
+        m.step_seconds.inc(update_seconds)
         m.model_version.set(self.learner.updates)
         m.prequential.set(session.prequential.get_windowed())
         if self.memory is not None:

@@ -3,6 +3,13 @@
 Names follow Prometheus conventions: `streamcl_<thing>_<unit>`, base units, `_total`
 for counters. Labels are bounded: outcome and reason come from fixed sets, partition
 and group from the topic's partitions and the stream's groups (capped).
+
+Ranks: every learner process (one rank under torchrun, or the single-process service as
+rank 0 of 1) serves its own endpoint, so Prometheus tells ranks apart by target. The info
+series `streamcl_rank_info{rank, world_size}` puts the rank on any per-process series by
+a join, e.g. `rate(streamcl_samples_total[1m]) * on (job, instance) group_left (rank)
+streamcl_rank_info`; the series themselves keep one label set in every mode. Accuracy and
+forgetting are the group's (every rank holds the same model): only rank 0 exports them.
 """
 
 from __future__ import annotations
@@ -31,9 +38,32 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class ServiceMetrics:
     """Every metric the service exports; methods are called by the service's loop."""
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, rank: int = 0, world_size: int = 1):
         self.registry = registry
         r = registry
+        # Ranks other than 0 keep these gauges off their endpoint (a private registry),
+        # so a query over all ranks sees one global accuracy, not N copies.
+        evaluation = r if rank == 0 else CollectorRegistry()
+        self.rank_info = Gauge(
+            "streamcl_rank_info",
+            "1, labelled with this learner process's rank and the group's size (single "
+            "process: rank 0 of 1); join on (job, instance) to get per-rank series.",
+            ["rank", "world_size"],
+            registry=r,
+        )
+        self.rank_info.labels(str(rank), str(world_size)).set(1)
+        self.step_seconds = Counter(
+            "streamcl_step_seconds",
+            "Wall time in learning steps: this rank's updates and, with several ranks, the "
+            "other ranks' steps it applies, gradient all-reduces included.",
+            registry=r,
+        )
+        self.communication_seconds = Counter(
+            "streamcl_communication_seconds",
+            "Of streamcl_step_seconds, the time in gradient all-reduces (waiting for slower "
+            "ranks included); 0 for a single process.",
+            registry=r,
+        )
         self.samples = Counter(
             "streamcl_samples", "Messages consumed, by outcome.", ["outcome"], registry=r
         )
@@ -72,32 +102,34 @@ class ServiceMetrics:
         self.average_accuracy = Gauge(
             "streamcl_average_accuracy_ratio",
             "Mean probe accuracy over groups seen so far.",
-            registry=r,
+            registry=evaluation,
         )
         self.average_forgetting = Gauge(
-            "streamcl_average_forgetting_ratio", "Mean forgetting over finished groups.", registry=r
+            "streamcl_average_forgetting_ratio",
+            "Mean forgetting over finished groups.",
+            registry=evaluation,
         )
         self.backward_transfer = Gauge(
             "streamcl_backward_transfer_ratio",
             "Backward transfer (negative: forgetting).",
-            registry=r,
+            registry=evaluation,
         )
         self.prequential = Gauge(
             "streamcl_prequential_accuracy_ratio",
-            "Test-then-train accuracy over the recent window.",
+            "Test-then-train accuracy over the recent window (this rank's arrivals).",
             registry=r,
         )
         self.group_accuracy = Gauge(
             "streamcl_group_accuracy_ratio",
             "Probe accuracy per group (task or class).",
             ["group"],
-            registry=r,
+            registry=evaluation,
         )
         self.group_forgetting = Gauge(
             "streamcl_group_forgetting_ratio",
             "Forgetting per finished group.",
             ["group"],
-            registry=r,
+            registry=evaluation,
         )
         self.evaluations = Counter("streamcl_evaluations", "Probe evaluations run.", registry=r)
         self.memory_items = Gauge(

@@ -75,9 +75,15 @@ def _secret(value: SecretStr | None) -> str | None:
 class Service:
     """One learner, one consumer group member, one checkpoint directory."""
 
-    def __init__(self, config: ServiceConfig, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        config: ServiceConfig,
+        registry: CollectorRegistry | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.config = config
-        self.metrics = ServiceMetrics(registry or CollectorRegistry())
+        self.metrics = ServiceMetrics(registry or CollectorRegistry(), rank, world_size)
         settings = kafka_settings(config)
         wait_for_bootstrap(settings, config.kafka.connect_timeout_s)  # before any slow set-up
         configure_threads(config.learner.threads)
