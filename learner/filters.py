@@ -186,6 +186,7 @@ class NeighbourAgreement:
     """
 
     name = "knn"
+    needs_embeddings = True
 
     def __init__(
         self,
@@ -247,6 +248,7 @@ class SmallLoss:
     """
 
     name = "small-loss"
+    needs_embeddings = False
 
     def __init__(
         self,
@@ -354,13 +356,19 @@ def mixture_threshold(values: np.ndarray, min_separation: float, iterations: int
 
 
 class NoiseFilter:
-    """Run the enabled filters; a row is suspect when any of them flags it."""
+    """Run the enabled filters; a row is suspect when any of them flags it.
+
+    A filter whose `needs_embeddings` is False (small loss) is handed `[B, 0]` embeddings;
+    when none needs them the learner skips embedding the arrivals (`needs_embeddings`).
+    A filter without the attribute gets them.
+    """
 
     def __init__(self, filters: list[Filter]):
         names = [f.name for f in filters]
         if len(set(names)) != len(names):  # their states are saved by name
             raise ConfigError(f"noise filters need distinct names, got {', '.join(names)}")
         self.filters = filters
+        self.needs_embeddings = any(getattr(f, "needs_embeddings", True) for f in filters)
 
     def judge(
         self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor

@@ -32,14 +32,16 @@ class LearnResult:
     """What one `learn` did with the batch and with the quarantine.
 
     predictions: `[B]` labels the model gave the batch *before* learning it (prequential);
-    admitted: `[B]` bool, the rows learned now (the rest went to quarantine with
-    `quarantine_reasons`, one per row in order); readmitted: quarantined samples that
+    loss: the last step's loss, a 0-d tensor on the learner's device (`float()` it only
+    when needed: on a GPU that waits for the step); admitted: `[B]` bool, the rows
+    learned now (the rest went to quarantine with `quarantine_reasons`, one per row in
+    order); readmitted: quarantined samples that
     passed re-examination and were learned in this update; rejected: samples finally
     rejected as noisy.
     """
 
     predictions: np.ndarray
-    loss: float
+    loss: torch.Tensor
     admitted: np.ndarray
     quarantine_reasons: tuple[str, ...] = ()
     readmitted: tuple[Sample, ...] = ()
@@ -148,13 +150,16 @@ class OnlineLearner:
         readmitted, rejected = self._reexamine()
         learnt = _with_samples(batch, readmitted)
         n = len(batch)
+        if readmitted:
+            tasks = np.concatenate([tasks, self._own_tasks(learnt.tasks[n:])])
         fresh = UpdateBatch(
             features=torch.from_numpy(learnt.features),
             labels=torch.from_numpy(learnt.labels),
-            tasks=torch.from_numpy(np.concatenate([tasks, self._own_tasks(learnt.tasks[n:])])),
+            tasks=torch.from_numpy(tasks),
             num_new=len(learnt),
         )
-        reasons = [""] * n
+        reasons: list[str] = []  # per arriving row when a filter judged: '' or its name
+        admitted = np.ones(n, dtype=bool)
         predictions = torch.empty(0, dtype=torch.int64)
         first_logits = torch.empty(0)
         loss = torch.zeros(())
@@ -172,7 +177,8 @@ class OnlineLearner:
                 predictions = first_logits.argmax(dim=1)
                 if self.noise_filter is not None:
                     reasons = judge(self.noise_filter, first_logits, inputs[:n], labels[:n])
-                    suspect = np.array([bool(r) for r in reasons])
+                    suspect = np.array([bool(r) for r in reasons], dtype=bool)
+                    admitted = ~suspect
                     if suspect.any():
                         keep = np.ones(len(labels), dtype=bool)
                         keep[:n] = ~suspect
@@ -196,13 +202,12 @@ class OnlineLearner:
             for strategy in self.strategies:
                 strategy.after_step(self.model)
             self.updates += 1
-        admitted = np.array([not r for r in reasons], dtype=bool)
         suspects = np.flatnonzero(~admitted)
         if len(suspects) and self.quarantine is not None:
             self.quarantine.add(batch, suspects, [reasons[i] for i in suspects], self.samples)
         kept = _keep_rows(learnt, np.concatenate([admitted, np.ones(len(readmitted), bool)]))
         if len(kept):
-            self.loss.priors.update(torch.from_numpy(kept.labels))
+            self.loss.priors.update(kept.labels)
             for strategy in self.strategies:
                 strategy.after_update(kept)
         first = self.samples
@@ -210,7 +215,7 @@ class OnlineLearner:
         self._detect(batch, first_logits, first, arrived_later)
         return LearnResult(
             predictions.cpu().numpy(),
-            float(loss.detach()),
+            loss.detach(),
             admitted,
             tuple(reasons[i] for i in suspects),
             tuple(readmitted),
@@ -255,7 +260,7 @@ class OnlineLearner:
                     "detector is configured; send task ids or set detector.kind to "
                     "page-hinkley or adwin"
                 )
-        arrivals = [t for t in stream_tasks.tolist() if self.tasks.arrives(t)]
+        arrivals = [int(stream_tasks[i]) for i in self.tasks.arriving(stream_tasks)]
         if len(known):
             first = int(known[0])
             if self.task == NO_TASK:
@@ -451,7 +456,10 @@ def judge(
     """Per arriving row `[B]`: '' to learn it, else the filter that flagged it; then let the
     filters observe the rows (loss windows, neighbour window)."""
     losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    embeddings = embed_inputs(inputs)
+    if noise_filter.needs_embeddings:
+        embeddings = embed_inputs(inputs)
+    else:  # no filter looks at them: spare the pooling
+        embeddings = inputs.new_zeros(len(inputs), 0)
     reasons = noise_filter.judge(losses, embeddings, labels)
     noise_filter.observe(losses, embeddings, labels, np.array([not r for r in reasons]))
     return reasons

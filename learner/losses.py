@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,13 +36,16 @@ class ClassPriors:
     def __init__(self, num_classes: int):
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
 
-    def update(self, labels: torch.Tensor) -> None:
-        self.counts += torch.bincount(labels.cpu(), minlength=len(self.counts)).double()
+    def update(self, labels: np.ndarray | torch.Tensor) -> None:
+        """Count admitted arrivals' labels `[n]` (numpy: no tensor op for ten integers)."""
+        if isinstance(labels, torch.Tensor):
+            labels = labels.cpu().numpy()
+        self.counts += torch.from_numpy(np.bincount(labels, minlength=len(self.counts)))
 
     def log_prior(self) -> torch.Tensor:
         """`[C]` log of the smoothed frequencies (one pseudo-count per class)."""
-        smoothed = self.counts + 1.0
-        return (smoothed / smoothed.sum()).log().float()
+        smoothed = self.counts.numpy() + 1.0
+        return torch.from_numpy(np.log(smoothed / smoothed.sum()).astype(np.float32))
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": self.counts.clone()}
@@ -100,23 +104,36 @@ class TrainingLoss:
         """logits `[N, C]`, labels `[N]`; rows past `num_new` are replayed from memory."""
         if self.plain:
             return nn.functional.cross_entropy(logits, labels)
-        new, old = logits[:num_new], logits[num_new:]
-        new_labels = labels[:num_new]
-        if self.logit_adjust_tau:
-            # Arrivals follow the stream's class frequencies; the (class-balanced) memory
-            # does not, so only the new rows are adjusted.
-            prior = self.priors.log_prior().to(logits.device, logits.dtype)
-            new = new + self.logit_adjust_tau * prior
-        if self.ace and num_new:
-            present = torch.zeros(self.num_classes, dtype=torch.bool, device=logits.device)
-            present[new_labels] = True
-            new = new.masked_fill(~present, torch.finfo(new.dtype).min)
-        losses = torch.cat([self._per_row(new, new_labels), self._per_row(old, labels[num_new:])])
+        if num_new and (self.logit_adjust_tau or self.ace):
+            logits = logits + self._new_row_offsets(logits, labels[:num_new])
+        if self.robust == "ce" and self.reweight == "none":
+            return nn.functional.cross_entropy(logits, labels)  # the mean of the rows' CE
+        losses = self._per_row(logits, labels)
         if self.reweight == "effective-number" and num_new:
             weights = torch.ones(len(labels), device=logits.device, dtype=losses.dtype)
-            weights[:num_new] = self._class_weights().to(logits.device)[new_labels]
+            weights[:num_new] = self._class_weights().to(logits.device)[labels[:num_new]]
             return (losses * weights).sum() / weights.sum()
         return losses.mean()
+
+    def _new_row_offsets(self, logits: torch.Tensor, new_labels: torch.Tensor) -> torch.Tensor:
+        """`[N, C]` added to the logits: zero on replayed rows; on the `len(new_labels)` new
+        rows the logit adjustment and, for ACE, the float minimum on the classes absent
+        from them (adding it gives the minimum: the row's softmax ignores those classes).
+
+        Arrivals follow the stream's class frequencies; the (class-balanced) memory does
+        not, so only the new rows are adjusted. Built without gradient, added once: one
+        node in the graph instead of a slice, mask and join per correction.
+        """
+        offsets = torch.zeros_like(logits)
+        new = offsets[: len(new_labels)]
+        if self.logit_adjust_tau:
+            prior = self.priors.log_prior().to(logits.device, logits.dtype, non_blocking=True)
+            new += self.logit_adjust_tau * prior
+        if self.ace:
+            absent = torch.ones(self.num_classes, dtype=torch.bool, device=logits.device)
+            absent[new_labels] = False
+            new.masked_fill_(absent, torch.finfo(logits.dtype).min)
+        return offsets
 
     def _per_row(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not len(labels):
