@@ -170,6 +170,7 @@ class OnlineLearner:
             inputs = self.to_inputs(update.features)
             logits = self._forward(inputs, update.tasks)
             labels = update.labels.to(self.device, non_blocking=True)
+            host_labels = update.labels  # the loss's per-class corrections read these
             num_new = update.num_new
             if step == 0:
                 # The first forward pass precedes any update on this batch: test-then-train.
@@ -184,11 +185,12 @@ class OnlineLearner:
                         keep[:n] = ~suspect
                         rows = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
                         logits, labels = logits[rows], labels[rows]
+                        host_labels = host_labels[torch.from_numpy(keep)]
                         num_new -= int(suspect.sum())
                         fresh = _drop_new(fresh, suspect)  # later steps never see them
             if not len(labels):
                 break  # every arrival is suspect and the memory is empty: nothing to learn
-            loss = self.loss(logits, labels, num_new)
+            loss = self.loss(logits, labels, num_new, host_labels[:num_new].numpy())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for strategy in self.strategies:

@@ -100,12 +100,25 @@ class TrainingLoss:
             and self.reweight == "none"
         )
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, num_new: int) -> torch.Tensor:
-        """logits `[N, C]`, labels `[N]`; rows past `num_new` are replayed from memory."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        num_new: int,
+        new_labels: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """logits `[N, C]`, labels `[N]`; rows past `num_new` are replayed from memory.
+
+        new_labels: the first `num_new` labels on the host, when the caller has them (the
+        corrections are built there: on a GPU, reading them back would wait for it).
+        """
         if self.plain:
             return nn.functional.cross_entropy(logits, labels)
         if num_new and (self.logit_adjust_tau or self.ace):
-            logits = logits + self._new_row_offsets(logits, labels[:num_new])
+            if new_labels is None:
+                new_labels = labels[:num_new].cpu().numpy()
+            offsets = self._new_row_offsets(len(labels), new_labels)
+            logits = logits + offsets.to(logits.device, logits.dtype, non_blocking=True)
         if self.robust == "ce" and self.reweight == "none":
             return nn.functional.cross_entropy(logits, labels)  # the mean of the rows' CE
         losses = self._per_row(logits, labels)
@@ -115,25 +128,25 @@ class TrainingLoss:
             return (losses * weights).sum() / weights.sum()
         return losses.mean()
 
-    def _new_row_offsets(self, logits: torch.Tensor, new_labels: torch.Tensor) -> torch.Tensor:
-        """`[N, C]` added to the logits: zero on replayed rows; on the `len(new_labels)` new
-        rows the logit adjustment and, for ACE, the float minimum on the classes absent
-        from them (adding it gives the minimum: the row's softmax ignores those classes).
+    def _new_row_offsets(self, rows: int, new_labels: np.ndarray) -> torch.Tensor:
+        """`[rows, C]` float32 added to the logits: zero on replayed rows; on the
+        `len(new_labels)` new rows the logit adjustment and, for ACE, the float minimum on
+        the classes absent from them (adding it gives the minimum: the row's softmax
+        ignores those classes).
 
         Arrivals follow the stream's class frequencies; the (class-balanced) memory does
-        not, so only the new rows are adjusted. Built without gradient, added once: one
+        not, so only the new rows are adjusted. Built on the host and added once: one
         node in the graph instead of a slice, mask and join per correction.
         """
-        offsets = torch.zeros_like(logits)
+        offsets = np.zeros((rows, self.num_classes), dtype=np.float32)
         new = offsets[: len(new_labels)]
         if self.logit_adjust_tau:
-            prior = self.priors.log_prior().to(logits.device, logits.dtype, non_blocking=True)
-            new += self.logit_adjust_tau * prior
+            new += self.logit_adjust_tau * self.priors.log_prior().numpy()
         if self.ace:
-            absent = torch.ones(self.num_classes, dtype=torch.bool, device=logits.device)
+            absent = np.ones(self.num_classes, dtype=bool)
             absent[new_labels] = False
-            new.masked_fill_(absent, torch.finfo(logits.dtype).min)
-        return offsets
+            new[:, absent] = np.finfo(np.float32).min
+        return torch.from_numpy(offsets)
 
     def _per_row(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not len(labels):
