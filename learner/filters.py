@@ -274,11 +274,20 @@ class SmallLoss:
         self.admitted_per_class = np.zeros(num_classes, dtype=np.int64)
         self.threshold = math.inf  # log-loss above which a row is flagged
         self._since_fit = 0
+        self._judged: tuple[torch.Tensor, np.ndarray] | None = None  # observe reuses it
+
+    def _log_losses(self, losses: torch.Tensor) -> np.ndarray:
+        """`[B]` float64 log-losses, computed once for the judge and observe of a batch."""
+        if self._judged is not None and self._judged[0] is losses:
+            return self._judged[1]
+        values = np.log(losses.detach().cpu().double().numpy() + 1e-8)
+        self._judged = (losses, values)
+        return values
 
     def judge(
         self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> np.ndarray:
-        values = np.log(losses.detach().cpu().double().numpy() + 1e-8)
+        values = self._log_losses(losses)
         verdict = np.where(values > self.threshold, FLAG, PASS)
         immature = self.admitted_per_class[labels.cpu().numpy()] < self.min_class_samples
         if self.count < self.warmup:
@@ -292,11 +301,13 @@ class SmallLoss:
         labels: torch.Tensor,
         admitted: np.ndarray,
     ) -> None:
-        values = np.log(losses.detach().cpu().double().numpy() + 1e-8)
+        values = self._log_losses(losses)
+        self._judged = None
         rows = (self.count + np.arange(len(values))) % len(self.losses)
         self.losses[rows] = values
         self.count += len(values)
-        np.add.at(self.admitted_per_class, labels.cpu().numpy()[admitted], 1)
+        counts = self.admitted_per_class
+        counts += np.bincount(labels.cpu().numpy()[admitted], minlength=len(counts))
         self._since_fit += len(values)
         if self._since_fit >= self.refit_every and self.count >= min(self.warmup, len(self.losses)):
             self._since_fit = 0
