@@ -251,8 +251,10 @@ class OnlineLearner:
     def _follow_tasks(self, stream_tasks: np.ndarray) -> tuple[np.ndarray, int | None]:
         """Consolidate when the first known task id arrives; the rows' task ids `[B]`
         (NO_TASK -> segment) and the last task arriving after that row, if any."""
-        known = stream_tasks[stream_tasks != NO_TASK]
-        if len(known) < len(stream_tasks) and self.detector is None:
+        missing = stream_tasks == NO_TASK
+        some_missing = bool(missing.any())
+        known = stream_tasks[~missing] if some_missing else stream_tasks
+        if some_missing and self.detector is None:
             aware = [type(s).__name__ for s in self.strategies if s.task_aware]
             if aware:
                 hidden = " (use_task_ids is off)" if not self.use_task_ids else ""
@@ -272,7 +274,7 @@ class OnlineLearner:
                 self._boundary("task", first, self.samples)
         elif self.task == NO_TASK:
             self.task = 0
-        rows = np.where(stream_tasks == NO_TASK, self.task, stream_tasks)
+        rows = np.where(missing, self.task, stream_tasks) if some_missing else stream_tasks
         return rows, arrivals[-1] if arrivals else None
 
     def _detect(self, batch: Batch, logits: torch.Tensor, first: int, arrived: int | None) -> None:

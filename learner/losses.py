@@ -40,7 +40,8 @@ class ClassPriors:
         """Count admitted arrivals' labels `[n]` (numpy: no tensor op for ten integers)."""
         if isinstance(labels, torch.Tensor):
             labels = labels.cpu().numpy()
-        self.counts += torch.from_numpy(np.bincount(labels, minlength=len(self.counts)))
+        counts = self.counts.numpy()  # the tensor's memory: it is what state_dict saves
+        counts += np.bincount(labels, minlength=len(counts))
 
     def log_prior(self) -> torch.Tensor:
         """`[C]` log of the smoothed frequencies (one pseudo-count per class)."""
