@@ -35,9 +35,8 @@ class LearnResult:
     loss: the last step's loss, a 0-d tensor on the learner's device (`float()` it only
     when needed: on a GPU that waits for the step); admitted: `[B]` bool, the rows
     learned now (the rest went to quarantine with `quarantine_reasons`, one per row in
-    order); readmitted: quarantined samples that
-    passed re-examination and were learned in this update; rejected: samples finally
-    rejected as noisy.
+    order); readmitted: quarantined samples that passed re-examination and were learned
+    in this update; rejected: samples finally rejected as noisy.
     """
 
     predictions: np.ndarray
@@ -160,9 +159,7 @@ class OnlineLearner:
         )
         reasons: list[str] = []  # per arriving row when a filter judged: '' or its name
         admitted = np.ones(n, dtype=bool)
-        predictions = torch.empty(0, dtype=torch.int64)
-        first_logits = torch.empty(0)
-        loss = torch.zeros(())
+        predictions = first_logits = loss = None
         for step in range(self.steps_per_batch):
             update = fresh
             for strategy in self.strategies:
@@ -190,7 +187,8 @@ class OnlineLearner:
                         fresh = _drop_new(fresh, suspect)  # later steps never see them
             if not len(labels):
                 break  # every arrival is suspect and the memory is empty: nothing to learn
-            loss = self.loss(logits, labels, num_new, host_labels[:num_new].numpy())
+            new_labels = None if self.loss.plain else host_labels[:num_new].numpy()
+            loss = self.loss(logits, labels, num_new, new_labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for strategy in self.strategies:
@@ -207,17 +205,21 @@ class OnlineLearner:
         suspects = np.flatnonzero(~admitted)
         if len(suspects) and self.quarantine is not None:
             self.quarantine.add(batch, suspects, [reasons[i] for i in suspects], self.samples)
-        kept = _keep_rows(learnt, np.concatenate([admitted, np.ones(len(readmitted), bool)]))
+        kept = learnt
+        if len(suspects):
+            kept = _keep_rows(learnt, np.concatenate([admitted, np.ones(len(readmitted), bool)]))
         if len(kept):
             self.loss.priors.update(kept.labels)
             for strategy in self.strategies:
                 strategy.after_update(kept)
+        # The first step always runs: it set the predictions and first logits.
+        assert predictions is not None and first_logits is not None
         first = self.samples
         self.samples += n
         self._detect(batch, first_logits, first, arrived_later)
         return LearnResult(
             predictions.cpu().numpy(),
-            loss.detach(),
+            loss.detach() if loss is not None else torch.zeros(()),
             admitted,
             tuple(reasons[i] for i in suspects),
             tuple(readmitted),

@@ -10,8 +10,8 @@ Embeddings of the model's features go stale as the model learns. The refresh bud
 `refresh` items re-embedded per `add` plus every item at `consolidate` (a task
 boundary, detected shift or periodic consolidation), round-robin over the slots: no
 stored embedding is older than `capacity / refresh` updates or than the last boundary,
-at `refresh` embedding rows per update, embedded in the same pass as the arriving batch
-(0: boundaries only).
+at `refresh` embedding rows per update, embedded in the same pass as the arrivals
+written to the memory (0: boundaries only).
 `refresh = None` means the embeddings are a function of the features alone (pooled
 inputs) and are never recomputed.
 A checkpoint holds the embeddings too (restored draws are identical); embeddings that
