@@ -99,6 +99,9 @@ def compare(
     """
     trials: dict[str, list[float]] = {name: [] for name in ("bare", *variants)}
     cpu: dict[str, list[float]] = {name: [] for name in ("bare", *variants)}
+    # The first optimizer built imports torch._dynamo (seconds of CPU): not the first
+    # variant's figure.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with tempfile.TemporaryDirectory() as tmp:
         bare_stream = Path(tmp) / stream.name
         bare_stream.symlink_to(stream.resolve())
@@ -126,6 +129,7 @@ def compare(
     }
     return {
         "threads": threads,
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         "wall": summary(trials),
         # With 1 thread, CPU time is what the work cost, whatever else the machine ran.
         "cpu": summary(cpu),

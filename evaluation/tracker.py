@@ -176,12 +176,19 @@ class PrequentialAccuracy:
     def update(self, correct: np.ndarray) -> None:
         """Add the hits `[B]` (bool) of one test-then-train batch."""
         hits = correct[-self.window :]
-        slots = (self._next + np.arange(len(hits))) % self.window
-        self._recent_correct += int(hits.sum()) - int(self._ring[slots].sum())
-        self._ring[slots] = hits
-        self._next = (self._next + len(hits)) % self.window
+        start, stop = self._next, self._next + len(hits)
+        if stop <= self.window:  # no wrap: slices, not an index array
+            leaving = int(np.count_nonzero(self._ring[start:stop]))
+            self._ring[start:stop] = hits
+        else:
+            slots = np.arange(start, stop) % self.window
+            leaving = int(np.count_nonzero(self._ring[slots]))
+            self._ring[slots] = hits
+        recent = int(np.count_nonzero(hits))
+        self._recent_correct += recent - leaving
+        self._next = stop % self.window
         self._filled = min(self.window, self._filled + len(hits))
-        self.correct += int(correct.sum())
+        self.correct += recent if len(hits) == len(correct) else int(np.count_nonzero(correct))
         self.total += len(correct)
 
     def get(self) -> float:

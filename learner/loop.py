@@ -32,14 +32,15 @@ class LearnResult:
     """What one `learn` did with the batch and with the quarantine.
 
     predictions: `[B]` labels the model gave the batch *before* learning it (prequential);
-    admitted: `[B]` bool, the rows learned now (the rest went to quarantine with
-    `quarantine_reasons`, one per row in order); readmitted: quarantined samples that
-    passed re-examination and were learned in this update; rejected: samples finally
-    rejected as noisy.
+    loss: the last step's loss, a 0-d tensor on the learner's device (`float()` it only
+    when needed: on a GPU that waits for the step); admitted: `[B]` bool, the rows
+    learned now (the rest went to quarantine with `quarantine_reasons`, one per row in
+    order); readmitted: quarantined samples that passed re-examination and were learned
+    in this update; rejected: samples finally rejected as noisy.
     """
 
     predictions: np.ndarray
-    loss: float
+    loss: torch.Tensor
     admitted: np.ndarray
     quarantine_reasons: tuple[str, ...] = ()
     readmitted: tuple[Sample, ...] = ()
@@ -148,16 +149,17 @@ class OnlineLearner:
         readmitted, rejected = self._reexamine()
         learnt = _with_samples(batch, readmitted)
         n = len(batch)
+        if readmitted:
+            tasks = np.concatenate([tasks, self._own_tasks(learnt.tasks[n:])])
         fresh = UpdateBatch(
             features=torch.from_numpy(learnt.features),
             labels=torch.from_numpy(learnt.labels),
-            tasks=torch.from_numpy(np.concatenate([tasks, self._own_tasks(learnt.tasks[n:])])),
+            tasks=torch.from_numpy(tasks),
             num_new=len(learnt),
         )
-        reasons = [""] * n
-        predictions = torch.empty(0, dtype=torch.int64)
-        first_logits = torch.empty(0)
-        loss = torch.zeros(())
+        reasons: list[str] = []  # per arriving row when a filter judged: '' or its name
+        admitted = np.ones(n, dtype=bool)
+        predictions = first_logits = loss = None
         for step in range(self.steps_per_batch):
             update = fresh
             for strategy in self.strategies:
@@ -165,6 +167,7 @@ class OnlineLearner:
             inputs = self.to_inputs(update.features)
             logits = self._forward(inputs, update.tasks)
             labels = update.labels.to(self.device, non_blocking=True)
+            host_labels = update.labels  # the loss's per-class corrections read these
             num_new = update.num_new
             if step == 0:
                 # The first forward pass precedes any update on this batch: test-then-train.
@@ -172,17 +175,20 @@ class OnlineLearner:
                 predictions = first_logits.argmax(dim=1)
                 if self.noise_filter is not None:
                     reasons = judge(self.noise_filter, first_logits, inputs[:n], labels[:n])
-                    suspect = np.array([bool(r) for r in reasons])
+                    suspect = np.array([bool(r) for r in reasons], dtype=bool)
+                    admitted = ~suspect
                     if suspect.any():
                         keep = np.ones(len(labels), dtype=bool)
                         keep[:n] = ~suspect
                         rows = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
                         logits, labels = logits[rows], labels[rows]
+                        host_labels = host_labels[torch.from_numpy(keep)]
                         num_new -= int(suspect.sum())
                         fresh = _drop_new(fresh, suspect)  # later steps never see them
             if not len(labels):
                 break  # every arrival is suspect and the memory is empty: nothing to learn
-            loss = self.loss(logits, labels, num_new)
+            new_labels = None if self.loss.plain else host_labels[:num_new].numpy()
+            loss = self.loss(logits, labels, num_new, new_labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for strategy in self.strategies:
@@ -196,21 +202,24 @@ class OnlineLearner:
             for strategy in self.strategies:
                 strategy.after_step(self.model)
             self.updates += 1
-        admitted = np.array([not r for r in reasons], dtype=bool)
         suspects = np.flatnonzero(~admitted)
         if len(suspects) and self.quarantine is not None:
             self.quarantine.add(batch, suspects, [reasons[i] for i in suspects], self.samples)
-        kept = _keep_rows(learnt, np.concatenate([admitted, np.ones(len(readmitted), bool)]))
+        kept = learnt
+        if len(suspects):
+            kept = _keep_rows(learnt, np.concatenate([admitted, np.ones(len(readmitted), bool)]))
         if len(kept):
-            self.loss.priors.update(torch.from_numpy(kept.labels))
+            self.loss.priors.update(kept.labels)
             for strategy in self.strategies:
                 strategy.after_update(kept)
+        # The first step always runs: it set the predictions and first logits.
+        assert predictions is not None and first_logits is not None
         first = self.samples
         self.samples += n
         self._detect(batch, first_logits, first, arrived_later)
         return LearnResult(
             predictions.cpu().numpy(),
-            float(loss.detach()),
+            loss.detach() if loss is not None else torch.zeros(()),
             admitted,
             tuple(reasons[i] for i in suspects),
             tuple(readmitted),
@@ -244,8 +253,10 @@ class OnlineLearner:
     def _follow_tasks(self, stream_tasks: np.ndarray) -> tuple[np.ndarray, int | None]:
         """Consolidate when the first known task id arrives; the rows' task ids `[B]`
         (NO_TASK -> segment) and the last task arriving after that row, if any."""
-        known = stream_tasks[stream_tasks != NO_TASK]
-        if len(known) < len(stream_tasks) and self.detector is None:
+        missing = stream_tasks == NO_TASK
+        some_missing = bool(missing.any())
+        known = stream_tasks[~missing] if some_missing else stream_tasks
+        if some_missing and self.detector is None:
             aware = [type(s).__name__ for s in self.strategies if s.task_aware]
             if aware:
                 hidden = " (use_task_ids is off)" if not self.use_task_ids else ""
@@ -255,7 +266,7 @@ class OnlineLearner:
                     "detector is configured; send task ids or set detector.kind to "
                     "page-hinkley or adwin"
                 )
-        arrivals = [t for t in stream_tasks.tolist() if self.tasks.arrives(t)]
+        arrivals = [int(stream_tasks[i]) for i in self.tasks.arriving(stream_tasks)]
         if len(known):
             first = int(known[0])
             if self.task == NO_TASK:
@@ -265,7 +276,7 @@ class OnlineLearner:
                 self._boundary("task", first, self.samples)
         elif self.task == NO_TASK:
             self.task = 0
-        rows = np.where(stream_tasks == NO_TASK, self.task, stream_tasks)
+        rows = np.where(missing, self.task, stream_tasks) if some_missing else stream_tasks
         return rows, arrivals[-1] if arrivals else None
 
     def _detect(self, batch: Batch, logits: torch.Tensor, first: int, arrived: int | None) -> None:
@@ -451,7 +462,10 @@ def judge(
     """Per arriving row `[B]`: '' to learn it, else the filter that flagged it; then let the
     filters observe the rows (loss windows, neighbour window)."""
     losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    embeddings = embed_inputs(inputs)
+    if noise_filter.needs_embeddings:
+        embeddings = embed_inputs(inputs)
+    else:  # no filter looks at them: spare the pooling
+        embeddings = inputs.new_zeros(len(inputs), 0)
     reasons = noise_filter.judge(losses, embeddings, labels)
     noise_filter.observe(losses, embeddings, labels, np.array([not r for r in reasons]))
     return reasons

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,17 +45,21 @@ class ClassPriors:
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
         self.recent = torch.zeros(num_classes, dtype=torch.float64)
 
-    def update(self, labels: torch.Tensor) -> None:
-        batch = torch.bincount(labels.cpu(), minlength=len(self.counts)).double()
-        self.counts += batch
-        self.recent.mul_(max(0.0, 1.0 - len(labels) / RECENT_ARRIVALS)).add_(
-            batch / RECENT_ARRIVALS
-        )
+    def update(self, labels: np.ndarray | torch.Tensor) -> None:
+        """Count admitted arrivals' labels `[n]` (numpy: no tensor op for ten integers)."""
+        if isinstance(labels, torch.Tensor):
+            labels = labels.cpu().numpy()
+        batch = np.bincount(labels, minlength=len(self.counts))
+        counts = self.counts.numpy()  # the tensors' memory: it is what state_dict saves
+        counts += batch
+        recent = self.recent.numpy()
+        recent *= max(0.0, 1.0 - len(labels) / RECENT_ARRIVALS)
+        recent += batch / RECENT_ARRIVALS
 
     def log_prior(self) -> torch.Tensor:
         """`[C]` log of the smoothed frequencies (one pseudo-count per class)."""
-        smoothed = self.counts + 1.0
-        return (smoothed / smoothed.sum()).log().float()
+        smoothed = self.counts.numpy() + 1.0
+        return torch.from_numpy(np.log(smoothed / smoothed.sum()).astype(np.float32))
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": self.counts.clone(), "recent": self.recent.clone()}
@@ -115,27 +120,53 @@ class TrainingLoss:
             and self.reweight == "none"
         )
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, num_new: int) -> torch.Tensor:
-        """logits `[N, C]`, labels `[N]`; rows past `num_new` are replayed from memory."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        num_new: int,
+        new_labels: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """logits `[N, C]`, labels `[N]`; rows past `num_new` are replayed from memory.
+
+        new_labels: the first `num_new` labels on the host, when the caller has them (the
+        corrections are built there: on a GPU, reading them back would wait for it).
+        """
         if self.plain:
             return nn.functional.cross_entropy(logits, labels)
-        new, old = logits[:num_new], logits[num_new:]
-        new_labels = labels[:num_new]
-        if self.logit_adjust_tau:
-            # Arrivals follow the stream's class frequencies; the (class-balanced) memory
-            # does not, so only the new rows are adjusted.
-            prior = self.priors.log_prior().to(logits.device, logits.dtype)
-            new = new + self.logit_adjust_tau * prior
-        if self.ace and num_new:
-            present = (self.priors.recent >= self.ace_recent_share).to(logits.device)
-            present[new_labels] = True
-            new = new.masked_fill(~present, torch.finfo(new.dtype).min)
-        losses = torch.cat([self._per_row(new, new_labels), self._per_row(old, labels[num_new:])])
+        if num_new and (self.logit_adjust_tau or self.ace):
+            if new_labels is None:
+                new_labels = labels[:num_new].cpu().numpy()
+            offsets = self._new_row_offsets(len(labels), new_labels)
+            logits = logits + offsets.to(logits.device, logits.dtype, non_blocking=True)
+        if self.robust == "ce" and self.reweight == "none":
+            return nn.functional.cross_entropy(logits, labels)  # the mean of the rows' CE
+        losses = self._per_row(logits, labels)
         if self.reweight == "effective-number" and num_new:
             weights = torch.ones(len(labels), device=logits.device, dtype=losses.dtype)
-            weights[:num_new] = self._class_weights().to(logits.device)[new_labels]
+            weights[:num_new] = self._class_weights().to(logits.device)[labels[:num_new]]
             return (losses * weights).sum() / weights.sum()
         return losses.mean()
+
+    def _new_row_offsets(self, rows: int, new_labels: np.ndarray) -> torch.Tensor:
+        """`[rows, C]` float32 added to the logits: zero on replayed rows; on the
+        `len(new_labels)` new rows the logit adjustment and, for ACE, the float minimum on
+        the classes absent from them and from the recent arrivals (adding it gives the
+        minimum: the row's softmax ignores those classes).
+
+        Arrivals follow the stream's class frequencies; the (class-balanced) memory does
+        not, so only the new rows are adjusted. Built on the host and added once: one
+        node in the graph instead of a slice, mask and join per correction.
+        """
+        offsets = np.zeros((rows, self.num_classes), dtype=np.float32)
+        new = offsets[: len(new_labels)]
+        if self.logit_adjust_tau:
+            new += self.logit_adjust_tau * self.priors.log_prior().numpy()
+        if self.ace:
+            absent = self.priors.recent.numpy() < self.ace_recent_share
+            absent[new_labels] = False
+            new[:, absent] = np.finfo(np.float32).min
+        return torch.from_numpy(offsets)
 
     def _per_row(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not len(labels):

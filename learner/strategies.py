@@ -164,14 +164,11 @@ class ExperienceReplay(NoHooks):
     def prepare(self, update: UpdateBatch) -> UpdateBatch:
         if not len(self.buffer) or not self.replay_size:
             return update
-        new = slice(0, update.num_new)
-        draw = self.buffer.sample(
-            self.replay_size,
-            self._gen,
-            near=update.features[new].numpy(),
-            near_labels=update.labels[new].numpy(),
-            interference=self.interference,
-        )
+        near = near_labels = None
+        if self.buffer.retrieval.needs_index:  # draws around the arrivals
+            near = update.features[: update.num_new].numpy()
+            near_labels = update.labels[: update.num_new].numpy()
+        draw = self.buffer.sample(self.replay_size, self._gen, near, near_labels, self.interference)
         return UpdateBatch(
             features=torch.cat([update.features, draw.features]),
             labels=torch.cat([update.labels, draw.labels]),

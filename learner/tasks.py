@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import NO_TASK
 
@@ -49,6 +51,23 @@ class TaskFollower:
         self._last_seen = {t: i for t, i in self._last_seen.items() if index - i <= self.window}
         started, self._started = self._started, True
         return started
+
+    def arriving(self, tasks: np.ndarray) -> list[int]:
+        """Positions in `tasks` `[n]` that are boundaries: `arrives` on each row in order.
+
+        A batch of one task seen within the window (the common case) is decided at once.
+        """
+        n = len(tasks)
+        if n:
+            task = int(tasks[0])
+            last = self._last_seen.get(task)
+            current = task == NO_TASK or (last is not None and self._clock - last <= self.window)
+            if current and (tasks == task).all():  # every later row is 1 sample after the last
+                if task != NO_TASK:
+                    self._last_seen[task] = self._clock + n - 1
+                self._clock += n
+                return []
+        return [i for i, task in enumerate(tasks.tolist()) if self.arrives(task)]
 
     def state_dict(self) -> dict[str, Any]:
         return {

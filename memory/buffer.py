@@ -10,8 +10,8 @@ Embeddings of the model's features go stale as the model learns. The refresh bud
 `refresh` items re-embedded per `add` plus every item at `consolidate` (a task
 boundary, detected shift or periodic consolidation), round-robin over the slots: no
 stored embedding is older than `capacity / refresh` updates or than the last boundary,
-at `refresh` embedding rows per update, embedded in the same pass as the arriving batch
-(0: boundaries only).
+at `refresh` embedding rows per update, embedded in the same pass as the arrivals
+written to the memory (0: boundaries only).
 `refresh = None` means the embeddings are a function of the features alone (pooled
 inputs) and are never recomputed.
 A checkpoint holds the embeddings too (restored draws are identical); embeddings that
@@ -186,36 +186,68 @@ class ReplayBuffer:
         }
 
     def add(self, features: np.ndarray, labels: np.ndarray, tasks: np.ndarray) -> int:
-        """Offer `[B, *shape]` exemplars; returns how many were stored (refreshes included)."""
+        """Offer `[B, *shape]` exemplars; returns how many were stored (refreshes included).
+
+        Without dedup only the rows written are embedded (with the items due for refresh,
+        in one pass of the model): once the memory is full most arrivals are not kept.
+        """
         if self.condensed is not None:
             self.condensed.observe(features, labels, tasks)
         stale = self._due_for_refresh()
-        embeddings = None
-        if self.embed is not None:  # arrivals and due items in one pass of the model
-            both = self.embed(np.concatenate([features, self.store.features[stale]]))
+        due = self.store.features[stale]  # read before this batch overwrites any of them
+        embeddings = renewed = None
+        refresh = None
+        if self.embed is not None and self.dedup > 0:  # dedup judges every arrival
+            both = self.embed(np.concatenate([features, due]))
             embeddings, renewed = both[: len(features)], both[len(features) :]
-        refresh = np.full(len(labels), SKIP, dtype=np.int64)
-        if self.dedup > 0 and embeddings is not None:
             refresh = self._near_duplicates(embeddings, labels)
-        fresh = np.flatnonzero(refresh == SKIP)
-        # Refreshes first, then the selector's choices in arrival order: a slot chosen
-        # twice keeps the later choice (as if sequential), and a selector's choice always
-        # beats a refresh, so the selector's bookkeeping of what each slot holds stays true.
-        latest = {int(refresh[i]): int(i) for i in np.flatnonzero(refresh != SKIP)}
-        chosen = self.selector.slots(self.store, labels[fresh])
-        for i, slot in zip(fresh.tolist(), chosen, strict=True):
-            if slot != SKIP:
-                latest[slot] = i
-        slots = np.fromiter(latest.keys(), np.int64, len(latest))
-        if latest:
-            rows = np.fromiter(latest.values(), np.int64, len(latest))
+        slots, rows = self._choose(labels, refresh)
+        if len(slots):
             self.store.write(slots, features[rows], labels[rows], tasks[rows])
-            if self.index is not None and embeddings is not None:
-                self.index.write(slots, embeddings[rows])
-        if self.index is not None and len(stale):
+        if self.index is None or self.embed is None or not len(slots) + len(stale):
+            return len(slots)
+        if embeddings is None:
+            both = self.embed(np.concatenate([features[rows], due]))
+            written, renewed = both[: len(rows)], both[len(rows) :]
+        else:
+            written = embeddings[rows]
+        if len(slots):
+            self.index.write(slots, written)
+        if len(stale):
+            assert renewed is not None  # embedded with the arrivals above
             kept = ~np.isin(stale, slots)  # an item overwritten just now has its embedding
             self.index.write(stale[kept], renewed[kept])
-        return len(latest)
+        return len(slots)
+
+    def _choose(
+        self, labels: np.ndarray, refresh: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Slots to write `[m]` and the arriving row for each `[m]`.
+
+        Refreshes (`[B]` slot or `SKIP` per row) first, then the selector's choices in
+        arrival order: a slot chosen twice keeps the later choice (as if sequential), and
+        a selector's choice always beats a refresh, so the selector's bookkeeping of what
+        each slot holds stays true.
+        """
+        if refresh is None or (refresh == SKIP).all():
+            chosen = np.asarray(self.selector.slots(self.store, labels), dtype=np.int64)
+            rows = np.flatnonzero(chosen != SKIP)
+            slots = chosen[rows]
+            if len(set(slots.tolist())) == len(slots):
+                return slots, rows
+            latest: dict[int, int] = {}
+        else:
+            latest = {int(refresh[i]): int(i) for i in np.flatnonzero(refresh != SKIP)}
+            fresh = np.flatnonzero(refresh == SKIP)
+            chosen = np.full(len(labels), SKIP, dtype=np.int64)
+            chosen[fresh] = self.selector.slots(self.store, labels[fresh])
+        for i, slot in enumerate(chosen.tolist()):
+            if slot != SKIP:
+                latest[slot] = i
+        return (
+            np.fromiter(latest.keys(), np.int64, len(latest)),
+            np.fromiter(latest.values(), np.int64, len(latest)),
+        )
 
     def _due_for_refresh(self) -> np.ndarray:
         """The next `refresh` stored slots, round-robin (the per-update budget)."""

@@ -36,8 +36,13 @@ class ExemplarStore:
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gather rows; slots `[n]` int64 -> features `[n, *shape]`, labels `[n]`, tasks `[n]`."""
         features, labels, tasks = self._views
-        # index_select copies whole rows; advanced indexing goes element by element.
-        return features.index_select(0, slots), labels[slots], tasks[slots]
+        # index_select copies whole rows; advanced indexing goes element by element
+        # (and costs more per call even for the one-number rows).
+        return (
+            features.index_select(0, slots),
+            labels.index_select(0, slots),
+            tasks.index_select(0, slots),
+        )
 
     @property
     def nbytes(self) -> int:

@@ -153,6 +153,23 @@ def test_task_follower_finds_sequential_changes_where_the_id_changes() -> None:
         TaskFollower(window=0)
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 10, 64])
+def test_task_follower_decides_a_batch_as_it_decides_each_sample(batch_size: int) -> None:
+    """`arriving` (a batch at once, fast path for one current task) agrees with `arrives`
+    row by row, state included, on sequential, interleaved and task-free runs."""
+    rng = np.random.default_rng(batch_size)
+    tasks = np.repeat(rng.integers(NO_TASK, 6, 80), rng.integers(1, 150, 80)).astype(np.int64)
+    one, batched = TaskFollower(window=100), TaskFollower(window=100)
+    expected = [i for i, task in enumerate(tasks.tolist()) if one.arrives(task)]
+    found = [
+        start + i
+        for start in range(0, len(tasks), batch_size)
+        for i in batched.arriving(tasks[start : start + batch_size])
+    ]
+    assert found == expected and len(expected) > 10
+    assert batched.state_dict() == one.state_dict()
+
+
 def test_serve_keeps_no_arrival_time_of_messages_diverted_to_the_probe(
     memory_broker: EmbeddedBroker,  # noqa: F811
     digits_stream: Path,

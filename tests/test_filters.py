@@ -24,7 +24,7 @@ from streamcl.learner.filters import (
     input_embedding,
     mixture_threshold,
 )
-from streamcl.learner.losses import TrainingLoss
+from streamcl.learner.losses import RobustLoss, TrainingLoss
 from streamcl.learner.quarantine import Quarantine
 from streamcl.memory.buffer import ReplayBuffer
 
@@ -300,3 +300,26 @@ def test_effective_number_weights_favour_the_rare_class() -> None:
     assert weights[1] > weights[0] and torch.isclose(weights.mean(), torch.tensor(1.0))
     w0, w1 = (1 - 0.9) / (1 - 0.9**50), (1 - 0.9) / (1 - 0.9**2)
     assert torch.isclose(weights[1] / weights[0], torch.tensor(w1 / w0))
+
+
+@pytest.mark.parametrize("robust", ["ce", "gce"])
+def test_ace_with_logit_adjustment_matches_the_per_row_formula_and_its_gradient(
+    robust: RobustLoss,
+) -> None:
+    """The corrections are one offset added to the logits: loss and gradient equal the
+    per-row reference (new rows adjusted, then restricted to their classes), whether the
+    new rows' labels are handed over from the host or read from the tensor."""
+    loss = TrainingLoss(4, robust=robust, ace=True, logit_adjust_tau=1.0)
+    loss.priors.update(np.array([0] * 7 + [1] * 2 + [3]))
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2, 3, 0])
+    prior = (torch.tensor([8.0, 3.0, 1.0, 2.0]) / 14).log()
+    present = torch.tensor([True, True, False, False])  # classes among the 3 new rows
+    new = (logits[:3] + prior).masked_fill(~present, torch.finfo(torch.float32).min)
+    rows = torch.cat([loss._per_row(new, labels[:3]), loss._per_row(logits[3:], labels[3:])])
+    (expected_grad,) = torch.autograd.grad(rows.mean(), logits)
+    for new_labels in (labels[:3].numpy(), None):
+        value = loss(logits, labels, 3, new_labels)
+        (grad,) = torch.autograd.grad(value, logits)
+        assert torch.allclose(value, rows.mean(), atol=1e-6)
+        assert torch.allclose(grad, expected_grad, atol=1e-6)

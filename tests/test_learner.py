@@ -167,3 +167,27 @@ def test_cuda_learner_matches_cpu_within_tolerance() -> None:
             learner.learn(batch)
         results.append(learner.predict_proba(batches[0].features))
     np.testing.assert_allclose(results[0], results[1], atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_defaults_with_index_match_cpu_within_tolerance() -> None:
+    """The default corrections (ACE and logit-adjustment offsets built on the host), pinned
+    non-blocking copies and the indexed memory on a GPU learn what the CPU learns."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    batches = make_batches(20)
+    logits = []
+    for device in ("cpu", "cuda"):
+        learner = build_learner(
+            LearnerConfig(
+                strategy="er", memory=50, hidden=(32,), predict_head="knn", device=device
+            ),
+            SPEC,
+        )
+        for batch in batches:
+            result = learner.learn(batch)
+        assert result.loss.device.type == device  # not read back every step
+        assert learner.memory is not None and learner.memory.index is not None
+        assert learner.memory.index.count == len(learner.memory)
+        logits.append(learner._logits(batches[0].features, None, 4096).numpy())
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-3)

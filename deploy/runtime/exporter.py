@@ -20,6 +20,9 @@ from streamcl.memory.buffer import NO_MEMORY_USAGE, ReplayBuffer
 log = logging.getLogger(__name__)
 REPORTED_LATENCIES = 100_000
 """Arrival-to-update latencies the final report's p50/p99 are taken over (the latest)."""
+MEMORY_USAGE_EVERY = 100
+"""Updates between exports of the memory's usage (index counts, bytes by part), besides
+every evaluation and restore: counting the index on every update cost the step time."""
 
 
 class MetricsExporter:
@@ -37,6 +40,7 @@ class MetricsExporter:
         self._drift_events_seen = 0
         self._lag_partitions: set[int] = set()
         self._past_end: set[int] = set()
+        self._usage_at = 0  # learner.updates when the memory's usage was last exported
         if memory is not None:
             metrics.memory_capacity.set(memory.capacity)
         # Without a memory (naive, packnet) its series still exist, at zero with backend "none".
@@ -50,6 +54,7 @@ class MetricsExporter:
         self._filter_counts = dict(session.filtering.counts)
         self.metrics.quarantine_items.set(session.in_quarantine)
         self.metrics.model_version.set(self.learner.updates)
+        self._memory_usage()
         if self.learner.detector is not None:
             self._drift_events_seen = self.learner.detector.event_count
         if session.matrix.rows:
@@ -72,8 +77,8 @@ class MetricsExporter:
         m.prequential.set(session.prequential.get_windowed())
         if self.memory is not None:
             m.memory_items.set(len(self.memory))
-            m.memory_bytes.set(self.memory.nbytes)
-            record_memory(m, self.memory.usage())
+            if self.learner.updates - self._usage_at >= MEMORY_USAGE_EVERY:
+                self._memory_usage()
         for latency in latencies_ms:
             m.arrival_to_update.observe(max(0.0, latency) / 1000)
             self.latencies_ms.append(latency)
@@ -93,6 +98,14 @@ class MetricsExporter:
         )
         if session.probe is not None:
             m.probe_items.set(len(session.probe))
+        self._memory_usage()
+
+    def _memory_usage(self) -> None:
+        """Export the memory's bytes and index usage (`ReplayBuffer.usage`)."""
+        if self.memory is not None:
+            self.metrics.memory_bytes.set(self.memory.nbytes)
+            record_memory(self.metrics, self.memory.usage())
+        self._usage_at = self.learner.updates
 
     def lag(self, lag: dict[int, int]) -> None:
         """Per-partition lag gauges; a partition past its log's end is warned about once."""

@@ -135,12 +135,11 @@ class LearningSession:
         self.samples_seen += len(batch)
         self.class_counts += np.bincount(batch.labels, minlength=len(self.class_counts))
         start = 0
-        for i, task in enumerate(batch.tasks.tolist()):
-            if self._tasks.arrives(task):
-                self._queue(batch, start, i)
-                self.flush()
-                self.evaluate()
-                start = i
+        for i in self._tasks.arriving(batch.tasks):
+            self._queue(batch, start, i)
+            self.flush()
+            self.evaluate()
+            start = i
         self._queue(batch, start, len(batch))
 
     def _queue(self, batch: Batch, start: int, stop: int) -> None:
@@ -282,6 +281,13 @@ class FilterAccounting:
         return flags
 
     def update(self, batch: Batch, result: LearnResult) -> None:
+        if self.corrupted is None:  # no noise flags: counts only, nothing corrupt
+            admitted = int(result.admitted.sum())
+            self.counts["admitted"] += admitted
+            self.counts["quarantined"] += len(result.admitted) - admitted
+            self.counts["readmitted"] += len(result.readmitted)
+            self.counts["rejected_noisy"] += len(result.rejected)
+            return
         flags = self._flags(batch.sample_ids)
         groups = {
             "seen": flags,
