@@ -2,7 +2,7 @@
 against plain experience replay, via `streamcl replay`'s own code path.
 
     python benchmarks/dirty_streams.py [--streams clean,noise40,imb10,both] \
-        [--runs er,er-reservoir,ace,default] [--seeds 0,1,2] [--jobs 2]
+        [--runs er,er-reservoir,ace,default,knn-on] [--seeds 0,1,2] [--jobs 2]
 
 Class-incremental 5 x 2, one pass, batch 10, MLP 784-400-400-10, memory 1000, 1 thread
 per run (`--jobs` runs in parallel). Seed s builds the stream (class order, long tail,
@@ -41,6 +41,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "er-reservoir": {**PLAIN_LEARNING, "memory_policy": "reservoir"},
     "ace": {"noise": PLAIN_LEARNING["noise"], "loss": {"logit_adjust_tau": 0.0}},
     "default": {},  # what `streamcl replay` does with no flags
+    "knn-on": {"noise": {"knn": True}, "loss": {"ace_recent_share": 0.05}},  # noisy labels
 }
 COMMON = {"hidden": (400, 400), "memory": 1000, "batch_size": 10, "threads": 1, "device": "cpu"}
 

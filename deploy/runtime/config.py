@@ -178,11 +178,12 @@ class LossConfig(BaseModel):
     sce_beta: float = Field(1.0, ge=0)
     ace: bool = Field(True, description="ER-ACE: new rows' loss over the present classes only")
     ace_recent_share: float = Field(
-        0.05,
+        1.0,
         gt=0,
         le=1,
         description="ER-ACE: classes also count as present while they hold this share of the "
-        "last ~200 admitted arrivals (1: the batch's classes only, as in the paper)",
+        "last ~200 admitted arrivals; 1: the batch's classes only, as in the paper (0.05 "
+        "helps with the kNN filter on, hurt without it: README, Dirty streams)",
     )
     logit_adjust_tau: float = Field(
         1.0, ge=0, description="logit adjustment by running priors; 1 = balanced softmax, 0 off"
