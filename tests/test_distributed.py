@@ -173,9 +173,11 @@ def test_two_ranks_learn_every_offset_once_into_identical_models_and_resume(
     )
     single = run_service(one)
     # Seed to seed, this 1,348-sample stream moves one rank's accuracy by up to 13 points
-    # (seeds 0-3: 0.595, 0.719, 0.730, 0.722) and two ranks' minus one rank's by -4.7 to
-    # +10 points (mean +2.2): benchmarks/scale.py measures the gap; this bounds collapse.
-    assert reports[0]["final_average_accuracy"] >= single["final_average_accuracy"] - 0.08
+    # (seeds 0-3: 0.595, 0.719, 0.730, 0.722), and the order in which two ranks' fetches
+    # interleave moves two ranks' minus one rank's from -11 to +10 points (mean +2):
+    # benchmarks/scale.py measures the gap on Fashion-MNIST; this bounds collapse (naive
+    # fine-tuning, what a rank learning without the others' gradients approaches, is ~0.2).
+    assert reports[0]["final_average_accuracy"] >= single["final_average_accuracy"] - 0.2
 
 
 def rank_pid(launcher: subprocess.Popen[str], rank: int) -> int | None:
