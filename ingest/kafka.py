@@ -197,7 +197,7 @@ class KafkaSource:
     def poll(self, timeout_ms: int, max_records: int) -> list[Arrival]:
         """Fetch, decode and validate up to `max_records` messages, in partition order."""
         try:
-            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+            batches = poll_group(self._consumer, timeout_ms, max_records)
         except Exception as err:
             if not _maybe_unreadable(err):
                 raise
@@ -445,6 +445,35 @@ def _fails(probe: KafkaConsumer, tp: TopicPartition, offset: int) -> bool:
                 return True
             raise
     return False
+
+
+REJOIN_WAIT_S = 15.0
+"""How long one `poll_group` call keeps polling while its group rejoin is under way."""
+
+
+def poll_group(
+    consumer: KafkaConsumer, timeout_ms: int, max_records: int | None = None
+) -> dict[TopicPartition, list[Any]]:
+    """`consumer.poll`, repeated back to back while the consumer's group (re)join runs.
+
+    kafka-python 3.0.12 keeps the JoinGroup -> SyncGroup round trip as a task across
+    polls, but when that task completes while no poll is waiting for it (the caller is
+    between polls) the next poll discards its result and joins again. A broker that holds
+    JoinGroup for a fixed delay (Tansu: about 1 s) then phase-locks a caller that polls
+    in short slices with work in between into rejoining forever. Polling again at once
+    until the join is through leaves no gap for the result to fall into; the wait is
+    bounded so a caller that must stop (or step a collective) is not held longer.
+    """
+    deadline = time.monotonic() + REJOIN_WAIT_S
+    while True:
+        batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if batches or not _rejoining(consumer) or time.monotonic() >= deadline:
+            return batches
+
+
+def _rejoining(consumer: KafkaConsumer) -> bool:
+    coordinator = consumer._coordinator  # no public API says a join is in flight
+    return coordinator.group_id is not None and coordinator.need_rejoin()
 
 
 def _maybe_unreadable(err: Exception) -> bool:

@@ -5,6 +5,7 @@ Every test shares this module's one embedded broker (`memory_broker`), each on i
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,10 @@ from streamcl.deploy.devbroker.tansu import EmbeddedBroker
 from streamcl.deploy.runtime.serve import run_service
 from streamcl.ingest.codec import encode_json
 from streamcl.ingest.datasets import load_digits
-from streamcl.ingest.kafka import UNREADABLE, UnreadableBatchError
+from streamcl.ingest.kafka import UNREADABLE, UnreadableBatchError, poll_group
 from streamcl.ingest.schema import Sample
 from tests import wire_spec_producer
-from tests.brokers import memory_broker, unique_topic  # noqa: F401
+from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import (
     PLAIN_LEARNER,
     STREAM,
@@ -293,3 +294,28 @@ def test_a_producer_written_from_the_spec_alone_is_learned(
         service_config(memory_broker, topic, tmp_path, until_idle=UNTIL_IDLE, learner=PLAIN_LEARNER)
     )
     assert report["samples_learned"] == STREAM and report["samples_rejected"] == 0
+
+
+def test_a_consumer_polling_in_slices_with_work_between_joins_its_group(
+    memory_broker: EmbeddedBroker,  # noqa: F811
+) -> None:
+    """kafka-python 3.0.12 drops a join that completes between polls: Tansu holds JoinGroup
+    ~1 s, so 100 ms polls 1 s apart always miss it; `poll_group` polls through the join."""
+    topic = unique_topic("slices")
+    memory_broker.create_topic(topic, partitions=1)
+    consumer = KafkaConsumer(
+        bootstrap_servers=memory_broker.bootstrap_servers,
+        group_id=f"g-{topic}",
+        enable_auto_commit=False,
+        **FAST_GROUP,
+    )
+    try:
+        consumer.subscribe([topic])
+        for _ in range(5):
+            poll_group(consumer, 100)
+            if consumer.assignment():
+                break
+            time.sleep(1.0)  # the caller's work between polls
+        assert {tp.partition for tp in consumer.assignment()} == {0}
+    finally:
+        consumer.close(autocommit=False)

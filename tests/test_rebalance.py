@@ -11,7 +11,7 @@ from kafka import KafkaConsumer
 
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker
 from streamcl.deploy.runtime.service import Service
-from streamcl.ingest.kafka import ASSIGNORS
+from streamcl.ingest.kafka import ASSIGNORS, poll_group
 from streamcl.ingest.schema import Batch
 from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import ServiceThread, learned_offsets, service_config, wait_until
@@ -40,11 +40,11 @@ def join_and_leave(
         consumer.subscribe([topic])
         deadline = time.monotonic() + 20
         while not consumer.assignment() and time.monotonic() < deadline:
-            consumer.poll(timeout_ms=200)
+            poll_group(consumer, 200)
         taken = {tp.partition: consumer.committed(tp) or 0 for tp in consumer.assignment()}
         learned = learned_offsets(audit)
         for _ in range(5):
-            consumer.poll(timeout_ms=200)
+            poll_group(consumer, 200)
         return {
             p: (start, 1 + max((o for q, o in learned if q == p), default=-1))
             for p, start in taken.items()

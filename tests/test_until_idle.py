@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker
 from streamcl.deploy.runtime.transfer import publish_stream
-from streamcl.ingest.kafka import ASSIGNORS, KafkaSettings
+from streamcl.ingest.kafka import ASSIGNORS, KafkaSettings, poll_group
 from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import ServiceThread, metric, service_config, wait_until
 from tests.test_service_startup import streamcl
@@ -37,7 +37,7 @@ def test_idle_time_without_partitions_does_not_end_the_run(
     service: ServiceThread | None = None
     try:
         holder.subscribe([topic])
-        wait_until(lambda: bool(holder.poll(timeout_ms=100) or holder.assignment()), 90, "join")
+        wait_until(lambda: bool(poll_group(holder, 100) or holder.assignment()), 90, "join")
         holder.pause(*holder.assignment())  # holds the only partition, reads nothing
         service = started = ServiceThread(config)
         # The window starts at serve's first poll, not at its thread's start: building the
@@ -47,7 +47,7 @@ def test_idle_time_without_partitions_does_not_end_the_run(
         # Far longer than until_idle (and its 3x no-lag fallback) with no partition.
         deadline = time.monotonic() + 6 * until_idle
         while time.monotonic() < deadline:
-            holder.poll(timeout_ms=100)  # stay in the group
+            poll_group(holder, 100)  # stay in the group
         assert service.thread.is_alive(), f"serve ended without partitions: {service.error!r}"
         assert holder.assignment() == {TopicPartition(topic, 0)}, "the holder lost its partition"
         assert metric(base, "streamcl_updates_total") == 0  # serve had nothing to learn from
@@ -63,7 +63,7 @@ def test_idle_time_without_partitions_does_not_end_the_run(
 
 def first_poll(service: ServiceThread, base: str, holder: KafkaConsumer) -> bool:
     """Whether serve's loop has polled Kafka (or serve ended); keeps `holder` in the group."""
-    holder.poll(timeout_ms=100)
+    poll_group(holder, 100)
     if not service.thread.is_alive():
         return True
     try:
