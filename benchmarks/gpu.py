@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import machine, write_results
 from torch import nn
 
 from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig
@@ -234,17 +233,9 @@ def main() -> None:
         "gpu_skipped": skipped,
         "not_in_learner": NOT_IN_LEARNER,
         "rows": rows,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if not skipped else None,
-            "python": platform.python_version(),
-        },
+        "machine": machine(cuda=torch.cuda.get_device_name(0) if not skipped else None),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

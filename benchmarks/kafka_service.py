@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ from types import TracebackType
 from typing import Any
 from unittest import mock
 
-import torch
+from _report import machine, write_results
 from kafka import KafkaConsumer, TopicPartition
 
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
@@ -191,26 +190,17 @@ def main() -> None:
             "samples": paced["samples_learned"],
         }
         print(json.dumps(latency))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "serve on Split Fashion-MNIST (60k) from the embedded broker, ER-1000",
-                "command": "python benchmarks/kafka_service.py --rate " + str(args.rate),
-                "threads": 1,
-                "throughput": throughput,
-                "latency": latency,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                },
-            },
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        RESULTS,
+        {
+            "benchmark": "serve on Split Fashion-MNIST (60k) from the embedded broker, ER-1000",
+            "command": "python benchmarks/kafka_service.py --rate " + str(args.rate),
+            "threads": 1,
+            "throughput": throughput,
+            "latency": latency,
+            "machine": machine(),
+        },
     )
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import tempfile
 import threading
 import time
@@ -25,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import machine, write_results
 
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker
 from streamcl.deploy.runtime.config import ServiceConfig
@@ -117,30 +116,21 @@ def main() -> None:
         finally:
             server.close()
             service.close()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "POST /predict, one Fashion-MNIST image, MLP-256, new connection "
-                "per request",
-                "command": f"python benchmarks/predict_latency.py --clients {args.clients} "
-                f"--requests {args.requests}",
-                "threads": torch.get_num_threads(),
-                "http": config.http.model_dump(include={"backlog", "workers", "queue"}),
-                "single_client": single,
-                "concurrent": concurrent,
-                "p50_ratio_concurrent_vs_single": round(concurrent["p50_ms"] / single["p50_ms"], 1),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                },
-            },
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        RESULTS,
+        {
+            "benchmark": "POST /predict, one Fashion-MNIST image, MLP-256, new connection "
+            "per request",
+            "command": f"python benchmarks/predict_latency.py --clients {args.clients} "
+            f"--requests {args.requests}",
+            "threads": torch.get_num_threads(),
+            "http": config.http.model_dump(include={"backlog", "workers", "queue"}),
+            "single_client": single,
+            "concurrent": concurrent,
+            "p50_ratio_concurrent_vs_single": round(concurrent["p50_ms"] / single["p50_ms"], 1),
+            "machine": machine(),
+        },
     )
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from _report import machine, write_results
 from kafka import KafkaProducer
 
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker, free_port
@@ -155,18 +154,14 @@ def main() -> None:
         "mean_accuracy_gap": means["2"] - means["1"],
         "accuracy_spread_one_rank": _spread([r for r in runs if r["ranks"] == 1]),
         "accuracy_spread_two_ranks": _spread([r for r in runs if r["ranks"] == 2]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
     }
     name = (
         "scale.json"
         if args.samples_per_task is None and args.dataset == "digits"
         else (f"scale-{args.dataset}-{args.samples_per_task or 'all'}.json")
     )
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS / name, result)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 

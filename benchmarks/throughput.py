@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import machine, write_results
 
 from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig
 from streamcl.deploy.runtime.replay import run_replay
@@ -188,16 +188,9 @@ def main() -> None:
         f"--threads {args.threads} --repeats {args.repeats} --variants {args.variants}",
         "variants": {name: VARIANTS[name] for name in variants},
         "results": rows,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import threading
 import time
@@ -60,6 +58,7 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from _report import machine, write_results
 
 from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig
 from streamcl.deploy.runtime.replay import run_replay
@@ -311,33 +310,23 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     table = summarise(rows)
     print(markdown(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "streamcl vs Avalanche on Split Fashion-MNIST 5x2 (batch 10, "
-                "MLP 256x2, SGD lr 0.1, one pass, 1 thread, one process)",
-                "command": "python benchmarks/vs_avalanche.py "
-                + " ".join(
-                    f"--{k.replace('_', '-')} {v}"
-                    for k, v in vars(args).items()
-                    if v is not None and k != "out"
-                ),
-                "threads": torch.get_num_threads(),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "avalanche": __import__("avalanche").__version__,
-                },
-                "table": table,
-                "runs": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        args.out,
+        {
+            "benchmark": "streamcl vs Avalanche on Split Fashion-MNIST 5x2 (batch 10, "
+            "MLP 256x2, SGD lr 0.1, one pass, 1 thread, one process)",
+            "command": "python benchmarks/vs_avalanche.py "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in vars(args).items()
+                if v is not None and k != "out"
+            ),
+            "threads": torch.get_num_threads(),
+            "machine": machine(avalanche=__import__("avalanche").__version__),
+            "table": table,
+            "runs": rows,
+        },
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
