@@ -65,6 +65,10 @@ UNREADABLE = "unreadable_batch"
 OnUnreadable = Literal["skip", "stop"]
 PROBE_TIMEOUT_S = 5.0
 """How long one probe poll may wait for a fetch while locating an unreadable batch."""
+REJOIN_WAIT_S = 15.0
+"""How long one `poll_group` call keeps polling while its group (re)join is under way."""
+REJOIN_POLL_MS = 100
+"""The shortest poll while a join is under way: a caller's timeout 0 must not spin."""
 
 
 class KafkaSourceError(StreamclError):
@@ -447,10 +451,6 @@ def _fails(probe: KafkaConsumer, tp: TopicPartition, offset: int) -> bool:
     return False
 
 
-REJOIN_WAIT_S = 15.0
-"""How long one `poll_group` call keeps polling while its group rejoin is under way."""
-
-
 def poll_group(
     consumer: KafkaConsumer, timeout_ms: int, max_records: int | None = None
 ) -> dict[TopicPartition, list[Any]]:
@@ -465,10 +465,11 @@ def poll_group(
     bounded so a caller that must stop (or step a collective) is not held longer.
     """
     deadline = time.monotonic() + REJOIN_WAIT_S
-    while True:
-        batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        if batches or not _rejoining(consumer) or time.monotonic() >= deadline:
-            return batches
+    batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    while not batches and _rejoining(consumer) and time.monotonic() < deadline:
+        slice_ms = max(timeout_ms, REJOIN_POLL_MS)
+        batches = consumer.poll(timeout_ms=slice_ms, max_records=max_records)
+    return batches
 
 
 def _rejoining(consumer: KafkaConsumer) -> bool:
