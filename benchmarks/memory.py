@@ -10,11 +10,13 @@ one search of 10 queries for 10 neighbours, as one replay step does.
 Accuracy: `streamcl replay` on Split Fashion-MNIST 5x2, one pass, batch 10, memory 1000,
 defaults otherwise (class-balanced insertion, uniform retrieval, softmax), against one
 change at a time; and a tiny memory (100 items, 10 per class) of raw exemplars against
-one partly made of condensed exemplars (k-means centroids, or DM-refined); index-based settings with
+one partly made of condensed exemplars (k-means centroids, or DM-refined), with the
+defaults and with plain ER (PLAIN_LEARNING); index-based settings with
 the memory's default embedding (penultimate features) and with pooled inputs. The
 `knn`/`ncm` head runs train exactly as the default run does (the head only predicts),
-so their samples/s against the default's is the index's cost (`--index-cost` times it
-in paired trials: embedding each batch, the refresh budget, boundary re-embeds).
+so their samples/s against the default's is the index's cost (`--index-cost` times
+every memory-1000 choice against the default in paired trials: embedding each batch,
+the refresh budget, boundary re-embeds, and each policy's own work).
 Writes benchmarks/results/memory.json (full stream) or memory-N-per-task.json (a subset).
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamcl.deploy.runtime.config import ReplayConfig
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig
 from streamcl.deploy.runtime.replay import run_replay
 from streamcl.ingest.datasets import load
 from streamcl.ingest.scenarios import ScenarioConfig, build, write
@@ -61,6 +63,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "tiny: 50 raw + 5 k-means per class": KMEANS | {"memory_condensed": 5},
     "tiny: 10 raw + 9 k-means per class": KMEANS | {"memory_condensed": 9},
     "tiny: 10 raw + 9 k-means + DM per class": DM | {"memory_condensed": 9},
+    # Plain ER (no filter, ER-ACE or logit adjustment): what the memory's contents alone
+    # are worth; ER-ACE and logit adjustment make a tiny raw memory forget less by themselves.
+    "tiny plain ER: 100 raw": PLAIN_LEARNING | {"memory": 100},
+    "tiny plain ER: 10 raw + 9 k-means per class": PLAIN_LEARNING
+    | KMEANS
+    | {"memory_condensed": 9},
 }
 
 
@@ -114,21 +122,36 @@ def latency(items: int, dim: int, kind: str = "auto", steps: int = 200) -> dict[
     }
 
 
+POLICIES = [
+    "default (class-balanced, uniform, softmax)",
+    "retrieval class-balanced",
+    "retrieval neighbours",
+    "retrieval interfered",
+    "insertion dedup 0.5",
+    "head ncm",
+    "head knn",
+]
+"""The memory-1000 choices the issue compares (penultimate features); the default
+uses no index, the others embed and index every stored item."""
+
+
 def index_cost(trials: int = 3) -> dict[str, Any]:
-    """ER-1000 samples/s with the memory's index off (default) and on (knn head: the same
-    training plus embedding and indexing every stored item), best of alternating trials
-    on a 2,000-per-task stream: the machine is shared, so only paired figures compare."""
-    best = {"index off": 0.0, "index on": 0.0}
+    """ER-1000 samples/s of each of `POLICIES`, best of alternating trials on a
+    2,000-per-task stream (the machine is shared, so only paired figures compare), and
+    each one's throughput as a share of the default's."""
+    best = dict.fromkeys(POLICIES, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         stream = Path(tmp) / "split-fmnist-2000.scs"
         scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=2000)
         write(build(load("fashion-mnist"), scenario), stream)
         for _ in range(trials):
-            for name, head in (("index off", "softmax"), ("index on", "knn")):
-                config = ReplayConfig(stream=stream, threads=1, memory=1000, predict_head=head)
+            for name in POLICIES:
+                config = ReplayConfig(stream=stream, threads=1, memory=1000, **RUNS[name])
                 speed = run_replay(config, progress=False)["samples_per_second"]
                 best[name] = max(best[name], round(speed, 1))
-    return {"trials": trials, "best_samples_per_second": best}
+    default = best[POLICIES[0]]
+    share = {name: round(best[name] / default, 3) for name in POLICIES}
+    return {"trials": trials, "best_samples_per_second": best, "share_of_default": share}
 
 
 def condensed_cost(trials: int = 3) -> dict[str, Any]:
@@ -176,6 +199,20 @@ def accuracy(stream: Path, seeds: list[int], names: list[str]) -> list[dict[str,
     return rows
 
 
+def run_names(text: str) -> list[str]:
+    """`--only`'s comma-separated names; some names hold commas, so pieces are joined
+    until they make a known name."""
+    names, part = [], ""
+    for piece in text.split(","):
+        part = f"{part},{piece}" if part else piece
+        if part.strip() in RUNS:
+            names.append(part.strip())
+            part = ""
+    if part:
+        raise SystemExit(f"--only: unknown run {part.strip()!r}; known: {', '.join(RUNS)}")
+    return names
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name in RUNS:
@@ -206,7 +243,11 @@ def main() -> None:
         "--skip-accuracy", action="store_true", help="keep the file's accuracy runs"
     )
     parser.add_argument("--skip-latency", action="store_true", help="keep the file's latency")
-    parser.add_argument("--index-cost", action="store_true", help="also time index on vs off")
+    parser.add_argument(
+        "--index-cost",
+        action="store_true",
+        help="also time each memory-1000 policy against the default",
+    )
     parser.add_argument(
         "--condensed-cost", action="store_true", help="also time condensed exemplars"
     )
@@ -253,7 +294,7 @@ def main() -> None:
             stream = Path(tmp) / "split-fmnist.scs"
             scenario = ScenarioConfig(tasks=5, seed=0, samples_per_task=per_task)
             write(build(load("fashion-mnist"), scenario), stream)
-            names = args.only.split(",") if args.only else list(RUNS)
+            names = run_names(args.only) if args.only else list(RUNS)
             rows = accuracy(stream, seeds, names)
         if args.only:  # keep the earlier runs of the other settings
             rows = [r for r in earlier.get("runs", []) if r["run"] not in names] + rows

@@ -48,3 +48,17 @@ def test_naive_fine_tuning_forgets_and_the_metrics_see_it(split_fmnist: Path) ->
     assert report["final_average_accuracy"] <= 0.25
     assert report["average_forgetting"] >= 0.8
     assert report["backward_transfer"] <= -0.8
+
+
+def test_condensed_exemplars_beat_raw_ones_in_a_tiny_memory(split_fmnist: Path) -> None:
+    """100 items (10 per class): 9 k-means exemplars per class against random raw items,
+    plain ER so the memory's contents alone differ. Measured gain +7.8 to +13.2 points
+    over 6 runs (learner seeds 0-2 here, stream seeds 0-2 with MLP 400-400); 3 asked."""
+    tiny = {"stream": split_fmnist, "seed": 0, "memory": 100, **PLAIN_LEARNING}
+    raw = run_replay(ReplayConfig(**tiny), progress=False)
+    condensed = run_replay(
+        ReplayConfig(**tiny, memory_condensed=9, memory_condensed_steps=0), progress=False
+    )
+    assert raw["memory"]["bytes"]["condensed"] == 0 < condensed["memory"]["bytes"]["condensed"]
+    gain = condensed["final_average_accuracy"] - raw["final_average_accuracy"]
+    assert gain >= 0.03, gain
