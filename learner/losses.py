@@ -149,6 +149,15 @@ class TrainingLoss:
             return (losses * weights).sum() / weights.sum()
         return losses.mean()
 
+    def as_trained(self, logits: torch.Tensor, new_labels: np.ndarray) -> torch.Tensor:
+        """Arrivals' logits `[B, C]` with the corrections their loss gets (logit adjustment,
+        ACE's masked classes) for arrivals labelled `new_labels` `[B]`: what the model
+        predicts for them within the task the loss sets it."""
+        if not len(new_labels) or not (self.logit_adjust_tau or self.ace) or self.plain:
+            return logits
+        offsets = self._new_row_offsets(len(new_labels), new_labels)
+        return logits + offsets.to(logits.device, logits.dtype, non_blocking=True)
+
     def _new_row_offsets(self, rows: int, new_labels: np.ndarray) -> torch.Tensor:
         """`[rows, C]` float32 added to the logits: zero on replayed rows; on the
         `len(new_labels)` new rows the logit adjustment and, for ACE, the float minimum on

@@ -12,7 +12,9 @@ Per incoming batch the loop calls, for each of K steps:
 5. `before_step(model)`: gradient masks (PackNet's frozen weights);
 6. optimizer step, then `after_step(model)`: projections (PackNet restores frozen weights);
 
-then once `after_update(batch)` with the arriving batch. At a task boundary (task-id
+then once `after_update(batch)` with the arrivals to remember: those the noise filters
+admitted (with `noise.memory_agreement`, only those the model already predicted as
+labelled) and the samples re-admitted from quarantine. At a task boundary (task-id
 change, detected drift, or every N samples on a stream with neither) the loop calls
 `consolidate(model, boundary)` before learning the next batch. Strategies compose by
 running in list order; `task_aware` ones need task ids (or detected boundaries) at

@@ -7,13 +7,19 @@ it these tests skip, unless STREAMCL_REQUIRE_DATA=1 (set in CI) makes that a fai
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from streamcl.deploy.runtime.config import PLAIN_LEARNING, ReplayConfig
+from streamcl.deploy.runtime.config import PLAIN_LEARNING, LearnerConfig, ReplayConfig
 from streamcl.deploy.runtime.replay import run_replay
-from streamcl.deploy.runtime.session import without_timings
+from streamcl.deploy.runtime.session import LearningSession, without_timings
+from streamcl.deploy.runtime.wiring import build_learner
+from streamcl.ingest import heldout as heldout_io
+from streamcl.ingest.codec import decode
 from streamcl.ingest.datasets import load
+from streamcl.ingest.recorded import StreamReader
 from streamcl.ingest.scenarios import ScenarioConfig, build, write
 from tests.data import require_fashion_mnist
 
@@ -62,3 +68,37 @@ def test_condensed_exemplars_beat_raw_ones_in_a_tiny_memory(split_fmnist: Path) 
     assert raw["memory"]["bytes"]["condensed"] == 0 < condensed["memory"]["bytes"]["condensed"]
     gain = condensed["final_average_accuracy"] - raw["final_average_accuracy"]
     assert gain >= 0.03, gain
+
+
+def remembered_corrupted_share(stream: Path, **learner: Any) -> float:
+    """Share of corrupted labels among the arrivals handed to the replay memory."""
+    with StreamReader(stream) as reader:
+        spec = reader.spec
+        arrivals = [decode(item.payload, spec) for item in reader]
+    heldout = heldout_io.load(heldout_io.sidecar_path(stream))
+    built = build_learner(LearnerConfig(**learner), spec)
+    replay = built.strategies[0]
+    remembered: list[np.ndarray] = []
+    remember = replay.after_update
+    replay.after_update = lambda b: remembered.append(b.sample_ids) or remember(b)  # type: ignore[method-assign]
+    session = LearningSession(built, heldout, batch_size=10)
+    for sample in arrivals:
+        session.offer(sample)
+    session.flush()
+    return float(heldout.train_corrupted[np.concatenate(remembered)].mean())
+
+
+def test_the_memory_takes_only_arrivals_the_model_already_predicts(tmp_path: Path) -> None:
+    """40 % symmetric noise, defaults: noisy labels the filter lets through rarely name the
+    class the model predicts, so with `memory_agreement` (default) few reach the memory."""
+    require_fashion_mnist()
+    stream = tmp_path / "noisy.scs"
+    write(
+        build(
+            load("fashion-mnist"), ScenarioConfig(tasks=5, seed=0, noise=0.4, samples_per_task=2000)
+        ),
+        stream,
+    )
+    agreeing = remembered_corrupted_share(stream, seed=0)
+    admitted = remembered_corrupted_share(stream, seed=0, noise={"memory_agreement": False})
+    assert agreeing < 0.5 * admitted

@@ -128,6 +128,12 @@ class NoiseConfig(BaseModel):
         "(a near-uniform neighbourhood, as on a new domain, judges nothing)",
     )
     small_loss: bool = Field(True, description="flag the high-loss mode of recent losses")
+    memory_agreement: bool = Field(
+        True,
+        description="with a filter on, the replay memory takes an admitted arrival only "
+        "when the model, scoring it as the training loss does, already predicts its label "
+        "(noisy labels the filters let through rarely agree)",
+    )
     warmup: int = Field(1000, ge=0, description="small-loss: arrivals before it judges")
     loss_window: int = Field(2000, ge=10, description="small-loss: recent losses it models")
     min_class_samples: int = Field(

@@ -88,6 +88,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
         ),
         head=config.predict_head,
         memory=memory,
+        memory_agreement=config.noise.memory_agreement,
     )
     log.info("learner built strategy=%s model=%s device=%s", config.strategy, config.model, device)
     return learner
