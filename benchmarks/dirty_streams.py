@@ -2,7 +2,7 @@
 against plain experience replay, via `streamcl replay`'s own code path.
 
     python benchmarks/dirty_streams.py [--streams clean,noise40,imb10,both] \
-        [--runs er,er-reservoir,ace,default,knn-on] [--seeds 0,1,2] [--jobs 2]
+        [--runs er,er-reservoir,ace,default,no-gate,small-loss] [--seeds 0,1,2] [--jobs 2]
 
 Class-incremental 5 x 2, one pass, batch 10, MLP 784-400-400-10, memory 1000, 1 thread
 per run (`--jobs` runs in parallel). Seed s builds the stream (class order, long tail,
@@ -41,7 +41,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "er-reservoir": {**PLAIN_LEARNING, "memory_policy": "reservoir"},
     "ace": {"noise": PLAIN_LEARNING["noise"], "loss": {"logit_adjust_tau": 0.0}},
     "default": {},  # what `streamcl replay` does with no flags
-    "knn-on": {"noise": {"knn": True}, "loss": {"ace_recent_share": 0.05}},  # noisy labels
+    "no-gate": {"noise": {"memory_agreement": False}},  # the memory takes every admitted
+    # the defaults before the kNN filter, the memory gate and ACE's recent share:
+    "small-loss": {"noise": {"knn": False}, "loss": {"ace_recent_share": 1.0}},
 }
 COMMON = {"hidden": (400, 400), "memory": 1000, "batch_size": 10, "threads": 1, "device": "cpu"}
 
@@ -121,14 +123,21 @@ def main() -> None:
             for row in pool.map(run_one, *zip(*jobs, strict=True)):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    # Rows of the streams and runs not rerun keep their earlier figures.
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    rerun = {(row["stream"], row["run"]) for row in rows}
+    rows = [r for r in earlier.get("results", []) if (r["stream"], r["run"]) not in rerun] + rows
+    command = (
+        f"python benchmarks/dirty_streams.py --streams {args.streams} "
+        f"--runs {args.runs} --seeds {args.seeds} --jobs {args.jobs}"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
             {
                 "benchmark": "Split Fashion-MNIST 5x2, one pass, batch 10, MLP 784-400-400-10, "
                 "memory 1000; stream seed = learner seed",
-                "command": f"python benchmarks/dirty_streams.py --streams {args.streams} "
-                f"--runs {args.runs} --seeds {args.seeds} --jobs {args.jobs}",
+                "command": f"{earlier['command']}; then {command}" if earlier else command,
                 "torch": torch.__version__,
                 "threads": 1,
                 "means": summarise(rows),

@@ -15,8 +15,8 @@ One function of the step's logits, so every correction costs a few element-wise 
   `ace_recent_share` < 1, "present" also covers classes holding that share of the recent
   admitted arrivals: with the paper's per-batch rule a batch of one class has zero loss,
   and on a task whose two classes arrive 10:1 four batches in ten teach the frequent
-  class nothing. It helps with the kNN filter on and hurt without it (README), so the
-  default is the paper's rule.
+  class nothing. It helps with the kNN filter on and hurt without it (README): the
+  service's default (0.05) goes with its kNN filter; this class's is the paper's rule.
 """
 
 from __future__ import annotations
@@ -149,16 +149,19 @@ class TrainingLoss:
             return (losses * weights).sum() / weights.sum()
         return losses.mean()
 
-    def as_trained(self, logits: torch.Tensor, new_labels: np.ndarray) -> torch.Tensor:
-        """Arrivals' logits `[B, C]` with the corrections their loss gets (logit adjustment,
-        ACE's masked classes) for arrivals labelled `new_labels` `[B]`: what the model
-        predicts for them within the task the loss sets it."""
-        if not len(new_labels) or not (self.logit_adjust_tau or self.ace) or self.plain:
+    def ace_masked(self, logits: torch.Tensor, new_labels: np.ndarray) -> torch.Tensor:
+        """Arrivals' logits `[B, C]`, labelled `new_labels` `[B]`, with the classes ER-ACE
+        leaves out of their loss masked: what the model predicts for them among the
+        classes their loss compares. Without the logit adjustment: its priors favour the
+        frequent classes, and a tail class's arrivals would seldom be predicted."""
+        if not self.ace or not len(new_labels):
             return logits
-        offsets = self._new_row_offsets(len(new_labels), new_labels)
+        offsets = self._new_row_offsets(len(new_labels), new_labels, adjust=False)
         return logits + offsets.to(logits.device, logits.dtype, non_blocking=True)
 
-    def _new_row_offsets(self, rows: int, new_labels: np.ndarray) -> torch.Tensor:
+    def _new_row_offsets(
+        self, rows: int, new_labels: np.ndarray, adjust: bool = True
+    ) -> torch.Tensor:
         """`[rows, C]` float32 added to the logits: zero on replayed rows; on the
         `len(new_labels)` new rows the logit adjustment and, for ACE, the float minimum on
         the classes absent from them and from the recent arrivals (adding it gives the
@@ -170,7 +173,7 @@ class TrainingLoss:
         """
         offsets = np.zeros((rows, self.num_classes), dtype=np.float32)
         new = offsets[: len(new_labels)]
-        if self.logit_adjust_tau:
+        if self.logit_adjust_tau and adjust:
             new += self.logit_adjust_tau * self.priors.log_prior().numpy()
         if self.ace:
             absent = self.priors.recent.numpy() < self.ace_recent_share

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -191,3 +192,20 @@ def test_cuda_defaults_with_index_match_cpu_within_tolerance() -> None:
         assert learner.memory.index.count == len(learner.memory)
         logits.append(learner._logits(batches[0].features, None, 4096).numpy())
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("gate_open", [True, False])
+def test_an_open_memory_gate_remembers_only_arrivals_the_model_predicts(gate_open: bool) -> None:
+    """All ten arrivals are admitted and learned; once a filter has flagged something, only
+    the five whose label the model predicted enter the memory."""
+    plain_loss = {"ace": False, "logit_adjust_tau": 0}
+    learner = build_learner(config("er", loss=plain_loss), SPEC)
+    learner.noise_seen = gate_open
+    batch = make_batches(1)[0]
+    predicted = learner.predict(batch.features)
+    labels = np.where(np.arange(10) < 5, predicted, (predicted + 1) % 10)
+    result = learner.learn(dataclasses.replace(batch, labels=labels))
+    assert result.admitted.all()
+    memory = learner.strategies[0].buffer  # type: ignore[attr-defined]
+    remembered = sorted(memory.store.labels[: memory.store.size].tolist())
+    assert remembered == sorted(labels[:5].tolist() if gate_open else labels.tolist())

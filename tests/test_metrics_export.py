@@ -59,9 +59,10 @@ def test_replay_writes_final_metrics_in_text_format(digits_stream: Path, tmp_pat
     assert values[("streamcl_group_accuracy_ratio", (("group", "4"),))] == pytest.approx(
         report["accuracy_matrix"][-1][4]
     )
-    memory = report["memory"]  # the default memory has no index: nothing queries it
-    assert values[("streamcl_memory_index_info", (("backend", "none"),))] == 1
-    assert memory["bytes"]["features"] > 0 and memory["bytes"]["index"] == 0
+    memory = report["memory"]  # the default memory indexes pooled inputs for the kNN filter
+    assert memory["backend"] == "faiss-cpu-flat"
+    assert values[("streamcl_memory_index_info", (("backend", "faiss-cpu-flat"),))] == 1
+    assert memory["bytes"]["features"] > 0 and memory["bytes"]["index"] > 0
     for part, size in memory["bytes"].items():
         assert values[("streamcl_memory_part_bytes", (("part", part),))] == size
     promtool = shutil.which("promtool")

@@ -34,7 +34,7 @@ def test_a_strategy_plugin_runs_end_to_end_from_the_command_line(
     report_path = tmp_path / "r.json"
     args = ["replay", "--no-progress", "--stream", str(digits_stream), "--report"]
     # Filters off: every arrival is learned, so the hook counts are exact.
-    flags = ["--strategy", "tests.plugins:make", "--noise", "small_loss=false"]
+    flags = ["--strategy", "tests.plugins:make", "--noise", "knn=false,small_loss=false"]
     result = CliRunner().invoke(cli, [*args, str(report_path), *flags])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
@@ -125,13 +125,15 @@ def test_selector_and_retrieval_plugins_shape_the_memory() -> None:
 
 
 def test_a_filter_plugin_named_in_the_noise_settings_quarantines_what_it_flags() -> None:
-    config = LearnerConfig(noise={"small_loss": False, "extra": "tests.plugins:odd_labels"})
+    config = LearnerConfig(
+        noise={"knn": False, "small_loss": False, "extra": "tests.plugins:odd_labels"}
+    )
     learner = build_learner(config, SPEC)
     result = learner.learn(Batch.from_arrays(np.zeros((4, 8, 8), np.float32), np.arange(4)))
     assert result.admitted.tolist() == [True, False, True, False]
     assert result.quarantine_reasons == ("odd", "odd")
     with pytest.raises(
-        ConfigError, match="noise filters need distinct names, got small-loss, odd, odd"
+        ConfigError, match="noise filters need distinct names, got knn, small-loss, odd, odd"
     ):
         build_noise_filter(
             LearnerConfig(noise={"extra": "tests.plugins:odd_labels+tests.plugins:odd_labels"}),

@@ -110,10 +110,11 @@ class NoiseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    knn: bool = Field(
-        False,
-        description="flag labels that are not their neighbours' plurality (off by default: "
-        "on a clean permuted stream it held back whole new tasks, see README)",
+    knn: bool | Literal["auto"] = Field(
+        "auto",
+        description="flag labels that are not their neighbours' plurality; auto: with a "
+        "replay memory (er) only: without one, on a clean permuted stream, it cost EWC 5 "
+        "points (README, Dirty streams)",
     )
     knn_k: int = Field(10, ge=1, description="neighbours per query")
     knn_window: int = Field(1000, ge=1, description="recent arrivals searched besides memory")
@@ -158,10 +159,6 @@ class NoiseConfig(BaseModel):
     def extra_filters(self) -> tuple[str, ...]:
         return tuple(self.extra.split("+")) if self.extra else ()
 
-    @property
-    def enabled(self) -> bool:
-        return self.knn or self.small_loss or bool(self.extra)
-
 
 class QuarantineConfig(BaseModel):
     """Where suspects wait for re-examination by the model (learner/quarantine.py)."""
@@ -184,7 +181,7 @@ class LossConfig(BaseModel):
     sce_beta: float = Field(1.0, ge=0)
     ace: bool = Field(True, description="ER-ACE: new rows' loss over the present classes only")
     ace_recent_share: float = Field(
-        1.0,
+        0.05,
         gt=0,
         le=1,
         description="ER-ACE: classes also count as present while they hold this share of the "
@@ -387,10 +384,16 @@ class LearnerConfig(BaseModel):
         return self
 
     @property
+    def knn_filter(self) -> bool:
+        """`noise.knn` resolved: auto is on when the strategy keeps a replay memory."""
+        knn = self.noise.knn
+        return "er" in self.parts if knn == "auto" else knn
+
+    @property
     def memory_indexed(self) -> bool:
         """Whether the replay memory needs its FAISS index for something besides retrieval
         (whose policy says so itself: `Retrieval.needs_index`)."""
-        return self.noise.knn or self.memory_dedup > 0 or self.predict_head != "softmax"
+        return self.knn_filter or self.memory_dedup > 0 or self.predict_head != "softmax"
 
     @property
     def memory_embedding_space(self) -> Literal["input", "penultimate"]:

@@ -218,14 +218,14 @@ def build_noise_filter(
     """The enabled filters (knn, small-loss, then `noise.extra`); neighbour search covers
     the replay memory when there is one."""
     settings = config.noise
-    if not settings.enabled:
-        return None
-    switches = (("knn", settings.knn), ("small-loss", settings.small_loss))
+    switches = (("knn", config.knn_filter), ("small-loss", settings.small_loss))
     enabled = [name for name, on in switches if on] + list(settings.extra_filters)
+    if not enabled:
+        return None
     # The kNN filter compares pooled inputs: it may search the memory's index only when
     # that holds pooled inputs too; over penultimate features it keeps to its window.
     shared = memory if config.memory_embedding_space == "input" else None
-    if memory is not None and shared is None and settings.knn:
+    if memory is not None and shared is None and config.knn_filter:
         log.info("knn noise filter searches its window only: the memory indexes features")
     context = FilterContext(spec, settings.model_dump(), shared)
     return NoiseFilter([FILTERS.create(name, context) for name in enabled])
