@@ -5,8 +5,10 @@ replayed samples per step) with none of streamcl's decoding, validation, memory 
 metrics. streamcl runs the same recorded stream as
 
 - `er`: ER-1000 with plain learning (no noise filter, no ER-ACE, no logit adjustment);
-- `er-default`: ER-1000 with the default filters and loss corrections;
-- `er-default-index`: the same, with the memory's FAISS index kept up to date (kNN head);
+- `er-default`: ER-1000 with the defaults: kNN and small-loss filters (the kNN filter
+  searches the memory's FAISS index of pooled inputs), the memory gate, loss corrections;
+- `er-default-index`: the same with the kNN head (the index then holds the model's
+  penultimate features, re-embedded as the model learns);
 - `er+ewc`: `er` plus online EWC (task ids: consolidation at each task change).
 
 Each round runs every variant once, in one process, so all see the same machine noise;
