@@ -41,9 +41,13 @@ RUNS: dict[str, dict[str, Any]] = {
     "er-reservoir": {**PLAIN_LEARNING, "memory_policy": "reservoir"},
     "ace": {"noise": PLAIN_LEARNING["noise"], "loss": {"logit_adjust_tau": 0.0}},
     "default": {},  # what `streamcl replay` does with no flags
-    "no-gate": {"noise": {"memory_agreement": False}},  # the memory takes every admitted
-    # the defaults before the kNN filter, the memory gate and ACE's recent share:
-    "small-loss": {"noise": {"knn": False}, "loss": {"ace_recent_share": 1.0}},
+    # The defaults with a memory that takes every admitted arrival:
+    "no-gate": {"noise": {"memory_agreement": False}},
+    # The defaults before the kNN filter, the memory gate and ACE's recent share:
+    "small-loss": {
+        "noise": {"knn": False, "memory_agreement": False},
+        "loss": {"ace_recent_share": 1.0},
+    },
 }
 COMMON = {"hidden": (400, 400), "memory": 1000, "batch_size": 10, "threads": 1, "device": "cpu"}
 

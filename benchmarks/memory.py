@@ -131,8 +131,9 @@ POLICIES = [
     "head ncm",
     "head knn",
 ]
-"""The memory-1000 choices the issue compares (penultimate features); the default
-uses no index, the others embed and index every stored item."""
+"""The memory-1000 choices the issue compares. The others index penultimate features
+of every stored item; the default indexes pooled inputs only for the kNN noise filter
+(on by default with ER since the memory gate; before, the default had no index)."""
 
 
 def index_cost(trials: int = 3) -> dict[str, Any]:

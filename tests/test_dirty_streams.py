@@ -14,13 +14,12 @@ from streamcl.deploy.runtime.replay import run_replay
 from streamcl.deploy.runtime.session import LearningSession
 from streamcl.deploy.runtime.wiring import build_learner
 from streamcl.ingest import heldout as heldout_io
-from streamcl.ingest.codec import decode
 from streamcl.ingest.datasets import load_digits
 from streamcl.ingest.errors import ConfigError
-from streamcl.ingest.recorded import StreamReader
 from streamcl.ingest.scenarios import ScenarioConfig, build, write
-from streamcl.ingest.schema import Batch, Sample
+from streamcl.ingest.schema import Batch
 from streamcl.learner.loop import LearnResult
+from tests.data import samples
 
 # Small enough for digits (1,348 training samples): the filters judge from sample ~200 on.
 DIGITS = {
@@ -47,12 +46,6 @@ def noisy_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("noisy") / "digits-noise40.scs"
     write(build(load_digits(), ScenarioConfig(tasks=5, seed=0, noise=0.4)), path)
     return path
-
-
-def samples(stream: Path) -> tuple[Any, list[Sample]]:
-    with StreamReader(stream) as reader:
-        decoded = [decode(item.payload, reader.spec) for item in reader]
-        return reader.spec, [s for s in decoded if isinstance(s, Sample)]
 
 
 def test_accounting_identity_holds_after_every_update(noisy_digits: Path) -> None:

@@ -17,11 +17,9 @@ from streamcl.deploy.runtime.replay import run_replay
 from streamcl.deploy.runtime.session import LearningSession, without_timings
 from streamcl.deploy.runtime.wiring import build_learner
 from streamcl.ingest import heldout as heldout_io
-from streamcl.ingest.codec import decode
 from streamcl.ingest.datasets import load
-from streamcl.ingest.recorded import StreamReader
 from streamcl.ingest.scenarios import ScenarioConfig, build, write
-from tests.data import require_fashion_mnist
+from tests.data import require_fashion_mnist, samples
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +70,7 @@ def test_condensed_exemplars_beat_raw_ones_in_a_tiny_memory(split_fmnist: Path) 
 
 def remembered_corrupted_share(stream: Path, **learner: Any) -> float:
     """Share of corrupted labels among the arrivals handed to the replay memory."""
-    with StreamReader(stream) as reader:
-        spec = reader.spec
-        arrivals = [decode(item.payload, spec) for item in reader]
+    spec, arrivals = samples(stream)
     heldout = heldout_io.load(heldout_io.sidecar_path(stream))
     built = build_learner(LearnerConfig(**learner), spec)
     replay = built.strategies[0]
