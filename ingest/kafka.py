@@ -198,6 +198,20 @@ class KafkaSource:
         self.handled = dict(resume)
         self._consumer.subscribe([self.topic], listener=_Listener(self))
 
+    def assign(self, resume: Offsets, partitions: list[int]) -> None:
+        """Own `partitions` outright, outside the group protocol, so no rebalance can move
+        them (the scale-out ranks split a topic's partitions by rank). Commits still go to
+        the group, as a member-less consumer's; a partition without a checkpoint offset
+        starts at the group's committed one."""
+        self.handled = dict(resume)
+        owned = [TopicPartition(self.topic, p) for p in partitions]
+        self._consumer.assign(owned)
+        self._assigned(owned)
+
+    def wait_partition_count(self, timeout_s: float) -> int:
+        """The topic's partition count once its metadata is known; a clear error if never."""
+        return len(_wait_for_partitions(self._consumer, self.topic, timeout_s))
+
     def poll(self, timeout_ms: int, max_records: int) -> list[Arrival]:
         """Fetch, decode and validate up to `max_records` messages, in partition order."""
         try:

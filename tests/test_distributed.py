@@ -15,7 +15,7 @@ from kafka.admin import KafkaAdminClient
 
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker
 from streamcl.deploy.runtime.config import ServiceConfig
-from streamcl.deploy.runtime.distributed import rank_config, rank_path, share
+from streamcl.deploy.runtime.distributed import owned_partitions, rank_config, rank_path, share
 from streamcl.deploy.runtime.serve import run_service
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.recorded import Frame, StreamReader
@@ -58,6 +58,14 @@ def test_shares_split_the_global_budgets_exactly() -> None:
     # Two ranks on one machine: two ports; one rank per pod (local rank 0): the same port.
     assert [rank_config(config, r, 2).http.port for r in range(2)] == [8080, 8081]
     assert [rank_config(config, r, 2, local_rank=0).http.port for r in range(2)] == [8080, 8080]
+
+
+def test_ranks_split_the_partitions_without_overlap_or_gaps() -> None:
+    for partitions, world in [(4, 2), (5, 2), (3, 3), (2, 3), (1, 1)]:
+        owned = [owned_partitions(partitions, r, world) for r in range(world)]
+        assert sorted(p for mine in owned for p in mine) == list(range(partitions))
+        assert max(map(len, owned)) - min(map(len, owned)) <= 1
+    assert owned_partitions(4, 1, 2) == [1, 3]
 
 
 def test_budgets_smaller_than_the_rank_count_are_refused() -> None:
@@ -103,9 +111,7 @@ def torchrun(config: ServiceConfig, workdir: Path, ranks: int) -> list[dict[str,
     path = workdir / "service.json"
     path.write_text(json.dumps(config.model_dump(mode="json")))
     env = rank_env()
-    # One elastic restart, as in production. It does not cure the stall still seen in 3 of 6
-    # loaded runs of the 2 -> 1 resume (every rank without partitions for 120 s): Tansu 0.6.0
-    # keeps a group's departed leader after its members leave, and SyncGroup never completes.
+    # One elastic restart, as in production.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts=1"]
     command += [
         f"--nproc-per-node={ranks}",

@@ -1,10 +1,14 @@
 """Scale-out: `streamcl serve` as several learner ranks over one topic's partitions.
 
 Launch with `torchrun --nproc-per-node N -m streamcl.deploy.cli serve --config service.yaml` (or any
-launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT). Kafka and
-torch.distributed do all the coordinating: every rank is one member of the service's
-consumer group, so the group protocol spreads the partitions over the ranks, and the
-ranks train one model through collectives (gloo on CPU, NCCL on CUDA).
+launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT). Rank r owns partition p
+when p mod N = r (`owned_partitions`), assigned directly, not through the consumer group's
+protocol: the ranks must stay in lock step anyway, so a rebalance could only stop them, and
+the group protocol brought its own failures on restart (Tansu 0.6.0 kept a departed leader
+in the group and SyncGroup never completed; kafka-python now and then left a joining member
+unassigned). Offsets are still committed to the service's group, so lag tools see it; no
+other consumer may consume in that group meanwhile. The ranks train one model through
+collectives (gloo on CPU, NCCL on CUDA).
 
 Gradients: an explicit all-reduce in an optimizer step pre-hook, not
 DistributedDataParallel. DDP all-reduces inside `backward` and needs every rank to run the
@@ -34,17 +38,17 @@ Checkpoints: one global checkpoint after all ranks reach the same tick: rank 0 g
 rank's learner state (its memory, filters, quarantine), session counters and handled
 offsets, writes one file with one copy of the (identical) model and optimizer, and only
 once it is durable does each rank commit its own partitions' offsets. A restart with the
-same rank count gives rank r its own state back; every rank seeks whichever partitions the
-group assigns it to the checkpoint's offsets, so nothing is skipped. With another rank count
+same rank count gives rank r its own state back; every rank seeks its partitions to the
+checkpoint's offsets, so nothing is skipped. With another rank count
 (2 -> 1, 1 -> 2, ...): the model, optimizer and offsets are shared anyway; the ranks'
 memories are pooled and dealt again (item j to new rank j mod N, each rank admitting them
 through its own selection up to its new share); new rank r continues old rank r's filters
 and counters (new ranks start fresh), and old ranks beyond the new count must hold no
 pending or quarantined samples (else a one-line error asks for the old count first).
 
-Failures: partitions change owner only by rebalancing. If the assignment changes after the
-group settled (a rank died or joined), the ranks stop with an error and the launcher
-(torchrun's elastic restart) starts the group again from the last checkpoint.
+Failures: a rank that dies fails the group's next collective; the launcher (torchrun's
+elastic restart) starts the group again from the last checkpoint. Partitions added to the
+topic stop the ranks the same way, so the restarted group splits them again.
 """
 
 from __future__ import annotations
@@ -78,14 +82,8 @@ from streamcl.learner.loop import OnlineLearner
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KIND = "streamcl-distributed/1"
-SETTLE_TIMEOUT_S = 120.0
-"""How long the ranks wait for the consumer group to give every partition an owner."""
-REJOIN_AFTER_S = 15.0
-"""A rank still without partitions this long while some have no owner replaces its
-consumer: kafka-python 3.0 now and then leaves a joining consumer wedged after a transport
-error ('NoneType' object has no attribute 'recv'), never assigned (seen on restarts here)."""
-SETTLED_TICKS = 3
-"""Consecutive unchanged assignments, covering every partition, that count as settled."""
+PARTITIONS_TIMEOUT_S = 120.0
+"""How long rank 0 waits for the topic's metadata (it may be created after the ranks start)."""
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 """A rank stuck this long in a collective fails (the launcher restarts the group)."""
 
@@ -254,20 +252,24 @@ class Decision:
     stop: bool
     finished: bool
     checkpoint: bool
-    rebalanced: bool
+    repartitioned: bool
 
 
-def agree(device: torch.device, *, stop: bool, idle: bool, due: bool, moved: bool) -> Decision:
+def agree(
+    device: torch.device, *, stop: bool, idle: bool, due: bool, repartitioned: bool
+) -> Decision:
     """One small all-reduce: stop if any rank must, finish when all are idle."""
     world = dist.get_world_size()
-    votes = torch.tensor([float(stop), float(idle), float(due), float(moved)], device=device)
+    votes = torch.tensor(
+        [float(stop), float(idle), float(due), float(repartitioned)], device=device
+    )
     dist.all_reduce(votes)
     finished = int(votes[1].item()) == world
     return Decision(
         stop=votes[0].item() > 0 or finished,
         finished=finished,
         checkpoint=votes[2].item() > 0,
-        rebalanced=votes[3].item() > 0,
+        repartitioned=votes[3].item() > 0,
     )
 
 
@@ -291,14 +293,8 @@ class RankService(Service):
         self.sync = GradientSync(self.learner, self.metrics)
         self.batch_size = self.config.learner.batch_size  # this rank's share
         self.learn_seconds = 0.0  # in own learn calls, their all-reduces included
-        self._settled: list[int] | None = None
-        self._revoked = False
-
-    def _on_revoke(self) -> object:
-        # A collective checkpoint cannot run on one rank's rebalance thread: flag it, and
-        # the ranks stop together (`run`); the launcher restarts from the last checkpoint.
-        self._revoked = True
-        return None
+        self._partitions = 0  # the topic's, when the ranks split them
+        self._owned: list[int] = []
 
     def _learned(self, batch: Batch, update_seconds: float) -> None:
         self.learn_seconds += update_seconds
@@ -387,12 +383,14 @@ class RankService(Service):
         started = time.monotonic()
         checkpoint = self.restore()
         # Rank 0 alone reconciles with the group's commits and the logs (one reader).
-        plan: list[Any] = [self._resume_offsets(checkpoint) if self.rank == 0 else None]
+        plan: list[Any] = [self._plan(checkpoint) if self.rank == 0 else None]
         dist.broadcast_object_list(plan, src=0)
-        resume: Offsets = plan[0]
+        resume: Offsets = plan[0][0]
+        self._partitions = plan[0][1]
         self.sync.broadcast_model()
-        self.source.start(resume)
-        self._settle()
+        self._owned = owned_partitions(self._partitions, self.rank, self.world)
+        self.source.assign(resume, self._owned)
+        log.info("rank %d of %d owns partitions %s", self.rank, self.world, self._owned)
         self.ready = True
         kafka = self.config.kafka
         self._learned_at_start = self.session.samples_learned
@@ -419,18 +417,18 @@ class RankService(Service):
                         self._first_arrival = now
                     self._handle(arrivals)
                 self.sync.finish_tick()
-            moved = self._revoked or self.source.assignment() != self._settled
+            partitions = self.source.partition_count()  # 0 while metadata is refreshed
             decision = agree(
                 self.learner.device,
                 stop=stop.is_set(),
                 idle=not backlog and self._idle(now - idle_since),
                 due=self.checkpoints.due(now),
-                moved=moved,
+                repartitioned=partitions not in (0, self._partitions),
             )
-            if decision.rebalanced:
+            if decision.repartitioned:
                 raise DistributedError(
-                    "the consumer group's assignment changed while learning (a rank left or "
-                    "joined): restart the group; it resumes from the last checkpoint"
+                    f"the topic's partitions changed while learning (had {self._partitions}): "
+                    "restart the group; it resumes from the last checkpoint and splits them again"
                 )
             if decision.finished:
                 log.info("every rank is idle with no lag: stopping")
@@ -451,59 +449,10 @@ class RankService(Service):
             return False
         return not self.source.assignment() or self._idle_enough(idle_seconds)
 
-    def _settle(self) -> None:
-        """Poll without learning until the group gives every partition one owner, stably.
-
-        A rank that starts early first gets every partition; what it learned of those the
-        group then moves would be learned twice. Records fetched meanwhile are rewound.
-        """
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        kafka = self.config.kafka
-        stable, last = 0, None
-        joined_at = time.monotonic()
-        while stable < SETTLED_TICKS:
-            arrivals = self.source.poll(kafka.poll_timeout_ms, 1)
-            self.source.rewind(arrivals)
-            mine = self.source.assignment()
-            votes = torch.tensor(
-                [len(mine), float(bool(mine)), float(mine != last), self.source.partition_count()],
-                dtype=torch.float64,
-            )
-            dist.all_reduce(votes)
-            total, owners, changed, counted = (int(v) for v in votes.tolist())
-            partitions = counted // self.world
-            settled = (
-                partitions > 0 and total == partitions and owners == min(self.world, partitions)
-            )
-            stable = stable + 1 if settled and not changed else 0
-            last = mine
-            if mine or total >= partitions > 0:
-                joined_at = time.monotonic()
-            elif time.monotonic() - joined_at > REJOIN_AFTER_S:
-                self._rejoin()
-                joined_at = time.monotonic()
-            if time.monotonic() > deadline:
-                raise DistributedError(
-                    f"the consumer group did not give each of the topic's partitions one owner "
-                    f"within {SETTLE_TIMEOUT_S:.0f} s (assigned {total} of {partitions}): check "
-                    f"that every rank uses group {kafka.group_id!r} and nothing else consumes in it"
-                )
-        self._settled = last
-        self._revoked = False
-        log.info("rank %d of %d owns partitions %s", self.rank, self.world, last)
-
-    def _rejoin(self) -> None:
-        """Replace a consumer that never got partitions while some are unowned."""
-        log.warning(
-            "rank %d has had no partitions for %.0f s while some are unowned: rejoining the "
-            "group with a new consumer",
-            self.rank,
-            REJOIN_AFTER_S,
-        )
-        handled = dict(self.source.handled)
-        self.source.close()
-        self.source = self._new_source()
-        self.source.start(handled)
+    def _plan(self, checkpoint: Offsets | None) -> tuple[Offsets, int]:
+        """Rank 0: where every partition resumes, and how many there are to split."""
+        resume = self._resume_offsets(checkpoint)
+        return resume, self.source.wait_partition_count(PARTITIONS_TIMEOUT_S)
 
     def checkpoint(self) -> bool:
         """All ranks: flush side topics, gather state to rank 0, write, then commit.
@@ -577,7 +526,7 @@ class RankService(Service):
         report["distributed"] = {
             "rank": self.rank,
             "world_size": self.world,
-            "partitions": self._settled or [],
+            "partitions": self._owned,
             "model_sha256": model_digest(self.learner),
             "optimizer_steps": self.learner.updates,
             "memory_items": 0 if self.memory is None else len(self.memory),
@@ -600,6 +549,12 @@ class RankService(Service):
             report["samples_learned_all_ranks"] = sum(r["samples_learned"] for r in everyone)
             report["samples_seen_all_ranks"] = sum(r["samples_seen"] for r in everyone)
         return report
+
+
+def owned_partitions(partitions: int, rank: int, world: int) -> list[int]:
+    """Rank r's partitions: every world-th from r (with fewer partitions than ranks, the
+    ranks beyond them own none and contribute zero gradients)."""
+    return list(range(rank, partitions, world))
 
 
 def _holds_samples(part: dict[str, Any]) -> bool:
