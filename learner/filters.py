@@ -236,22 +236,42 @@ class NeighbourAgreement:
     def judge(
         self, losses: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> np.ndarray:
-        self.confirmed = np.zeros(len(labels), dtype=bool)
-        if self.window.count < min(len(self.window.labels), REFILL_PER_NEIGHBOUR * self.k):
+        votes = self._votes(embeddings, labels)
+        if votes is None:
+            self.confirmed = np.zeros(len(labels), dtype=bool)
             return np.full(len(labels), ABSTAIN)
-        found = self.neighbours(embeddings, self.k)
-        valid = found >= 0
-        counts = torch.zeros(len(labels), int(max(labels.max(), found.max())) + 1)
-        counts.scatter_add_(1, found.clamp_min(0), valid.float())
-        own = counts.gather(1, labels.cpu().unsqueeze(1)).squeeze(1)
-        plurality = counts.max(dim=1).values
-        self.confirmed = ((own == plurality) & (own >= CONFIRM_SHARE * self.k)).numpy()
+        own, plurality = votes
+        self.confirmed = self._confirms(own, plurality)
         outvoted = (
             (own < plurality)
             & (own < self.min_agreement * self.k)
             & (plurality >= self.min_plurality * self.k)
         )
         return np.where(outvoted.numpy(), FLAG, PASS)
+
+    def vouch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """Rows `[B]` whose label their neighbours confirm (`CONFIRM_SHARE`), judged now."""
+        votes = self._votes(embeddings, labels)
+        if votes is None:
+            return np.zeros(len(labels), dtype=bool)
+        return self._confirms(*votes)
+
+    def _votes(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Neighbours carrying each row's own label `[B]`, and the plurality label's count
+        `[B]`; None while the window refills."""
+        if self.window.count < min(len(self.window.labels), REFILL_PER_NEIGHBOUR * self.k):
+            return None
+        found = self.neighbours(embeddings, self.k)
+        valid = found >= 0
+        counts = torch.zeros(len(labels), int(max(labels.max(), found.max())) + 1)
+        counts.scatter_add_(1, found.clamp_min(0), valid.float())
+        own = counts.gather(1, labels.cpu().unsqueeze(1)).squeeze(1)
+        return own, counts.max(dim=1).values
+
+    def _confirms(self, own: torch.Tensor, plurality: torch.Tensor) -> np.ndarray:
+        return ((own == plurality) & (own >= CONFIRM_SHARE * self.k)).numpy()
 
     def observe(
         self,
@@ -450,6 +470,17 @@ class NoiseFilter:
             if vouched is not None and len(vouched) == len(labels):
                 self.confirmed |= vouched
         return reasons
+
+    def vouch(self, inputs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """Rows `[B]` of scaled `inputs` whose label a filter vouches for now (the kNN
+        filter's neighbours); all False when none can."""
+        vouched = np.zeros(len(labels), dtype=bool)
+        judges = [f for f in self.filters if hasattr(f, "vouch")]
+        if judges:
+            embeddings = embed_inputs(inputs)
+            for f in judges:
+                vouched |= f.vouch(embeddings, labels)
+        return vouched
 
     def observe(
         self,

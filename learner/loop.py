@@ -265,7 +265,8 @@ class OnlineLearner:
         return agree
 
     def _reexamine(self) -> tuple[list[Sample], list[Held]]:
-        """Quarantined samples due now: those the model predicts as labelled are re-admitted."""
+        """Quarantined samples due now: those the model predicts as labelled, or whose
+        neighbours vouch for the label (kNN filter), are re-admitted."""
         if self.quarantine is None:
             return [], []
         examined = self.quarantine.due(self.samples)
@@ -279,6 +280,11 @@ class OnlineLearner:
         # by the exemplars the filters let in, and the head would then shape training.
         passed = self._logits(features, tasks, 4096).argmax(dim=1).numpy() == labels
         self.model.train(was_training)
+        if self.noise_filter is not None and not passed.all():
+            # A look-alike class the model still confuses, vouched for by its neighbours.
+            doubted = np.flatnonzero(~passed)
+            inputs = self.to_inputs(torch.from_numpy(features[doubted]))
+            passed[doubted] = self.noise_filter.vouch(inputs, torch.from_numpy(labels[doubted]))
         verdict = self.quarantine.settle(examined, passed, self.samples)
         return verdict.readmitted, verdict.rejected
 

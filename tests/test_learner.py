@@ -209,3 +209,26 @@ def test_an_open_memory_gate_remembers_only_arrivals_the_model_predicts(gate_ope
     memory = learner.strategies[0].buffer  # type: ignore[attr-defined]
     remembered = sorted(memory.store.labels[: memory.store.size].tolist())
     assert remembered == sorted(labels[:5].tolist() if gate_open else labels.tolist())
+
+
+def test_a_quarantined_sample_its_neighbours_vouch_for_is_readmitted() -> None:
+    """At re-examination the model mispredicts both held samples (it predicts 0 for
+    everything); the one whose label its neighbours in the kNN window carry is learned,
+    the one labelled against its neighbours is not."""
+    learner = build_learner(config("er", quarantine={"recheck_after": 0, "max_checks": 1}), SPEC)
+    batches = make_batches(21)
+    for batch in batches[:20]:  # fills the kNN filter's window with clean arrivals
+        learner.learn(batch)
+    assert learner.quarantine is not None and learner.noise_filter is not None
+    probe = batches[20]
+    row = int(np.flatnonzero(probe.labels != 0)[0])
+    label = int(probe.labels[row])
+    held = dataclasses.replace(probe, labels=probe.labels.copy())
+    held.labels[row + 1] = (held.labels[row + 1] + 1) % 10 or 1  # against its neighbours
+    learner.quarantine.add(held, np.array([row, row + 1]), ["knn", "knn"], learner.samples)
+    learner._logits = lambda features, tasks, chunk: torch.nn.functional.one_hot(  # type: ignore[method-assign]
+        torch.zeros(len(features), dtype=torch.int64), 10
+    ).float()
+    result = learner.learn(make_batches(1, seed=1)[0])
+    assert [s.label for s in result.readmitted] == [label]
+    assert [h.sample.label for h in result.rejected] == [int(held.labels[row + 1])]
