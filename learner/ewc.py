@@ -17,18 +17,22 @@ the diagonal Fisher information at the anchor theta*. For a stream:
   then the next task's first, largest gradients have entered R and moved theta. Exact
   boundaries (task ids, the periodic one) use the current values.
 
-Per step the running Fisher and the penalty are three in-place `torch._foreach_*` ops
-over all parameters at once (no Python loop over them, no allocation): the penalty's
-gradient `lambda F theta - lambda F theta*` is added to `.grad` directly, no autograd
-graph and no second backward pass. Its value only feeds the reported loss, so it is
-computed at the first step after a consolidation and every `PENALTY_VALUE_EVERY` steps
-(a pass that allocates); the gradient is exact at every step. These ops are memory-bound:
-on one CPU thread each pass over an MLP-256's 270k weights costs ~100 us, as much as a
-small model's forward pass, so ER+EWC is measured against ER in benchmarks/throughput.py.
+Per step the running Fisher and the penalty are in-place `torch._foreach_*` ops over all
+parameters at once (no Python loop over them, no allocation, no autograd graph, no second
+backward pass). The penalty's gradient `lambda F (theta - theta*)` is added to `.grad`
+(two ops), or, under plain SGD (`step_with`), taken as its own step on the weights just
+before the optimizer's: `theta <- lerp(theta, theta*, lr lambda F)`, one op, and the same
+update `theta - lr (g + lambda F (theta - theta*))` since g was computed before it. The
+penalty's value only feeds the reported loss, so it is computed at the first step after a
+consolidation and every `PENALTY_VALUE_EVERY` steps (a pass that allocates). These ops are
+memory-bound: on one CPU thread each pass over an MLP-256's 270k weights costs 50-120 us,
+as much as a small model's forward pass, so ER+EWC is measured against ER in
+benchmarks/throughput.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -75,6 +79,28 @@ class OnlineEWC(NoHooks):
         self._recent: dict[str, Any] | None = None
         self._lagged: dict[str, Any] | None = None
         self._placed = True
+        self._learning_rate: Callable[[], float] | None = None  # see `step_with`
+        self._rate: list[torch.Tensor] = []  # lr lambda F, for `_rate_lr`
+        self._rate_lr: float | None = None
+        self._named: list[tuple[str, nn.Parameter]] = []  # the model's trainable parameters
+        self._named_of: int | None = None  # id of the model `_named` lists
+
+    def step_with(self, learning_rate: Callable[[], float]) -> None:
+        """Take the penalty as a step on the weights, at `learning_rate()`: only valid when
+        the optimizer is plain SGD (no momentum, weight decay or other penalty) with that
+        rate, which then applies exactly the update of the penalty's gradient."""
+        self._learning_rate = learning_rate
+
+    @property
+    def steps_weights(self) -> bool:
+        """Whether the penalty is taken as a step on the weights (`step_with`)."""
+        return self._learning_rate is not None
+
+    def _parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        if self._named_of != id(model):
+            self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            self._named_of = id(model)
+        return self._named
 
     def after_backward(self, model: nn.Module) -> None:
         """Fold this step's squared task-loss gradient into the running Fisher.
@@ -85,7 +111,7 @@ class OnlineEWC(NoHooks):
         """
         self._place(model)
         self.steps += 1
-        named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+        named = [(name, p) for name, p in self._parameters(model) if p.grad is not None]
         if any(name not in self._running for name, _ in named):
             self._running.update(
                 (name, torch.zeros_like(p)) for name, p in named if name not in self._running
@@ -103,26 +129,34 @@ class OnlineEWC(NoHooks):
             self._lagged, self._recent = self._recent, self._snapshot(model)
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        """Add the gradient of `lambda/2 * sum F (theta - theta*)^2`, which is
-        `lambda F theta - lambda F theta*`, to `.grad`; return the penalty's value (0-dim,
-        no graph, at most `PENALTY_VALUE_EVERY` steps old), or None before the first
-        consolidation.
+        """Apply `lambda/2 * sum F (theta - theta*)^2`: add its gradient, `lambda F theta -
+        lambda F theta*`, to `.grad`, or under `step_with` step the weights by it; return
+        its value (0-dim, no graph, at most `PENALTY_VALUE_EVERY` steps old), or None
+        before the first consolidation.
         """
         if not self._anchor or not self.lambda_:
             return None
         self._place(model)
-        named = [(name, p) for name, p in model.named_parameters() if name in self._anchor]
+        named = [(name, p) for name, p in self._parameters(model) if name in self._anchor]
         params: list[torch.Tensor] = [param for _, param in named]
-        for param in (p for p in params if p.grad is None):  # unused in this step's forward
-            param.grad = torch.zeros_like(param)
         weight = [self._weight[name] for name, _ in named]
+        anchor = [self._anchor[name] for name, _ in named]
         with torch.no_grad():
             if self._calls % PENALTY_VALUE_EVERY == 0:
-                moved = torch._foreach_sub(params, [self._anchor[name] for name, _ in named])
+                moved = torch._foreach_sub(params, anchor)
                 squares = torch._foreach_mul(moved, moved)
                 products = torch._foreach_mul(squares, weight)
                 self._value = 0.5 * torch.stack([p.sum() for p in products]).sum()
             self._calls += 1
+            if self._learning_rate is not None:
+                lr = self._learning_rate()
+                if lr != self._rate_lr:  # per consolidation, or when a schedule moves lr
+                    self._rate = torch._foreach_mul(weight, lr)
+                    self._rate_lr = lr
+                torch._foreach_lerp_(params, anchor, self._rate)
+                return self._value
+            for param in (p for p in params if p.grad is None):  # unused in this forward
+                param.grad = torch.zeros_like(param)
             grads = [cast(torch.Tensor, param.grad) for param in params]
             torch._foreach_addcmul_(grads, weight, params)
             torch._foreach_sub_(grads, [self._pull[name] for name, _ in named])
@@ -155,15 +189,12 @@ class OnlineEWC(NoHooks):
             self._weight = {k: f.mul(self.lambda_) for k, f in self._fisher.items()}
             self._pull = {k: w.mul(self._anchor[k]) for k, w in self._weight.items()}
         self._calls = 0
+        self._rate_lr = None
 
     def _snapshot(self, model: nn.Module) -> dict[str, Any]:
         return {
             "steps": self.steps,
-            "params": {
-                name: param.detach().clone()
-                for name, param in model.named_parameters()
-                if param.requires_grad
-            },
+            "params": {name: param.detach().clone() for name, param in self._parameters(model)},
             "running": self._running_fisher(),
         }
 

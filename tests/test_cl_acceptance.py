@@ -111,9 +111,12 @@ def test_default_noise_filters_leave_a_clean_shifting_stream_alone(
     config = validated(ReplayConfig, {"stream": fmnist_streams["permuted"], "seed": 0, **settings})
     defaults = run_replay(config, progress=False)
     plain = replay(fmnist_streams, "permuted", **settings)
-    # Seeds 0-2: 1.6-2.2% held back as noisy; accuracy -0.009 to +0.049 against plain.
-    assert defaults["samples_rejected_noisy"] <= 0.05 * defaults["samples_seen"]
-    assert defaults["final_average_accuracy"] >= plain["final_average_accuracy"] - 0.05
+    # EWC with ADWIN on this stream is chaotic: a last-bit change (EWC's penalty as a
+    # gradient or as a fused step) moves either run by up to 4 points. Seeds 0-2, both
+    # forms: 2.0-5.4 % held back as noisy, accuracy -0.069 to +0.035 against plain. A
+    # filter that holds back whole tasks reaches 0.12.
+    assert defaults["samples_rejected_noisy"] <= 0.08 * defaults["samples_seen"]
+    assert defaults["final_average_accuracy"] >= plain["final_average_accuracy"] - 0.1
 
 
 def test_er_ewc_resumed_in_a_fresh_process_reports_like_an_uninterrupted_run(

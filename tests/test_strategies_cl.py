@@ -378,6 +378,55 @@ def test_running_fisher_is_a_bias_corrected_moving_average_of_squared_gradients(
     torch.testing.assert_close(ewc.fisher()["weight"], expected)
 
 
+def test_ewc_as_a_step_under_plain_sgd_updates_the_weights_as_its_gradient_does() -> None:
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    weights = {}
+    for fused in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        ewc = OnlineEWC(lambda_=50.0, decay=0.9, anchor_lag=0)
+        if fused:
+            ewc.step_with(lambda optimizer=optimizer: optimizer.param_groups[0]["lr"])
+        assert ewc.steps_weights == fused
+        for step_number in range(40):
+            if step_number == 10:
+                ewc.consolidate(model, Boundary(100, "task", 1))
+            if step_number == 25:
+                optimizer.param_groups[0]["lr"] = 0.02  # a schedule moved the rate
+            rows = slice(step_number % 4 * 8, step_number % 4 * 8 + 8)
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(inputs[rows]), targets[rows]).backward()
+            ewc.after_backward(model)
+            ewc.penalty(model)
+            optimizer.step()
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert (weights[fused] - start).abs().max() > 0.01  # it learned
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
+
+
+def test_wiring_fuses_the_ewc_step_only_under_plain_sgd() -> None:
+    spec = StreamSpec(feature_shape=(4,), dtype="float32", num_classes=3)
+    fused = {}
+    for optimizer, momentum, strategy in (
+        ("sgd", 0.0, "er+ewc"),
+        ("sgd", 0.9, "er+ewc"),
+        ("adam", 0.0, "er+ewc"),
+        ("sgd", 0.0, "ewc+packnet"),
+    ):
+        config = LearnerConfig(strategy=strategy, optimizer=optimizer, momentum=momentum)
+        ewc = next(s for s in build_learner(config, spec).strategies if isinstance(s, OnlineEWC))
+        fused[(optimizer, momentum, strategy)] = ewc.steps_weights
+    assert fused == {
+        ("sgd", 0.0, "er+ewc"): True,
+        ("sgd", 0.9, "er+ewc"): False,
+        ("adam", 0.0, "er+ewc"): False,
+        ("sgd", 0.0, "ewc+packnet"): False,
+    }
+
+
 def test_ewc_anchors_on_a_snapshot_from_before_a_late_detected_boundary() -> None:
     runs = {}
     for reason in ("drift", "task"):

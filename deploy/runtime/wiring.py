@@ -18,6 +18,7 @@ from streamcl.deploy.runtime.config import LearnerConfig
 from streamcl.ingest.errors import ConfigError
 from streamcl.ingest.schema import StreamSpec
 from streamcl.learner.drift import BoundaryDetector
+from streamcl.learner.ewc import OnlineEWC
 from streamcl.learner.features import penultimate_embedding
 from streamcl.learner.filters import NoiseFilter, input_embedding
 from streamcl.learner.interference import virtual_update
@@ -67,6 +68,8 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     strategies = build_strategies(config, spec, device, model)
+    if isinstance(optimizer, torch.optim.SGD) and not config.momentum:
+        _ewc_steps_with_sgd(config, strategies, optimizer)
     memory = replay_buffer(strategies)
     learner = OnlineLearner(
         model,
@@ -92,6 +95,18 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
     )
     log.info("learner built strategy=%s model=%s device=%s", config.strategy, config.model, device)
     return learner
+
+
+def _ewc_steps_with_sgd(
+    config: LearnerConfig, strategies: list[Strategy], optimizer: torch.optim.SGD
+) -> None:
+    """Under plain SGD and only built-in parts that leave the weights alone before the
+    step (ER), EWC takes its penalty as one fused step on the weights (learner/ewc.py)."""
+    if not set(config.parts) <= {"er", "ewc"}:
+        return
+    for strategy in strategies:
+        if isinstance(strategy, OnlineEWC):
+            strategy.step_with(lambda: optimizer.param_groups[0]["lr"])
 
 
 def build_strategies(
