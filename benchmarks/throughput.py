@@ -9,7 +9,11 @@ metrics. streamcl runs the same recorded stream as
   searches the memory's FAISS index of pooled inputs), the memory gate, loss corrections;
 - `er-default-index`: the same with the kNN head (the index then holds the model's
   penultimate features, re-embedded as the model learns);
-- `er+ewc`: `er` plus online EWC (task ids: consolidation at each task change).
+- `er+ewc`: `er` plus online EWC (task ids: consolidation at each task change);
+- `defaults`: `streamcl replay` as shipped: the defaults of `er-default` and 30 replay
+  draws per step, not 10 (`REPLAY_PER_NEW_SAMPLE`): more arithmetic than the bare loop.
+
+The first four draw 10 items per step, as the bare loop does.
 
 Each round runs every variant once, in one process, so all see the same machine noise;
 the figures are the best of --repeats rounds, and each ratio is also given as the median
@@ -44,17 +48,21 @@ from streamcl.ingest.scenarios import ScenarioConfig, build, write
 from streamcl.learner.models import mlp
 
 RESULTS = Path(__file__).parent / "results" / "throughput.json"
+SAME_DRAWS = {"replay_size": 10}
+"""The bare loop's 10 draws per 10 new samples (streamcl's default is three per sample)."""
 VARIANTS: dict[str, dict[str, Any]] = {
-    "er": {"strategy": "er", **PLAIN_LEARNING},
-    "er-default": {"strategy": "er"},
-    "er-default-index": {"strategy": "er", "predict_head": "knn"},
-    "er+ewc": {"strategy": "er+ewc", **PLAIN_LEARNING},
+    "er": {"strategy": "er", **PLAIN_LEARNING, **SAME_DRAWS},
+    "er-default": {"strategy": "er", **SAME_DRAWS},
+    "er-default-index": {"strategy": "er", "predict_head": "knn", **SAME_DRAWS},
+    "er+ewc": {"strategy": "er+ewc", **PLAIN_LEARNING, **SAME_DRAWS},
+    "defaults": {},
 }
 RATIOS = {
     # name: (numerator, denominator) of samples/second
     "er / bare": ("er", "bare"),
     "er-default / bare": ("er-default", "bare"),
     "er-default-index / bare": ("er-default-index", "bare"),
+    "defaults / bare": ("defaults", "bare"),
     "time er+ewc / time er": ("er", "er+ewc"),
 }
 

@@ -77,10 +77,17 @@ STREAMS = {
     "imbalance10": {"imbalance": 10.0},
     "noise40-imbalance10": {"noise": 0.4, "imbalance": 10.0},
 }
+BATCH, LR, HIDDEN = 10, 0.1, (256, 256)
 STREAMCL = {
     "streamcl naive": {**PLAIN_LEARNING, "strategy": "naive"},
-    "streamcl ER-500": {**PLAIN_LEARNING, "strategy": "er", "memory": 500},
-    "streamcl ER-1000": {**PLAIN_LEARNING, "strategy": "er", "memory": 1000},
+    # As Avalanche's replay: one draw per new sample (streamcl's default is three).
+    "streamcl ER-500": {**PLAIN_LEARNING, "strategy": "er", "memory": 500, "replay_size": BATCH},
+    "streamcl ER-1000": {
+        **PLAIN_LEARNING,
+        "strategy": "er",
+        "memory": 1000,
+        "replay_size": BATCH,
+    },
     "streamcl EWC": {**PLAIN_LEARNING, "strategy": "ewc"},
     "streamcl defaults": {},
 }
@@ -92,7 +99,6 @@ AVALANCHE = (
     "avalanche GDumb-1000",
     "avalanche joint",
 )
-BATCH, LR, HIDDEN = 10, 0.1, (256, 256)
 
 
 @contextmanager

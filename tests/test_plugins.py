@@ -58,7 +58,7 @@ def test_plugins_compose_after_the_builtins_in_the_order_given() -> None:
     assert config.strategy == "er+tests.plugins:make"
     strategies = build_strategies(config, SPEC)
     assert [type(s) for s in strategies] == [ExperienceReplay, plugins.Frozen]
-    assert plugins.BUILT[-1].context.replay_size == config.replay_draws == 10
+    assert plugins.BUILT[-1].context.replay_size == config.replay_draws == 30
 
 
 @pytest.mark.parametrize(
