@@ -2,7 +2,8 @@
 against plain experience replay, via `streamcl replay`'s own code path.
 
     python benchmarks/dirty_streams.py [--streams clean,noise40,imb10,both] \
-        [--runs er,er-reservoir,ace,default,no-gate,small-loss] [--seeds 0,1,2] [--jobs 2]
+        [--runs er,er-reservoir,er-3,er-reservoir-3,ace,default,no-gate,small-loss] \
+        [--seeds 0,1,2] [--jobs 2]
 
 Class-incremental 5 x 2, one pass, batch 10, MLP 784-400-400-10, memory 1000, 1 thread
 per run (`--jobs` runs in parallel). Seed s builds the stream (class order, long tail,
@@ -36,9 +37,14 @@ STREAMS: dict[str, dict[str, Any]] = {
     "imb10": {"imbalance": 10.0},
     "both": {"noise": 0.4, "imbalance": 10.0},
 }
+ONE_DRAW = {"replay_size": 10}
+"""One replay draw per new sample, as ER-1000 was when the dirty-streams issue was filed."""
 RUNS: dict[str, dict[str, Any]] = {
-    "er": PLAIN_LEARNING,  # today's ER-1000, class-balanced memory
-    "er-reservoir": {**PLAIN_LEARNING, "memory_policy": "reservoir"},
+    "er": {**PLAIN_LEARNING, **ONE_DRAW},  # that ER-1000: class-balanced memory
+    "er-reservoir": {**PLAIN_LEARNING, **ONE_DRAW, "memory_policy": "reservoir"},
+    # Plain ER with today's default of three draws per new sample:
+    "er-3": PLAIN_LEARNING,
+    "er-reservoir-3": {**PLAIN_LEARNING, "memory_policy": "reservoir"},
     "ace": {"noise": PLAIN_LEARNING["noise"], "loss": {"logit_adjust_tau": 0.0}},
     "default": {},  # what `streamcl replay` does with no flags
     # The defaults with a memory that takes every admitted arrival:
