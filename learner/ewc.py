@@ -151,7 +151,7 @@ class OnlineEWC(NoHooks):
             if self._learning_rate is not None:
                 lr = self._learning_rate()
                 if lr != self._rate_lr:  # per consolidation, or when a schedule moves lr
-                    self._rate = torch._foreach_mul(weight, lr)
+                    self._rate = list(torch._foreach_mul(weight, lr))
                     self._rate_lr = lr
                 torch._foreach_lerp_(params, anchor, self._rate)
                 return self._value
