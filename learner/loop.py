@@ -19,6 +19,7 @@ from streamcl.learner.filters import NoiseFilter, embed_inputs
 from streamcl.learner.history import EventLog
 from streamcl.learner.losses import TrainingLoss
 from streamcl.learner.quarantine import Held, Quarantine
+from streamcl.learner.stepping import WeightStep
 from streamcl.learner.strategies import Boundary, Strategy, UpdateBatch
 from streamcl.learner.tasks import DEFAULT_TASK_WINDOW, TaskFollower
 from streamcl.memory.buffer import ReplayBuffer
@@ -108,6 +109,7 @@ class OnlineLearner:
             raise ConfigError(f"consolidate_every must be >= 1 sample, got {consolidate_every}")
         self.model = model.to(device)
         self.optimizer = optimizer
+        self.weight_step = WeightStep(optimizer)
         self.strategies = strategies
         self.spec = spec
         self.device = device
@@ -193,7 +195,7 @@ class OnlineLearner:
                 break  # every arrival is suspect and the memory is empty: nothing to learn
             new_labels = None if self.loss.plain else host_labels[:num_new].numpy()
             loss = self.loss(logits, labels, num_new, new_labels)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.weight_step.zero_grad()
             loss.backward()
             for strategy in self.strategies:
                 strategy.after_backward(self.model)
@@ -202,7 +204,7 @@ class OnlineLearner:
                 loss = loss.detach() + torch.stack(extras).sum()
             for strategy in self.strategies:
                 strategy.before_step(self.model)
-            self.optimizer.step()
+            self.weight_step.step()
             for strategy in self.strategies:
                 strategy.after_step(self.model)
             self.updates += 1

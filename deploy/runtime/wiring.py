@@ -27,6 +27,7 @@ from streamcl.learner.losses import TrainingLoss
 from streamcl.learner.models import build_model
 from streamcl.learner.quarantine import Quarantine
 from streamcl.learner.registry import FILTERS, STRATEGIES, FilterContext, StrategyContext
+from streamcl.learner.stepping import is_plain_sgd
 from streamcl.learner.strategies import Strategy, replay_buffer
 from streamcl.memory.buffer import Embed, ReplayBuffer
 from streamcl.memory.index import gpu_available, set_threads
@@ -68,7 +69,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     strategies = build_strategies(config, spec, device, model)
-    if isinstance(optimizer, torch.optim.SGD) and not config.momentum:
+    if isinstance(optimizer, torch.optim.SGD) and is_plain_sgd(optimizer):
         _ewc_steps_with_sgd(config, strategies, optimizer)
     memory = replay_buffer(strategies)
     learner = OnlineLearner(
