@@ -63,11 +63,14 @@ class InputAdapter:
         self.device = device
         self._scale = 1.0 / 255.0 if spec.dtype == "uint8" else None
         self._pin = device.type == "cuda"
+        self._move = device.type != "cpu"  # `.to` the CPU is a no-op that still dispatches
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if self._pin:
             features = features.pin_memory()
-        x = features.to(self.device, non_blocking=True).float()
+        if self._move:
+            features = features.to(self.device, non_blocking=True)
+        x = features.float()
         return x.mul_(self._scale) if self._scale is not None else x
 
 

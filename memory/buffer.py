@@ -194,7 +194,8 @@ class ReplayBuffer:
         if self.condensed is not None:
             self.condensed.observe(features, labels, tasks)
         stale = self._due_for_refresh()
-        due = self.store.features[stale]  # read before this batch overwrites any of them
+        # Read before this batch overwrites any of them.
+        due = self.store.features[stale] if len(stale) else features[:0]
         embeddings = renewed = None
         refresh = None
         if self.embed is not None and self.dedup > 0:  # dedup judges every arrival
