@@ -378,33 +378,53 @@ def test_running_fisher_is_a_bias_corrected_moving_average_of_squared_gradients(
     torch.testing.assert_close(ewc.fisher()["weight"], expected)
 
 
-def test_ewc_as_a_step_under_plain_sgd_updates_the_weights_as_its_gradient_does() -> None:
+def _ewc_trained(pull_every: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights before and after 40 SGD steps with EWC from step 10: its gradient added
+    (`pull_every` None) or taken as a pull on the weights every `pull_every` steps."""
     torch.manual_seed(0)
     inputs, targets = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    weights = {}
-    for fused in (False, True):
-        torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-        start = torch.cat([p.detach().flatten() for p in model.parameters()])
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        ewc = OnlineEWC(lambda_=50.0, decay=0.9, anchor_lag=0)
-        if fused:
-            ewc.step_with(lambda optimizer=optimizer: optimizer.param_groups[0]["lr"])
-        assert ewc.steps_weights == fused
-        for step_number in range(40):
-            if step_number == 10:
-                ewc.consolidate(model, Boundary(100, "task", 1))
-            if step_number == 25:
-                optimizer.param_groups[0]["lr"] = 0.02  # a schedule moved the rate
-            rows = slice(step_number % 4 * 8, step_number % 4 * 8 + 8)
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(inputs[rows]), targets[rows]).backward()
-            ewc.after_backward(model)
-            ewc.penalty(model)
-            optimizer.step()
-        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        assert (weights[fused] - start).abs().max() > 0.01  # it learned
-    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ewc = OnlineEWC(lambda_=50.0, decay=0.9, anchor_lag=0)
+    if pull_every is not None:
+        ewc.step_with(lambda: optimizer.param_groups[0]["lr"], every=pull_every)
+    assert ewc.steps_weights == (pull_every is not None)
+    for step_number in range(40):
+        if step_number == 10:
+            ewc.consolidate(model, Boundary(100, "task", 1))
+        if step_number == 25:
+            optimizer.param_groups[0]["lr"] = 0.02  # a schedule moved the rate
+        rows = slice(step_number % 4 * 8, step_number % 4 * 8 + 8)
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(inputs[rows]), targets[rows]).backward()
+        ewc.after_backward(model)
+        ewc.penalty(model)
+        optimizer.step()
+    return start, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_ewc_as_a_step_under_plain_sgd_updates_the_weights_as_its_gradient_does() -> None:
+    start, by_gradient = _ewc_trained(None)
+    _, by_step = _ewc_trained(1)
+    assert (by_gradient - start).abs().max() > 0.01  # it learned
+    torch.testing.assert_close(by_step, by_gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_ewc_lazy_pull_stays_close_to_the_pull_of_every_step() -> None:
+    _, every_step = _ewc_trained(1)
+    _, lazy = _ewc_trained(4)
+    _, unpulled = _ewc_trained(10**9)  # never pulls: what EWC's pull changes
+    moved = (every_step - unpulled).abs().max()
+    assert moved > 1e-3  # the pull matters here
+    # Second order in the pull: here, at a large lr lambda F, 15 % of its effect.
+    assert (lazy - every_step).abs().max() < 0.25 * moved
+
+
+def test_ewc_pull_every_must_be_a_positive_number_of_steps() -> None:
+    with pytest.raises(ConfigError, match="pull every"):
+        OnlineEWC().step_with(lambda: 0.1, every=0)
 
 
 def test_wiring_fuses_the_ewc_step_only_under_plain_sgd() -> None:
