@@ -24,7 +24,7 @@ from streamcl.learner.filters import (
     input_embedding,
     mixture_threshold,
 )
-from streamcl.learner.losses import RobustLoss, TrainingLoss
+from streamcl.learner.losses import ClassPriors, RobustLoss, TrainingLoss
 from streamcl.learner.quarantine import Quarantine
 from streamcl.memory.buffer import ReplayBuffer
 
@@ -261,6 +261,28 @@ def test_ace_counts_a_class_of_the_recent_arrivals_as_present() -> None:
     expected = nn.functional.cross_entropy(torch.tensor([[0.0, 2.0]]), torch.tensor([0]))
     assert torch.isclose(loss(logits, torch.tensor([0]), 1), expected)
     assert logits.grad is not None and logits.grad[0, 2] == 0 and logits.grad[0, 1] > 0
+
+
+def test_class_priors_folded_lazily_equal_priors_folded_at_every_batch() -> None:
+    """Queued batches (nothing read them, as under plain cross entropy) fold into the same
+    counts and recent shares as a per-batch update, including empty batches, and a
+    checkpoint taken between folds holds them."""
+    rng = np.random.default_rng(3)
+    batches = [rng.integers(0, 4, rng.integers(0, 30)) for _ in range(150)]
+    eager, lazy = ClassPriors(4), ClassPriors(4)
+    for labels in batches:
+        eager.update(labels)
+        _ = eager.recent  # a read folds the one queued batch
+        lazy.update(labels)
+    assert len(lazy._pending) == len(batches) % ClassPriors.FOLD_AFTER  # bounded queue
+    restored = ClassPriors(4)
+    restored.load_state_dict(lazy.state_dict())
+    expected = sum(np.bincount(b, minlength=4) for b in batches)
+    for priors in (eager, lazy, restored):
+        np.testing.assert_array_equal(priors.counts.numpy(), expected)
+    torch.testing.assert_close(lazy.recent, eager.recent, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(restored.recent, eager.recent, rtol=1e-12, atol=1e-15)
+    assert eager.recent.sum().item() == pytest.approx(1.0, abs=1e-3)  # shares of recent arrivals
 
 
 def test_logit_adjustment_adds_tau_log_prior_to_new_rows() -> None:
