@@ -65,6 +65,8 @@ class Draw:
 
 MEMORY_PARTS = ("features", "embeddings", "index", "condensed")
 """The parts `ReplayBuffer.usage()` reports bytes for."""
+_NONE = np.zeros(0, dtype=np.int64)
+_NONE.flags.writeable = False  # shared: no slots, no rows
 
 NO_MEMORY_USAGE: dict[str, Any] = {
     "backend": "none",
@@ -231,7 +233,11 @@ class ReplayBuffer:
         each slot holds stays true.
         """
         if refresh is None or (refresh == SKIP).all():
-            chosen = np.asarray(self.selector.slots(self.store, labels), dtype=np.int64)
+            choices = self.selector.slots(self.store, labels)
+            if isinstance(choices, list) and choices.count(SKIP) == len(choices):
+                # Nothing kept: the common case once the memory is full.
+                return _NONE, _NONE
+            chosen = np.asarray(choices, dtype=np.int64)
             rows = np.flatnonzero(chosen != SKIP)
             slots = chosen[rows]
             if len(set(slots.tolist())) == len(slots):
@@ -254,7 +260,7 @@ class ReplayBuffer:
         """The next `refresh` stored slots, round-robin (the per-update budget)."""
         size = self.store.size
         if not self.refresh or not size or self.index is None:
-            return np.zeros(0, dtype=np.int64)
+            return _NONE
         slots = (self.cursor + np.arange(min(self.refresh, size))) % size
         self.cursor = int((slots[-1] + 1) % size)
         return slots
