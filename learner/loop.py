@@ -26,6 +26,8 @@ from streamcl.memory.buffer import ReplayBuffer
 from streamcl.memory.nearest import Head
 
 log = logging.getLogger(__name__)
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_ROWS.flags.writeable = False  # shared: no filter, no suspects
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ class OnlineLearner:
             self.updates += 1
         # The first step always runs: it set the predictions and first logits.
         assert predictions is not None and first_logits is not None
-        suspects = np.flatnonzero(~admitted)
+        suspects = _NO_ROWS if self.noise_filter is None else np.flatnonzero(~admitted)
         if len(suspects) and self.quarantine is not None:
             self.quarantine.add(batch, suspects, [reasons[i] for i in suspects], self.samples)
         also_readmitted = np.ones(len(readmitted), bool)
