@@ -89,11 +89,13 @@ class ClassPriors:
             return
         # Batch i decays `recent` by f_i, then adds its counts / RECENT_ARRIVALS: after
         # all of them, what batch i added is decayed by the f_j of every later batch j.
-        sizes = np.array([len(labels) for labels in pending])
+        labels = np.concatenate(pending)
+        if len(labels) and labels.max() >= classes:  # it would count in the next batch's row
+            raise ValueError(f"class label {labels.max()} out of range for {classes} classes")
+        sizes = np.array([len(batch) for batch in pending])
         rows = np.repeat(np.arange(len(pending)), sizes)
-        per_batch = np.bincount(
-            rows * classes + np.concatenate(pending), minlength=len(pending) * classes
-        ).reshape(len(pending), classes)
+        per_batch = np.bincount(rows * classes + labels, minlength=len(pending) * classes)
+        per_batch = per_batch.reshape(len(pending), classes)
         decay = np.maximum(0.0, 1.0 - sizes / RECENT_ARRIVALS)
         after = np.append(np.cumprod(decay[::-1])[::-1], 1.0)  # after[i]: batches i.. on
         counts += per_batch.sum(axis=0)

@@ -283,6 +283,11 @@ def test_class_priors_folded_lazily_equal_priors_folded_at_every_batch() -> None
     torch.testing.assert_close(lazy.recent, eager.recent, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(restored.recent, eager.recent, rtol=1e-12, atol=1e-15)
     assert eager.recent.sum().item() == pytest.approx(1.0, abs=1e-3)  # shares of recent arrivals
+    bad = ClassPriors(4)
+    bad.update(np.array([0, 1]))
+    bad.update(np.array([4]))  # no fifth class: it must not count as the next batch's 0
+    with pytest.raises(ValueError, match="out of range"):
+        _ = bad.counts
 
 
 def test_logit_adjustment_adds_tau_log_prior_to_new_rows() -> None:
