@@ -15,20 +15,21 @@ def _model_and_batch(seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Te
     return model, torch.randn(20, 12), torch.randint(0, 4, (20,))
 
 
-def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step, x, y) -> None:
+def _train(model: torch.nn.Module, stepper: WeightStep | torch.optim.Optimizer, x, y) -> None:
+    """Five steps through `stepper`: a `WeightStep`, or the optimizer itself (whose
+    `zero_grad` sets gradients to None by default, as `WeightStep`'s does)."""
     for _ in range(5):
-        step.zero_grad() if step else optimizer.zero_grad(set_to_none=True)
+        stepper.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        step.step() if step else optimizer.step()
+        stepper.step()
 
 
 def _same_training(make_optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor], WeightStep]:
     fused_model, x, y = _model_and_batch(0)
     torch_model, _, _ = _model_and_batch(0)
-    fused_optimizer = make_optimizer(fused_model)
-    weight_step = WeightStep(fused_optimizer)
-    _train(fused_model, fused_optimizer, weight_step, x, y)
-    _train(torch_model, make_optimizer(torch_model), None, x, y)
+    weight_step = WeightStep(make_optimizer(fused_model))
+    _train(fused_model, weight_step, x, y)
+    _train(torch_model, make_optimizer(torch_model), x, y)
     return list(fused_model.parameters()), list(torch_model.parameters()), weight_step
 
 
@@ -48,11 +49,11 @@ def test_parameter_groups_keep_their_own_learning_rates_read_at_each_step() -> N
     step = WeightStep(optimizer)
     frozen = first.weight.detach().clone()
     before = second.weight.detach().clone()
-    _train(model, optimizer, step, x, y)
+    _train(model, step, x, y)
     assert torch.equal(first.weight, frozen)
     assert not torch.equal(second.weight, before)
     optimizer.param_groups[0]["lr"] = 0.5  # a scheduler's change takes effect at the next step
-    _train(model, optimizer, step, x, y)
+    _train(model, step, x, y)
     assert not torch.equal(first.weight, frozen)
 
 
@@ -79,7 +80,7 @@ def test_step_hooks_still_run() -> None:
     calls: list[str] = []
     optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
     optimizer.register_step_post_hook(lambda *_: calls.append("post"))
-    _train(model, optimizer, WeightStep(optimizer), x, y)
+    _train(model, WeightStep(optimizer), x, y)
     assert calls == ["pre", "post"] * 5
 
 
@@ -89,7 +90,7 @@ def test_a_global_step_hook_still_runs() -> None:
     calls: list[int] = []
     handle = register_optimizer_step_pre_hook(lambda *_: calls.append(1))
     try:
-        _train(model, optimizer, WeightStep(optimizer), x, y)
+        _train(model, WeightStep(optimizer), x, y)
     finally:
         handle.remove()
     assert len(calls) == 5

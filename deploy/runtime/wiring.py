@@ -69,7 +69,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     strategies = build_strategies(config, spec, device, model)
-    if isinstance(optimizer, torch.optim.SGD) and is_plain_sgd(optimizer):
+    if is_plain_sgd(optimizer):
         _ewc_steps_with_sgd(config, strategies, optimizer)
     memory = replay_buffer(strategies)
     learner = OnlineLearner(
@@ -99,7 +99,7 @@ def build_learner(config: LearnerConfig, spec: StreamSpec) -> OnlineLearner:
 
 
 def _ewc_steps_with_sgd(
-    config: LearnerConfig, strategies: list[Strategy], optimizer: torch.optim.SGD
+    config: LearnerConfig, strategies: list[Strategy], optimizer: torch.optim.Optimizer
 ) -> None:
     """Under plain SGD and only built-in parts that leave the weights alone before the
     step (ER), EWC takes its penalty as one fused step on the weights (learner/ewc.py)."""
