@@ -48,6 +48,11 @@ QUARANTINE_SUFFIX = ".quarantine"
 MAX_DEAD_LETTER_PAYLOAD = 900 * 1024
 """Payloads above this go to the dead-letter topic truncated (with their original size
 in a header), so a broker's message-size limit can never stall the service."""
+SIDE_TOPIC_BATCHING = {"linger_ms": 50, "batch_size": 512 * 1024}
+"""Producer batching for the dead-letter and quarantine topics: kafka-python's defaults
+(send at once, 16 KiB batches) build one produce request per message or two, in Python,
+on a thread that shares the GIL with the learner. Nothing waits on the 50 ms: `flush`
+sends at once and precedes every offset commit."""
 
 
 Rebalance = Literal["cooperative", "eager"]
@@ -573,6 +578,7 @@ class DeadLetterSink:
         config = {
             "acks": "all",
             "max_request_size": 1024 * 1024,
+            **SIDE_TOPIC_BATCHING,
             **settings.common(),
             **settings.producer,
         }
