@@ -33,9 +33,9 @@ from kafka.errors import CorruptRecordError, KafkaError, UnsupportedCodecError
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
-from streamcl.ingest.codec import decode
+from streamcl.ingest.codec import decode_many
 from streamcl.ingest.errors import StreamclError
-from streamcl.ingest.schema import Origin, Rejected, Sample, StreamSpec
+from streamcl.ingest.schema import Batch, Origin, Rejected, StreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,85 @@ Headers = list[tuple[str, bytes]]
 
 @dataclass(frozen=True)
 class Arrival:
-    """A decoded message plus what Kafka carried beside it: its timestamp (ms since
-    epoch, -1 when none), key and headers, which a dead letter keeps; and its partition's
-    ownership epoch when it was fetched (`KafkaSource.current`)."""
+    """Messages of one partition as fetched, in offset order: a run of valid ones decoded
+    together into one `Batch` (`origins` per row), or one message that failed decoding
+    (`Rejected`) with the key and headers its dead letter keeps. timestamps_ms: Kafka's,
+    per message (ms since epoch, -1 when none); epoch: the partition's ownership epoch
+    when the messages were fetched (`KafkaSource.current`)."""
 
-    item: Sample | Rejected
-    timestamp_ms: int
+    item: Batch | Rejected
+    timestamps_ms: tuple[int, ...]
     key: bytes | None = None
     headers: Headers = field(default_factory=list)
     epoch: int = 0
+
+    @property
+    def origin(self) -> Origin | None:
+        """Where the first message came from."""
+        item = self.item
+        if isinstance(item, Batch):
+            return item.origins[0] if item.origins else None
+        return item.origin
+
+    @property
+    def size(self) -> int:
+        """Messages in the arrival (an unreadable range counts as one)."""
+        return len(self.item) if isinstance(self.item, Batch) else 1
+
+    def split(self, rows: int) -> tuple[Arrival, Arrival]:
+        """The first `rows` messages of a run and the rest."""
+        assert isinstance(self.item, Batch) and 0 < rows < len(self.item)
+        batch, times = self.item, self.timestamps_ms
+        return (
+            Arrival(batch.rows(0, rows), times[:rows], epoch=self.epoch),
+            Arrival(batch.rows(rows, len(batch)), times[rows:], epoch=self.epoch),
+        )
+
+
+def take(arrivals: list[Arrival], limit: int) -> tuple[list[Arrival], list[Arrival]]:
+    """The first `limit` messages of `arrivals` (a run split where it crosses the limit)
+    and the rest, in order."""
+    taken: list[Arrival] = []
+    count = 0
+    for i, arrival in enumerate(arrivals):
+        if count >= limit:
+            return taken, arrivals[i:]
+        if count + arrival.size > limit:
+            head, tail = arrival.split(limit - count)
+            return [*taken, head], [tail, *arrivals[i + 1 :]]
+        taken.append(arrival)
+        count += arrival.size
+    return taken, []
+
+
+def decode_records(
+    records: list[Any], topic: str, partition: int, spec: StreamSpec, epoch: int
+) -> list[Arrival]:
+    """One partition's polled records as arrivals in offset order: valid messages decoded
+    together (`decode_many`), one run between any two rejected ones."""
+    origins = [Origin(topic, partition, r.offset) for r in records]
+    batch, rejects = decode_many([r.value for r in records], spec, origins)
+    if not rejects:
+        assert batch is not None  # a poll never returns a partition without records
+        return [Arrival(batch, tuple(r.timestamp for r in records), epoch=epoch)]
+    rejected_at = {r.origin.offset: r for r in rejects if r.origin is not None}
+    arrivals: list[Arrival] = []
+    times: list[int] = []  # of the valid rows since the last rejected one
+    run_start = row = 0  # `batch` rows
+    for record in records:
+        rejected = rejected_at.get(record.offset)
+        if rejected is None:
+            times.append(record.timestamp)
+            row += 1
+            continue
+        if batch is not None and row > run_start:
+            arrivals.append(Arrival(batch.rows(run_start, row), tuple(times), epoch=epoch))
+            times, run_start = [], row
+        headers = list(record.headers or [])
+        arrivals.append(Arrival(rejected, (record.timestamp,), record.key, headers, epoch))
+    if batch is not None and row > run_start:
+        arrivals.append(Arrival(batch.rows(run_start, row), tuple(times), epoch=epoch))
+    return arrivals
 
 
 class KafkaSource:
@@ -218,7 +288,8 @@ class KafkaSource:
         return len(_wait_for_partitions(self._consumer, self.topic, timeout_s))
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Arrival]:
-        """Fetch, decode and validate up to `max_records` messages, in partition order."""
+        """Fetch, decode and validate up to `max_records` messages, in partition order;
+        no per-message object but for the rejected ones."""
         try:
             batches = poll_group(self._consumer, timeout_ms, max_records)
         except Exception as err:
@@ -229,18 +300,14 @@ class KafkaSource:
         for tp, records in batches.items():
             # Read after the poll: rebalances run inside it, so these are the records'.
             epoch = self._epochs.get(tp.partition, 0)
-            for record in records:
-                origin = Origin(tp.topic, tp.partition, record.offset)
-                item = decode(record.value, self.spec, origin)
-                headers = list(record.headers or [])
-                arrivals.append(Arrival(item, record.timestamp, record.key, headers, epoch))
+            arrivals += decode_records(records, tp.topic, tp.partition, self.spec, epoch)
         return arrivals
 
     def current(self, arrival: Arrival) -> bool:
         """Whether `arrival` was fetched since its partition was last (re)assigned or taken
         away: an older one belongs to another member now, or is fetched again from the
         offset this member has handled. Call it holding `ownership`."""
-        origin = arrival.item.origin
+        origin = arrival.origin
         return origin is None or self._epochs.get(origin.partition, 0) == arrival.epoch
 
     def _retire(self, partitions: Iterable[TopicPartition]) -> None:
@@ -293,7 +360,7 @@ class KafkaSource:
         self._consumer.seek(tp, last + 1)
         origin = Origin(tp.topic, tp.partition, first)
         rejected = Rejected(b"", UNREADABLE, error[:1024], origin, last_offset=last)
-        return Arrival(rejected, -1, epoch=self._epochs.get(tp.partition, 0))
+        return Arrival(rejected, (-1,), epoch=self._epochs.get(tp.partition, 0))
 
     def mark_handled(self, origin: Origin, last_offset: int | None = None) -> None:
         """Record that the message at `origin` (through `last_offset`, for a range) is
@@ -361,7 +428,7 @@ class KafkaSource:
         """Seek back to the first of `arrivals` on each partition: as if never polled."""
         first: dict[int, int] = {}
         for arrival in arrivals:
-            origin = arrival.item.origin
+            origin = arrival.origin
             if origin is not None:
                 first[origin.partition] = min(
                     first.get(origin.partition, origin.offset), origin.offset

@@ -145,6 +145,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows `start:stop` (views, no copy)."""
+        if start == 0 and stop == len(self):
+            return self
+        return Batch(
+            self.features[start:stop],
+            self.labels[start:stop],
+            self.tasks[start:stop],
+            self.sample_ids[start:stop],
+            self.event_times_ms[start:stop],
+            self.origins[start:stop],
+        )
+
     @classmethod
     def from_arrays(
         cls, features: np.ndarray, labels: np.ndarray, tasks: np.ndarray | None = None

@@ -9,11 +9,11 @@ from kafka import TopicPartition
 from streamcl.deploy.devbroker.tansu import EmbeddedBroker
 from streamcl.ingest.kafka import Arrival, KafkaSettings, KafkaSource
 from streamcl.ingest.prefetch import Prefetcher
-from streamcl.ingest.schema import StreamSpec
+from streamcl.ingest.schema import Batch, StreamSpec
 from tests.brokers import FAST_GROUP, memory_broker, unique_topic  # noqa: F401
 from tests.service_helpers import digit_payloads, produce, wait_until
 
-DIGITS_SPEC = StreamSpec((64,), "float32", 10)
+DIGITS_SPEC = StreamSpec((8, 8), "uint8", 10)
 MESSAGES, MAX_RECORDS, DEPTH = 120, 10, 2
 
 
@@ -25,7 +25,9 @@ def _source(broker: EmbeddedBroker, topic: str) -> KafkaSource:
 
 
 def _offsets(arrivals: list[Arrival]) -> list[int]:
-    return [a.item.origin.offset for a in arrivals if a.item.origin is not None]
+    """The offsets of the samples learnable from `arrivals` (none is rejected here)."""
+    assert all(isinstance(a.item, Batch) for a in arrivals)
+    return [o.offset for a in arrivals if isinstance(a.item, Batch) for o in a.item.origins if o]
 
 
 def test_the_thread_stops_fetching_when_the_queue_is_full_and_keeps_order(
@@ -44,7 +46,7 @@ def test_the_thread_stops_fetching_when_the_queue_is_full_and_keeps_order(
             assert feed.lag() == {0: MESSAGES - ahead}
             arrivals: list[Arrival] = []
             deadline = time.monotonic() + 30
-            while len(arrivals) < MESSAGES and time.monotonic() < deadline:
+            while len(_offsets(arrivals)) < MESSAGES and time.monotonic() < deadline:
                 arrivals += feed.get(0.5)
         assert _offsets(arrivals) == list(range(MESSAGES))
         with source.ownership:
@@ -66,8 +68,8 @@ def test_a_reassigned_partition_drops_what_was_fetched_ahead_and_resumes_where_h
             wait_until(lambda: feed.lag() == {0: MESSAGES - ahead}, 30, "the queue to fill")
             first = feed.get(5)
             for arrival in first:  # handled: learned or pending in a checkpoint
-                assert arrival.item.origin is not None
-                source.mark_handled(arrival.item.origin)
+                assert isinstance(arrival.item, Batch) and arrival.item.origins[-1]
+                source.mark_handled(arrival.item.origins[-1])
             # The thread refills the queue and waits: not inside a poll, as during a rebalance.
             behind = MESSAGES - ahead - MAX_RECORDS
             wait_until(lambda: feed.lag() == {0: behind}, 30, "the queue to refill")
@@ -78,7 +80,7 @@ def test_a_reassigned_partition_drops_what_was_fetched_ahead_and_resumes_where_h
                 assert stale and not any(source.current(a) for a in stale)
             fresh: list[Arrival] = []
             deadline = time.monotonic() + 30
-            while len(fresh) < MESSAGES - MAX_RECORDS and time.monotonic() < deadline:
+            while len(_offsets(fresh)) < MESSAGES - MAX_RECORDS and time.monotonic() < deadline:
                 fresh += [a for a in feed.get(0.5) if source.current(a)]
         # Nothing skipped, nothing twice: the next current arrival is the first unhandled.
         assert _offsets(first) == list(range(MAX_RECORDS))

@@ -75,7 +75,7 @@ from streamcl.deploy.runtime.config import LearnerConfig, ServiceConfig
 from streamcl.deploy.runtime.metrics import ServiceMetrics
 from streamcl.deploy.runtime.service import Service
 from streamcl.ingest.errors import ConfigError, StreamclError
-from streamcl.ingest.kafka import Arrival, KafkaSourceError, Offsets
+from streamcl.ingest.kafka import Arrival, KafkaSourceError, Offsets, take
 from streamcl.ingest.schema import Batch
 from streamcl.learner.checkpoint import CheckpointError
 from streamcl.learner.loop import OnlineLearner
@@ -397,13 +397,14 @@ class RankService(Service):
         idle_since = time.monotonic()
         backlog: list[Arrival] = []
         while True:
-            if len(backlog) < kafka.max_records:  # keep fetching ahead; never wait on a backlog
+            waiting = sum(a.size for a in backlog)
+            if waiting < kafka.max_records:  # keep fetching ahead; never wait on a backlog
                 timeout = 0 if backlog else kafka.poll_timeout_ms
-                backlog += self.source.poll(timeout, kafka.max_records - len(backlog))
+                backlog += self.source.poll(timeout, kafka.max_records - waiting)
             # About one batch per tick: the ranks' steps pair up in the same all-reduce
             # (each global step averages every rank's batch) instead of one rank running
             # ahead alone through a large poll.
-            arrivals, backlog = backlog[: self.batch_size], backlog[self.batch_size :]
+            arrivals, backlog = take(backlog, self.batch_size)
             now = time.monotonic()
             self.last_progress = now
             self.metrics.last_poll.set(time.time())

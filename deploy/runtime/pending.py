@@ -38,20 +38,6 @@ def stacked(items: list[Sample | Batch]) -> Batch:
     )
 
 
-def rows(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows `start:stop` of `batch` (views, no copy)."""
-    if start == 0 and stop == len(batch):
-        return batch
-    return Batch(
-        batch.features[start:stop],
-        batch.labels[start:stop],
-        batch.tasks[start:stop],
-        batch.sample_ids[start:stop],
-        batch.event_times_ms[start:stop],
-        batch.origins[start:stop],
-    )
-
-
 def row(batch: Batch, i: int) -> Sample:
     """Row `i` of `batch` as a sample."""
     return Sample(

@@ -38,6 +38,7 @@ from streamcl.ingest.kafka import (
     Offsets,
     UnreadableBatchError,
     ensure_topic,
+    take,
     wait_for_bootstrap,
 )
 from streamcl.ingest.offsets import Reset, read_topic_state
@@ -269,42 +270,51 @@ class Service:
         self._progress_at, self._progress_learned = now, session.samples_learned
 
     def _handle(self, arrivals: list[Arrival]) -> None:
-        """Learn or dead-letter each arrival; checkpoint as soon as one is due, mid-poll.
+        """Learn or dead-letter each arrival, at most a batch of messages per hold of the
+        model lock (so /predict and a revocation wait for one update at most); checkpoint
+        as soon as one is due, mid-poll.
 
         An arrival fetched before its partition was revoked or reassigned is dropped: it
         is another member's now, or is fetched again from where this one stands.
         """
         stale = 0
-        for arrival in arrivals:
-            item = arrival.item
+        while arrivals:
+            piece, arrivals = take(arrivals, self.session.batch_size)
             with self.model_lock, self.source.ownership:
-                if not self.source.current(arrival):
-                    stale += 1
-                    continue
-                if isinstance(item, Rejected):
-                    self.dead_letters.send(item, arrival.key, arrival.headers, arrival.timestamp_ms)
-                    self.session.reject(item.reason, item.count)
-                    self.metrics.samples.labels("rejected").inc(item.count)
-                    self.metrics.rejected.labels(item.reason).inc(item.count)
-                    if item.last_offset is not None:
-                        self.metrics.unreadable_batches.inc()
-                else:
-                    key = None
-                    if item.origin is not None:
-                        # Recorded before offer(): a full batch is learned inside it.
-                        key = (item.origin.partition, item.origin.offset)
-                        self._arrival_ms[key] = arrival.timestamp_ms
-                    if not self.session.offer(item):
-                        self.metrics.samples.labels("held_out").inc()
-                        if key is not None:  # diverted to the probe: never learned
-                            self._arrival_ms.pop(key, None)
-                if item.origin is not None:
-                    last = item.last_offset if isinstance(item, Rejected) else None
-                    self.source.mark_handled(item.origin, last)
+                for arrival in piece:
+                    if self.source.current(arrival):
+                        self._handle_one(arrival)
+                    else:
+                        stale += arrival.size
             if self._checkpoint_due(time.monotonic()):
                 self.checkpoint()
         if stale:
             log.info("dropped %d messages fetched before a rebalance of their partition", stale)
+
+    def _handle_one(self, arrival: Arrival) -> None:
+        item = arrival.item
+        if isinstance(item, Rejected):
+            timestamp = arrival.timestamps_ms[0]
+            self.dead_letters.send(item, arrival.key, arrival.headers, timestamp)
+            self.session.reject(item.reason, item.count)
+            self.metrics.samples.labels("rejected").inc(item.count)
+            self.metrics.rejected.labels(item.reason).inc(item.count)
+            if item.last_offset is not None:
+                self.metrics.unreadable_batches.inc()
+            if item.origin is not None:
+                self.source.mark_handled(item.origin, item.last_offset)
+            return
+        keys = [(o.partition, o.offset) for o in item.origins if o is not None]  # one a row
+        # Recorded before the offer: a full batch is learned inside it.
+        self._arrival_ms.update(zip(keys, arrival.timestamps_ms, strict=False))
+        held_out = self.session.offer_batch(item)
+        if held_out:  # diverted to the probe: never learned
+            self.metrics.samples.labels("held_out").inc(len(held_out))
+            for row in held_out:
+                self._arrival_ms.pop(keys[row], None)
+        last = item.origins[-1] if item.origins else None
+        if last is not None:
+            self.source.mark_handled(last)
 
     def _final_checkpoint(self, attempts: int = 5) -> None:
         for attempt in range(attempts):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from streamcl.deploy.runtime.pending import row, rows, stacked
+from streamcl.deploy.runtime.pending import row, stacked
 from streamcl.deploy.runtime.session_state import load_session_state, session_state
 from streamcl.evaluation.probes import ProbeResult, evaluate
 from streamcl.evaluation.report import head_tail, metric_section
@@ -125,13 +125,11 @@ class LearningSession:
             self.flush()
         return True
 
-    def offer_batch(self, batch: Batch) -> None:
+    def offer_batch(self, batch: Batch) -> list[int]:
         """Queue valid samples `[n]` in arrival order: the same as `offer` on each row,
-        without a per-sample object (the recorded-stream path)."""
+        without a per-sample object. Returns the rows held out into the probe."""
         if self.probe is not None:  # the probe diverts sample by sample
-            for i in range(len(batch)):
-                self.offer(row(batch, i))
-            return
+            return [i for i in range(len(batch)) if not self.offer(row(batch, i))]
         self.samples_seen += len(batch)
         self.class_counts += np.bincount(batch.labels, minlength=len(self.class_counts))
         start = 0
@@ -141,12 +139,13 @@ class LearningSession:
             self.evaluate()
             start = i
         self._queue(batch, start, len(batch))
+        return []
 
     def _queue(self, batch: Batch, start: int, stop: int) -> None:
         """Queue rows `start:stop`, learning each time a batch fills."""
         while start < stop:
             take = min(stop - start, self.batch_size - self._pending_rows)
-            self._pending.append(rows(batch, start, start + take))
+            self._pending.append(batch.rows(start, start + take))
             self._pending_rows += take
             start += take
             if self._pending_rows >= self.batch_size:
