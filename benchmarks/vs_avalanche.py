@@ -2,9 +2,11 @@
 
     .venv-avalanche/bin/python benchmarks/vs_avalanche.py [--seeds 0,1,2]
         [--streams clean,noise40,imbalance10,noise40-imbalance10] [--samples-per-task N]
+        [--stream-seed 0]
 
 Needs the 'avalanche' extra (tests/run.sh builds .venv-avalanche). Each stream is built
-once by streamcl (Split Fashion-MNIST, 5 tasks x 2 classes, stream seed 0), recorded,
+once by streamcl (Split Fashion-MNIST, 5 tasks x 2 classes, stream seed 0 unless
+--stream-seed says otherwise: it draws the class order, noise and imbalance), recorded,
 exported with `stream export` and loaded with `streamcl.ingest.avalanche.load_benchmark`, so both
 libraries see the same samples in the same order, scaled the same way to [0, 1]. Same
 model (MLP 256x2, seeded init), SGD lr 0.1, mini-batch 10, one pass, 10 replayed samples
@@ -270,13 +272,15 @@ def scores(matrix: np.ndarray, joint: bool) -> dict[str, float | None]:
 
 
 def build_streams(
-    names: list[str], samples_per_task: int | None, tmp: Path
+    names: list[str], samples_per_task: int | None, tmp: Path, stream_seed: int = 0
 ) -> dict[str, tuple[Path, Path]]:
     """Each stream recorded by streamcl and exported for Avalanche: (stream, export)."""
     data = load("fashion-mnist")
     built = {}
     for name in names:
-        config = ScenarioConfig(tasks=5, seed=0, samples_per_task=samples_per_task, **STREAMS[name])
+        config = ScenarioConfig(
+            tasks=5, seed=stream_seed, samples_per_task=samples_per_task, **STREAMS[name]
+        )
         stream, exported = tmp / f"{name}.scs", tmp / f"{name}.npz"
         write(build(data, config), stream)
         export_npz(stream, exported)
@@ -327,6 +331,9 @@ def main() -> None:
     parser.add_argument("--streams", default=",".join(STREAMS), help="comma separated")
     parser.add_argument("--methods", default=None, help="substring filter on method names")
     parser.add_argument("--samples-per-task", type=int, default=None, help="default: all")
+    parser.add_argument(
+        "--stream-seed", type=int, default=0, help="class order, noise and imbalance draws"
+    )
     parser.add_argument("--gdumb-epochs", type=int, default=GDUMB_EPOCHS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -339,7 +346,9 @@ def main() -> None:
         methods = [m for m in methods if any(w in m for w in wanted)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        streams = build_streams(args.streams.split(","), args.samples_per_task, Path(tmp))
+        streams = build_streams(
+            args.streams.split(","), args.samples_per_task, Path(tmp), args.stream_seed
+        )
         for stream_name, (stream, exported) in streams.items():
             for seed in seeds:
                 for method in methods:
