@@ -90,32 +90,19 @@ STREAMS = {
     "noise40-imbalance10": {"noise": 0.4, "imbalance": 10.0},
 }
 BATCH, LR, HIDDEN = 10, 0.1, (256, 256)
+ER_1000 = {**PLAIN_LEARNING, "strategy": "er", "memory": 1000}
+"""streamcl's ER-1000 as shipped: three draws per new sample, class-balanced insertion."""
+ONE_DRAW = {"replay_size": BATCH}
+"""As Avalanche's replay: one draw per new sample."""
+RESERVOIR = {"memory_policy": "reservoir"}
+"""Reservoir insertion, as ER was published (against Avalanche's reservoir buffer)."""
 STREAMCL = {
     "streamcl naive": {**PLAIN_LEARNING, "strategy": "naive"},
-    # As Avalanche's replay: one draw per new sample (streamcl's default is three).
-    "streamcl ER-500": {**PLAIN_LEARNING, "strategy": "er", "memory": 500, "replay_size": BATCH},
-    "streamcl ER-1000": {
-        **PLAIN_LEARNING,
-        "strategy": "er",
-        "memory": 1000,
-        "replay_size": BATCH,
-    },
-    # As shipped: streamcl's three draws per new sample (against Avalanche's replay x3).
-    "streamcl ER-1000 x3": {**PLAIN_LEARNING, "strategy": "er", "memory": 1000},
-    # Reservoir insertion, as ER was published (against Avalanche's reservoir buffer).
-    "streamcl ER-1000 reservoir": {
-        **PLAIN_LEARNING,
-        "strategy": "er",
-        "memory": 1000,
-        "memory_policy": "reservoir",
-        "replay_size": BATCH,
-    },
-    "streamcl ER-1000 reservoir x3": {
-        **PLAIN_LEARNING,
-        "strategy": "er",
-        "memory": 1000,
-        "memory_policy": "reservoir",
-    },
+    "streamcl ER-500": {**ER_1000, "memory": 500, **ONE_DRAW},
+    "streamcl ER-1000": {**ER_1000, **ONE_DRAW},
+    "streamcl ER-1000 x3": ER_1000,  # against Avalanche's replay x3
+    "streamcl ER-1000 reservoir": {**ER_1000, **RESERVOIR, **ONE_DRAW},
+    "streamcl ER-1000 reservoir x3": {**ER_1000, **RESERVOIR},
     "streamcl EWC": {**PLAIN_LEARNING, "strategy": "ewc"},
     "streamcl defaults": {},
 }
